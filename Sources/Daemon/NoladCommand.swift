@@ -1,0 +1,16 @@
+import ArgumentParser
+
+/// The version the daemon reports in `nola.workers` and `--version`.
+public let noladVersion = "0.1.0"
+
+/// The root of the `nolad` command line; each subcommand lives in its own file.
+public struct NoladCommand: AsyncParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "nolad",
+        abstract: "Label unlabeled image collections with the NoLA method (CLIP + DINO, no human labels).",
+        version: noladVersion,
+        subcommands: []
+    )
+
+    public init() {}
+}

@@ -1,0 +1,1 @@
+// Imaging layer of nolad — see DESIGN.md for what belongs here.

@@ -1,0 +1,1 @@
+// Kernels layer of nolad — see DESIGN.md for what belongs here.

@@ -1,0 +1,1 @@
+// Method layer of nolad — see DESIGN.md for what belongs here.

@@ -1,0 +1,1 @@
+// Models layer of nolad — see DESIGN.md for what belongs here.

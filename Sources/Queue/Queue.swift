@@ -1,0 +1,1 @@
+// Queue layer of nolad — see DESIGN.md for what belongs here.
