@@ -1,1 +1,0 @@
-// Models layer of nolad — see DESIGN.md for what belongs here.
