@@ -1,1 +1,0 @@
-// Queue layer of nolad — see DESIGN.md for what belongs here.

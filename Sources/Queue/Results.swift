@@ -1,0 +1,149 @@
+import Foundation
+
+/// One row of `nola.images`.
+public struct ImageRecord: Sendable, Equatable {
+    /// Relative to the job's collection folder, '/'-separated.
+    public let path: String
+    public let sizeBytes: Int
+    /// Lowercase hex SHA-256 of the file's bytes.
+    public let sha256: String
+    /// "jpeg" or "png".
+    public let format: String
+
+    public init(path: String, sizeBytes: Int, sha256: String, format: String) {
+        self.path = path
+        self.sizeBytes = sizeBytes
+        self.sha256 = sha256
+        self.format = format
+    }
+}
+
+/// One row of `nola.labels`: either a label (with the zero-shot one) or the reason the image is unreadable.
+public struct LabelRecord: Sendable, Equatable {
+    public let path: String
+    public let label: String?
+    public let confidence: Float?
+    public let zeroShotLabel: String?
+    public let zeroShotConfidence: Float?
+    public let unreadable: String?
+
+    public init(path: String, label: String, confidence: Float, zeroShotLabel: String, zeroShotConfidence: Float) {
+        self.path = path
+        self.label = label
+        self.confidence = confidence
+        self.zeroShotLabel = zeroShotLabel
+        self.zeroShotConfidence = zeroShotConfidence
+        self.unreadable = nil
+    }
+
+    public init(path: String, unreadable reason: String) {
+        self.path = path
+        self.label = nil
+        self.confidence = nil
+        self.zeroShotLabel = nil
+        self.zeroShotConfidence = nil
+        self.unreadable = reason
+    }
+}
+
+/// Writes and reads a job's results. Writes are guarded by the job's ownership (nothing is written
+/// once another worker owns the job) and idempotent (a retried batch overwrites, never duplicates).
+public enum Results {
+    static let owned = "EXISTS (SELECT 1 FROM nola.jobs WHERE id = $1 AND state = 'running' AND worker = $2 AND attempt = $3)"
+
+    /// Removes the images (and with them the labels) of earlier attempts of this job.
+    @discardableResult
+    public static func clearImages(_ c: PostgresConnection, _ job: JobRef) throws -> Bool {
+        guard try JobStore.isOwned(c, job) else { return false }
+        try c.query("DELETE FROM nola.images WHERE job_id = $1 AND \(owned)", [job.id, job.worker, job.attempt])
+        return true
+    }
+
+    /// Upserts a batch of images; false when the job is no longer ours.
+    @discardableResult
+    public static func insertImages(_ c: PostgresConnection, _ job: JobRef, _ images: [ImageRecord]) throws -> Bool {
+        if images.isEmpty { return try JobStore.isOwned(c, job) }
+        let rows = try c.query("""
+            INSERT INTO nola.images (job_id, path, size_bytes, sha256, format)
+            SELECT $1, u.path, u.size, u.sha, u.format
+            FROM unnest($4::text[], $5::bigint[], $6::text[], $7::text[]) AS u(path, size, sha, format)
+            WHERE \(owned)
+            ON CONFLICT (job_id, path) DO UPDATE
+                SET size_bytes = EXCLUDED.size_bytes, sha256 = EXCLUDED.sha256, format = EXCLUDED.format
+            """, [job.id, job.worker, job.attempt, images.map(\.path), images.map { String($0.sizeBytes) },
+                  images.map(\.sha256), images.map(\.format)])
+        return rows.affected == images.count
+    }
+
+    /// The images recorded for a job, ordered by path.
+    public static func images(_ c: PostgresConnection, jobID: Int64) throws -> [ImageRecord] {
+        let rows = try c.query("SELECT path, size_bytes, sha256, format FROM nola.images WHERE job_id = $1 ORDER BY path", [jobID])
+        return try rows.rows.map {
+            ImageRecord(path: try $0.string("path"), sizeBytes: try $0.int("size_bytes"),
+                        sha256: try $0.string("sha256"), format: try $0.string("format"))
+        }
+    }
+
+    /// Upserts a batch of labels (paths must be images of the job); false when the job is no longer ours.
+    @discardableResult
+    public static func insertLabels(_ c: PostgresConnection, _ job: JobRef, _ labels: [LabelRecord]) throws -> Bool {
+        if labels.isEmpty { return try JobStore.isOwned(c, job) }
+        func floats(_ values: [Float?]) -> String {
+            "{" + values.map { $0.map { String($0) } ?? "NULL" }.joined(separator: ",") + "}"
+        }
+        func texts(_ values: [String?]) -> String {
+            "{" + values.map { v in
+                guard let v else { return "NULL" }
+                return "\"" + v.replacingAll("\\", with: "\\\\").replacingAll("\"", with: "\\\"") + "\""
+            }.joined(separator: ",") + "}"
+        }
+        let rows = try c.query("""
+            INSERT INTO nola.labels (job_id, path, label, confidence, zero_shot_label, zero_shot_confidence, unreadable)
+            SELECT $1, u.path, u.label, u.confidence, u.zs_label, u.zs_confidence, u.unreadable
+            FROM unnest($4::text[], $5::text[], $6::real[], $7::text[], $8::real[], $9::text[])
+                AS u(path, label, confidence, zs_label, zs_confidence, unreadable)
+            WHERE \(owned)
+            ON CONFLICT (job_id, path) DO UPDATE
+                SET label = EXCLUDED.label, confidence = EXCLUDED.confidence, zero_shot_label = EXCLUDED.zero_shot_label,
+                    zero_shot_confidence = EXCLUDED.zero_shot_confidence, unreadable = EXCLUDED.unreadable
+            """, [job.id, job.worker, job.attempt, labels.map(\.path), texts(labels.map(\.label)),
+                  floats(labels.map(\.confidence)), texts(labels.map(\.zeroShotLabel)),
+                  floats(labels.map(\.zeroShotConfidence)), texts(labels.map(\.unreadable))])
+        return rows.affected == labels.count
+    }
+
+    /// Stores (or replaces) the job's tuned prompts. `shapes`, `backbone` and `parameters` are JSON objects.
+    @discardableResult
+    public static func savePrompts(_ c: PostgresConnection, _ job: JobRef, safetensors: [UInt8],
+                                   shapes: JSONValue, backbone: JSONValue, parameters: JSONValue) throws -> Bool {
+        let rows = try c.query("""
+            INSERT INTO nola.prompts (job_id, safetensors, shapes, backbone, parameters)
+            SELECT $1, $4, $5::jsonb, $6::jsonb, $7::jsonb WHERE \(owned)
+            ON CONFLICT (job_id) DO UPDATE SET safetensors = EXCLUDED.safetensors, shapes = EXCLUDED.shapes,
+                backbone = EXCLUDED.backbone, parameters = EXCLUDED.parameters, created_at = now()
+            """, [job.id, job.worker, job.attempt, PostgresValue.bytes(safetensors), shapes.jsonText,
+                  backbone.jsonText, parameters.jsonText])
+        return rows.affected == 1
+    }
+
+    /// Cached generated descriptions of a class, or nil.
+    public static func cachedDescriptions(_ c: PostgresConnection, className: String, model: String, promptVersion: String) throws -> [String]? {
+        let rows = try c.query("""
+            SELECT sentences::text AS s FROM nola.description_cache
+            WHERE class_name = $1 AND model = $2 AND prompt_version = $3
+            """, [className, model, promptVersion])
+        guard !rows.isEmpty else { return nil }
+        let text = try rows[0].string("s")
+        guard let sentences = try? JSONDecoder().decode([String].self, from: Data(text.utf8)) else {
+            throw DatabaseError(.unexpectedResult, "description_cache.sentences of class \"\(className)\" is not an array of strings")
+        }
+        return sentences
+    }
+
+    public static func cacheDescriptions(_ c: PostgresConnection, className: String, model: String, promptVersion: String, sentences: [String]) throws {
+        try c.query("""
+            INSERT INTO nola.description_cache (class_name, model, prompt_version, sentences) VALUES ($1, $2, $3, $4::jsonb)
+            ON CONFLICT (class_name, model, prompt_version) DO UPDATE SET sentences = EXCLUDED.sentences, created_at = now()
+            """, [className, model, promptVersion, JSONValue.array(sentences.map { .string($0) }).jsonText])
+    }
+}
