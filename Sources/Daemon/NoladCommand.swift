@@ -4,12 +4,14 @@ import ArgumentParser
 public let noladVersion = "0.1.0"
 
 /// The root of the `nolad` command line; each subcommand lives in its own file.
+@available(macOS 10.15, *)
 public struct NoladCommand: AsyncParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "nolad",
         abstract: "Label unlabeled image collections with the NoLA method (CLIP + DINO, no human labels).",
         version: noladVersion,
-        subcommands: []
+        subcommands: [ServeCommand.self, MigrateCommand.self, SubmitCommand.self, StatusCommand.self,
+                      CancelCommand.self, LabelsCommand.self]
     )
 
     public init() {}

@@ -48,6 +48,7 @@ public final class Database {
     /// Runs `body` on a live connection. When the connection fails (before or during `body`), it is
     /// reopened with backoff and `body` runs again, for up to `retryFor` seconds — so `body` must be
     /// idempotent (guarded updates, upserts, or one transaction). Other errors are thrown at once.
+    @discardableResult
     public func run<T>(retryFor: Double = 0, _ body: (PostgresConnection) throws -> T) throws -> T {
         let start = Date()
         var failures = 0

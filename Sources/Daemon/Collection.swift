@@ -1,0 +1,189 @@
+import Foundation
+import Queue
+
+/// Resolving a job's collection folder and walking it, confined to the configured roots.
+public enum CollectionAccess {
+    /// The real path (symlinks resolved) of `path`, or nil when it does not exist.
+    static func realPath(_ path: String) -> String? {
+        guard let p = realpath(path, nil) else { return nil }
+        defer { free(p) }
+        return String(cString: p)
+    }
+
+    /// True when `path` (a real path) is one of `roots` (real paths) or lies below one.
+    static func isUnder(_ path: String, roots: [String]) -> Bool {
+        roots.contains { root in
+            path == root || path.hasPrefix(root.hasSuffix("/") ? root : root + "/")
+        }
+    }
+
+    /// The roots as real paths (a root that does not exist is kept as written and matches nothing real).
+    public static func resolveRoots(_ roots: [String]) -> [String] {
+        roots.map { realPath($0) ?? $0 }
+    }
+
+    /// Checks a job's `collection`: it must exist, be a folder, and (symlinks resolved) lie under a root.
+    /// The messages are the ones users see in nola.jobs.error.
+    public static func resolve(_ collection: String, roots: [String]) throws -> URL {
+        let resolvedRoots = resolveRoots(roots)
+        if roots.isEmpty {
+            throw JobError.badInput("collection folder \(collection) is outside the configured collection roots (none are configured)")
+        }
+        guard let real = realPath(collection) else {
+            // Say "outside" rather than "missing" for paths the daemon may not look at.
+            if !isUnder(URL(fileURLWithPath: collection).standardizedFileURL.path, roots: roots + resolvedRoots) {
+                throw JobError.badInput("collection folder \(collection) is outside the configured collection roots (\(roots.joined(separator: ", ")))")
+            }
+            throw JobError.badInput("collection folder \(collection) does not exist")
+        }
+        guard isUnder(real, roots: resolvedRoots) else {
+            let via = real == collection ? "" : " (it resolves to \(real))"
+            throw JobError.badInput("collection folder \(collection) is outside the configured collection roots (\(roots.joined(separator: ", ")))\(via)")
+        }
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: real, isDirectory: &isDir), isDir.boolValue else {
+            throw JobError.badInput("collection \(collection) is not a folder")
+        }
+        guard access(real, R_OK | X_OK) == 0 else {
+            throw JobError.badInput("collection folder \(collection) cannot be read by the daemon (permission denied)")
+        }
+        return URL(fileURLWithPath: real)
+    }
+
+    /// A file found in a collection.
+    public struct Entry: Equatable, Sendable {
+        /// Relative to the collection, '/'-separated.
+        public let relativePath: String
+        /// Real path of the file.
+        public let realPath: String
+    }
+
+    /// Every regular file below `folder` (a real path), sorted by relative path. Symlinks are followed
+    /// only when their target lies under `roots`; a folder reached twice (symlink loop) is walked once.
+    public static func walk(_ folder: URL, roots: [String]) -> (files: [Entry], skippedOutsideRoots: Int) {
+        var files: [Entry] = []
+        var skipped = 0
+        var visited: Set<String> = [folder.path]
+        var pending: [(real: String, relative: String)] = [(folder.path, "")]
+        while let (dir, prefix) = pending.popLast() {
+            guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir) else { continue }
+            for name in names {
+                let path = dir + "/" + name
+                let relative = prefix.isEmpty ? name : prefix + "/" + name
+                var st = stat()
+                guard lstat(path, &st) == 0 else { continue }
+                var target = path
+                if (st.st_mode & S_IFMT) == S_IFLNK {
+                    guard let real = realPath(path), stat(real, &st) == 0 else { continue }
+                    guard isUnder(real, roots: roots) else { skipped += 1; continue }
+                    target = real
+                }
+                switch st.st_mode & S_IFMT {
+                case S_IFDIR:
+                    let real = target == path ? (realPath(path) ?? path) : target
+                    if visited.insert(real).inserted { pending.append((real, relative)) }
+                case S_IFREG:
+                    files.append(Entry(relativePath: relative, realPath: target))
+                default:
+                    continue
+                }
+            }
+        }
+        files.sort { $0.relativePath < $1.relativePath }
+        return (files, skipped)
+    }
+
+    /// "jpeg" or "png" from the file's first bytes, or nil.
+    public static func imageFormat(magic bytes: [UInt8]) -> String? {
+        if bytes.count >= 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF { return "jpeg" }
+        if bytes.count >= 8 && bytes[0..<8] == [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A][...] { return "png" }
+        return nil
+    }
+
+    /// Reads a file once: its format from the magic bytes, its size and its SHA-256. Nil format for
+    /// non-images (which are then not hashed further). Throws when the file cannot be read.
+    public static func inspect(_ path: String) throws -> (format: String?, size: Int, sha256: String) {
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { throw JobError.transient("cannot open \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        var hasher = SHA256()
+        var size = 0
+        var format: String?? = nil
+        while true {
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw JobError.transient("cannot read \(path): \(String(cString: strerror(errno)))")
+            }
+            if format == nil {
+                let f = imageFormat(magic: Array(buffer[0..<min(n, 8)]))
+                format = .some(f)
+                if f == nil { return (nil, n, "") }
+            }
+            if n == 0 { break }
+            buffer.withUnsafeBytes { hasher.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            size += n
+        }
+        return (format ?? nil, size, SHA256.hex(hasher.finalize()))
+    }
+}
+
+/// The first stage of every job: record each JPEG/PNG of the collection (recognised by its magic
+/// bytes) in nola.images with size and SHA-256, reporting progress per file.
+public struct DiscoverImagesStage: JobStage {
+    public let name = "discover"
+    /// Testing aid (config `image_delay_seconds`): pause per file so tests can act mid-job.
+    public let delayPerImage: Double
+
+    public init(delayPerImage: Double = 0) {
+        self.delayPerImage = delayPerImage
+    }
+
+    public func run(_ context: JobContext) throws {
+        let start = Date()
+        let roots = context.roots.map(\.path)
+        let (files, outsideRoots) = CollectionAccess.walk(context.collection, roots: roots)
+        try context.reportProgress(stage: name, done: 0, total: files.count)
+        try context.write { try Results.clearImages($0, context.job) }
+        var batch: [ImageRecord] = []
+        var images = 0, bytes = 0, notImages = 0, unreadable = 0
+        var lastFlush = Date()
+        func flush() throws {
+            guard !batch.isEmpty else { return }
+            let records = batch
+            try context.write { try Results.insertImages($0, context.job, records) }
+            batch.removeAll(keepingCapacity: true)
+            lastFlush = Date()
+        }
+        for (i, file) in files.enumerated() {
+            try context.checkCancelled()
+            if delayPerImage > 0 { Thread.sleep(forTimeInterval: delayPerImage) }
+            do {
+                let info = try CollectionAccess.inspect(file.realPath)
+                if let format = info.format {
+                    batch.append(ImageRecord(path: file.relativePath, sizeBytes: info.size, sha256: info.sha256, format: format))
+                    images += 1
+                    bytes += info.size
+                } else {
+                    notImages += 1
+                }
+            } catch {
+                unreadable += 1
+                context.logger.warning("cannot read a collection file", metadata: ["job": "\(context.jobID)", "file": "\(file.relativePath)", "error": "\(error)"])
+            }
+            if batch.count >= 500 || Date().timeIntervalSince(lastFlush) > 1 { try flush() }
+            try context.reportProgress(stage: name, done: i + 1, total: files.count)
+        }
+        try flush()
+        if images == 0 {
+            throw JobError.badInput("collection folder \(context.collection.path) contains no JPEG or PNG images")
+        }
+        try context.recordEvent(stage: name, kind: "metrics", metrics: [
+            "images": .number(Double(images)), "bytes": .number(Double(bytes)), "files": .number(Double(files.count)),
+            "not_images": .number(Double(notImages)), "unreadable": .number(Double(unreadable)),
+            "skipped_outside_roots": .number(Double(outsideRoots)),
+            "seconds": .number((Date().timeIntervalSince(start) * 1000).rounded() / 1000),
+        ])
+    }
+}

@@ -1,0 +1,194 @@
+import Foundation
+import Yams
+
+/// The daemon domain's error: configuration, command-line use and collection problems.
+public struct NoladError: Error, CustomStringConvertible, Sendable {
+    public enum Code: Sendable, Equatable {
+        case config
+        case usage
+        case schema
+    }
+    public let code: Code
+    public let message: String
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+    public var description: String { message }
+}
+
+/// nolad's configuration: a YAML file (Config/nolad.example.yaml) whose every key can be overridden by
+/// an environment variable named NOLAD_ + the key in upper case (`lease_seconds` ↔ NOLAD_LEASE_SECONDS;
+/// `collection_roots` takes a colon-separated list). The file is NOLAD_CONFIG or `--config`.
+public struct NoladConfig: Equatable, Sendable {
+    /// libpq connection string or URI; when empty, built from the database_* keys (and libpq's PG* variables).
+    public var database: String = ""
+    public var databaseHost: String? = nil
+    public var databasePort: Int? = nil
+    public var databaseName: String? = nil
+    public var databaseUser: String? = nil
+    /// Shown in nola.jobs.worker with a per-boot suffix; the host name when empty.
+    public var workerName: String = ""
+    /// Folders under which collections may lie (real paths after resolving symlinks).
+    public var collectionRoots: [String] = []
+    public var clipModel: String? = nil
+    public var dinoModel: String? = nil
+    public var threads: Int = 1
+    /// Jobs run at the same time by one daemon.
+    public var concurrency: Int = 1
+    public var leaseSeconds: Double = 60
+    public var heartbeatSeconds: Double = 10
+    /// Fallback polling for new jobs when a NOTIFY is missed.
+    public var pollSeconds: Double = 5
+    /// After SIGTERM, how long running jobs get to reach a checkpoint before they are released anyway.
+    public var shutdownTimeoutSeconds: Double = 20
+    /// First retry delay after a transient failure (doubles per attempt, with jitter).
+    public var retryBaseSeconds: Double = 5
+    /// trace, debug, info, notice, warning, error, critical.
+    public var logLevel: String = "info"
+    /// Folder of the migration files (default: see `Migrator.findDirectory`).
+    public var migrations: String? = nil
+    /// Testing aid: pause this long per image in the discovery stage (0 in production).
+    public var imageDelaySeconds: Double = 0
+
+    public init() {}
+
+    /// Every key of the YAML file, in the order of the example file.
+    public static let keys = [
+        "database", "database_host", "database_port", "database_name", "database_user", "worker_name",
+        "collection_roots", "clip_model", "dino_model", "threads", "concurrency", "lease_seconds",
+        "heartbeat_seconds", "poll_seconds", "shutdown_timeout_seconds", "retry_base_seconds", "log_level",
+        "migrations", "image_delay_seconds",
+    ]
+
+    /// Reads the YAML file at `path` (if any), then applies NOLAD_* variables from `environment`.
+    public static func load(path: String?, environment: [String: String]) throws -> NoladConfig {
+        var config = NoladConfig()
+        let file = path ?? environment["NOLAD_CONFIG"]
+        if let file, !file.isEmpty {
+            guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
+                throw NoladError(.config, "cannot read the configuration file \(file)")
+            }
+            try config.apply(yaml: text, source: file)
+        }
+        for key in keys {
+            let variable = "NOLAD_" + key.uppercased()
+            if let value = environment[variable] {
+                try config.set(key, value: value, source: variable)
+            }
+        }
+        try config.validate()
+        return config
+    }
+
+    /// Applies a YAML document of `key: value` pairs; unknown keys are errors (typos must not pass silently).
+    public mutating func apply(yaml text: String, source: String) throws {
+        let node: Any?
+        do {
+            node = try Yams.load(yaml: text)
+        } catch {
+            throw NoladError(.config, "\(source) is not valid YAML: \(error)")
+        }
+        guard let node else { return }
+        guard let map = node as? [String: Any] else {
+            throw NoladError(.config, "\(source) must be a mapping of keys to values")
+        }
+        for (key, value) in map.sorted(by: { $0.key < $1.key }) {
+            guard Self.keys.contains(key) else {
+                throw NoladError(.config, "\(source): unknown key \"\(key)\" (known: \(Self.keys.joined(separator: ", ")))")
+            }
+            if value is NSNull { continue }
+            if key == "collection_roots" {
+                if let list = value as? [Any] {
+                    collectionRoots = try list.map {
+                        guard let s = $0 as? String else { throw NoladError(.config, "\(source): collection_roots must be a list of paths") }
+                        return s
+                    }
+                    continue
+                }
+            }
+            let text: String
+            switch value {
+            case let s as String: text = s
+            case let i as Int: text = String(i)
+            case let d as Double: text = String(d)
+            case let b as Bool: text = String(b)
+            default: throw NoladError(.config, "\(source): \(key) must be a single value")
+            }
+            try set(key, value: text, source: source)
+        }
+    }
+
+    /// Sets one key from its text form.
+    public mutating func set(_ key: String, value: String, source: String) throws {
+        func number() throws -> Double {
+            guard let d = Double(value.trimmingCharacters(in: .whitespaces)), d.isFinite else {
+                throw NoladError(.config, "\(source): \(key) must be a number of seconds, got \"\(value)\"")
+            }
+            return d
+        }
+        func integer() throws -> Int {
+            guard let i = Int(value.trimmingCharacters(in: .whitespaces)) else {
+                throw NoladError(.config, "\(source): \(key) must be an integer, got \"\(value)\"")
+            }
+            return i
+        }
+        let optional: String? = value.isEmpty ? nil : value
+        switch key {
+        case "database": database = value
+        case "database_host": databaseHost = optional
+        case "database_port": databasePort = value.isEmpty ? nil : try integer()
+        case "database_name": databaseName = optional
+        case "database_user": databaseUser = optional
+        case "worker_name": workerName = value
+        case "collection_roots": collectionRoots = value.split(separator: ":").map(String.init)
+        case "clip_model": clipModel = optional
+        case "dino_model": dinoModel = optional
+        case "threads": threads = try integer()
+        case "concurrency": concurrency = try integer()
+        case "lease_seconds": leaseSeconds = try number()
+        case "heartbeat_seconds": heartbeatSeconds = try number()
+        case "poll_seconds": pollSeconds = try number()
+        case "shutdown_timeout_seconds": shutdownTimeoutSeconds = try number()
+        case "retry_base_seconds": retryBaseSeconds = try number()
+        case "log_level": logLevel = value
+        case "migrations": migrations = optional
+        case "image_delay_seconds": imageDelaySeconds = try number()
+        default: throw NoladError(.config, "\(source): unknown key \"\(key)\"")
+        }
+    }
+
+    public func validate() throws {
+        if threads < 1 { throw NoladError(.config, "threads must be at least 1") }
+        if concurrency < 1 { throw NoladError(.config, "concurrency must be at least 1") }
+        if leaseSeconds <= 0 { throw NoladError(.config, "lease_seconds must be positive") }
+        if heartbeatSeconds <= 0 || heartbeatSeconds >= leaseSeconds {
+            throw NoladError(.config, "heartbeat_seconds must be positive and shorter than lease_seconds (\(leaseSeconds))")
+        }
+        if pollSeconds <= 0 { throw NoladError(.config, "poll_seconds must be positive") }
+        if shutdownTimeoutSeconds < 0 { throw NoladError(.config, "shutdown_timeout_seconds must not be negative") }
+        if retryBaseSeconds < 0 { throw NoladError(.config, "retry_base_seconds must not be negative") }
+        if imageDelaySeconds < 0 { throw NoladError(.config, "image_delay_seconds must not be negative") }
+        for root in collectionRoots where !root.hasPrefix("/") {
+            throw NoladError(.config, "collection root \(root) must be an absolute path")
+        }
+        let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
+        if !levels.contains(logLevel) { throw NoladError(.config, "log_level must be one of \(levels.joined(separator: ", "))") }
+    }
+
+    /// The libpq connection string: `database` if given, else built from the database_* keys
+    /// (values quoted as libpq requires), else empty (libpq's PG* environment variables and defaults).
+    public var conninfo: String {
+        if !database.isEmpty { return database }
+        func quote(_ s: String) -> String {
+            "'" + s.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "'", with: "\\'") + "'"
+        }
+        var parts: [String] = []
+        if let databaseHost { parts.append("host=" + quote(databaseHost)) }
+        if let databasePort { parts.append("port=\(databasePort)") }
+        if let databaseName { parts.append("dbname=" + quote(databaseName)) }
+        if let databaseUser { parts.append("user=" + quote(databaseUser)) }
+        parts.append("application_name=nolad")
+        return parts.joined(separator: " ")
+    }
+}

@@ -1,0 +1,135 @@
+import Foundation
+import Logging
+import Queue
+
+/// How a stage ends a job early. Throw `.badInput` for anything retrying cannot fix (the job fails
+/// at once with exactly this message); `.transient` for what may pass (the job is retried with backoff).
+/// Any other error thrown by a stage counts as transient. `.stopped` is what `checkCancelled()` throws.
+public enum JobError: Error, CustomStringConvertible, Sendable, Equatable {
+    case badInput(String)
+    case transient(String)
+    case stopped(StopReason)
+
+    public var description: String {
+        switch self {
+        case .badInput(let m), .transient(let m): return m
+        case .stopped(let r): return "stopped (\(r))"
+        }
+    }
+}
+
+/// One step of a job. Stages run in order on the job's own thread; each should call
+/// `context.checkCancelled()` often (at least once per image or batch) and report progress in images.
+/// A stage must be safe to run again from the start on a later attempt (upserts, or clear-then-write).
+public protocol JobStage: Sendable {
+    /// Shown in nola.jobs.stage, nola.events.stage and systemd's STATUS line ("discover", "encode", ...).
+    var name: String { get }
+    func run(_ context: JobContext) throws
+}
+
+/// The stages every job runs, in order. The labelling pipeline appends its stages here.
+public enum JobStages {
+    public static func standard(config: NoladConfig) -> [JobStage] {
+        [DiscoverImagesStage(delayPerImage: config.imageDelaySeconds)]
+    }
+}
+
+/// What a stage gets: the job's inputs, a database handle scoped to the job, progress and event
+/// reporting, the stop flag, the configuration and a logger.
+public final class JobContext: @unchecked Sendable {
+    /// Job id, attempt and worker: pass it to the `Queue.Results` writers, which are guarded by it.
+    public let job: JobRef
+    public var jobID: Int64 { job.id }
+    public var attempt: Int { job.attempt }
+    /// The collection folder, symlinks resolved, checked to lie under a configured root.
+    public let collection: URL
+    /// The collection roots, resolved.
+    public let roots: [URL]
+    public let classes: [String]
+    /// `{"class": ["sentence", ...]}` as given with the job, or nil.
+    public let descriptionsJSON: String?
+    /// The job's parameters object as JSON text (validated at INSERT; see nola.parameter_type).
+    public let parametersJSON: String
+    public let config: NoladConfig
+    public let logger: Logger
+
+    private let database: Database
+    private let lock = NSLock()
+    private var stop: StopReason?
+    private var stageName: String?
+    private var lastProgressWrite = Date.distantPast
+    private let onProgress: @Sendable (String, Int, Int) -> Void
+
+    init(job: JobRef, collection: URL, roots: [URL], classes: [String], descriptionsJSON: String?, parametersJSON: String,
+         config: NoladConfig, database: Database, logger: Logger, onProgress: @escaping @Sendable (String, Int, Int) -> Void) {
+        self.job = job
+        self.collection = collection
+        self.roots = roots
+        self.classes = classes
+        self.descriptionsJSON = descriptionsJSON
+        self.parametersJSON = parametersJSON
+        self.config = config
+        self.database = database
+        self.logger = logger
+        self.onProgress = onProgress
+    }
+
+    /// The descriptions decoded, or nil when the job gives none.
+    public var descriptions: [String: [String]]? {
+        guard let descriptionsJSON else { return nil }
+        return try? JSONDecoder().decode([String: [String]].self, from: Data(descriptionsJSON.utf8))
+    }
+
+    /// The parameters decoded.
+    public var parameters: [String: JSONValue] {
+        (try? JSONDecoder().decode([String: JSONValue].self, from: Data(parametersJSON.utf8))) ?? [:]
+    }
+
+    /// Runs `body` on the job's own connection; on a lost connection it reconnects with backoff and
+    /// runs `body` again for up to 60 s, so `body` must be idempotent (the `Results` writers are).
+    /// Throws `stopped(.leaseLost)` when `body` returns false (a guarded write found the job not ours).
+    public func withDatabase<T>(_ body: (PostgresConnection) throws -> T) throws -> T {
+        try database.run(retryFor: 60, body)
+    }
+
+    /// Runs a guarded write (one of the `Results` functions); if the job is no longer ours the stage stops.
+    public func write(_ body: (PostgresConnection) throws -> Bool) throws {
+        guard try withDatabase(body) else {
+            requestStop(.leaseLost)
+            throw JobError.stopped(.leaseLost)
+        }
+    }
+
+    /// Sets the current stage's counters; written to the database at most four times a second
+    /// (always when done == total). Throws when the job must stop.
+    public func reportProgress(stage: String, done: Int, total: Int) throws {
+        try checkCancelled()
+        let now = Date()
+        let due: Bool = lock.withLock {
+            if done < total && now.timeIntervalSince(lastProgressWrite) < 0.25 { return false }
+            lastProgressWrite = now
+            return true
+        }
+        onProgress(stage, done, total)
+        if due {
+            try write { try JobStore.setProgress($0, self.job, done: done, total: total) }
+        }
+    }
+
+    /// Appends a row to nola.events (e.g. kind "metrics" with per-stage figures).
+    public func recordEvent(stage: String, kind: String, metrics: [String: JSONValue]) throws {
+        try write { try JobStore.recordEvent($0, self.job, stage: stage, kind: kind, metrics: metrics) }
+    }
+
+    /// Throws `JobError.stopped` once the job was cancelled, timed out, lost its lease or the daemon
+    /// is shutting down. Call it at every checkpoint.
+    public func checkCancelled() throws {
+        if let reason = stopReason { throw JobError.stopped(reason) }
+    }
+
+    public var stopReason: StopReason? { lock.withLock { stop } }
+
+    func requestStop(_ reason: StopReason) {
+        lock.withLock { stop = reason }
+    }
+}
