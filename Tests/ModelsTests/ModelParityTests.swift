@@ -113,3 +113,31 @@ final class CLIPParityTests: XCTestCase {
         }
     }
 }
+
+final class ViTParityTests: XCTestCase {
+    override func setUp() { setThreads(2) }
+
+    func check(_ family: String, height: Int, width: Int) throws {
+        let model = try ViTModel(folder: fixtures.appendingPathComponent(family))
+        let f = try io("\(family)_io.safetensors")
+        let pixels = try f.floats("pixel_values")
+        for (name, layers) in [("hidden_1", 1), ("last_hidden", model.config.numHiddenLayers)] {
+            let h = pixels.withUnsafeBufferPointer {
+                model.hiddenStates(pixels: $0.baseAddress!, batch: 2, height: height, width: width, layerCount: layers)
+            }
+            compare("\(family) \(name)", h.array, try f.floats(name), relTol: 1e-4)
+        }
+        let cls = pixels.withUnsafeBufferPointer { model.clsFeatures(pixels: $0.baseAddress!, batch: 2, height: height, width: width) }
+        compare("\(family) CLS", cls, try f.floats("cls"), relTol: 1e-4)
+    }
+
+    /// DINO ViT saved as safetensors F16 (the reference ran the F16-rounded weights in float32).
+    func testDINOViT_fromF16Checkpoint_matchesTransformers() throws {
+        try check("dino", height: 32, width: 32)
+    }
+
+    /// DINOv2 on a 56×70 input: 4×5 patches, position embeddings interpolated from the 3×3 grid.
+    func testDinov2_withLayerScaleAndInterpolatedPositions_matchesTransformers() throws {
+        try check("dinov2", height: 56, width: 70)
+    }
+}
