@@ -128,7 +128,7 @@ final class CheckpointTests: XCTestCase {
 
         let url = FileManager.default.temporaryDirectory.appendingPathComponent("nolad-writer-\(getpid()).safetensors")
         try Data(bytes).write(to: url)
-        defer { try? FileManager.default.copyItem(at: url, to: URL(fileURLWithPath: "/tmp/swift-written.safetensors")) }
+        defer { try? FileManager.default.removeItem(at: url) }
         let source = try SafeTensorsFile(url: url)
         XCTAssertEqual(source.metadata, metadata)
         XCTAssertEqual(Set(source.tensorNames), Set(tensors.map(\.name)))
