@@ -206,17 +206,19 @@ public final class SafeTensorsFile: TensorSource, @unchecked Sendable {
             guard !overflow, offsets[1] - offsets[0] == byteCount else {
                 throw bad("tensor '\(name)' has \(offsets[1] - offsets[0]) bytes, its \(dtype) shape \(shape) needs \(byteCount)")
             }
-            guard offsets[1] <= file.count - headerEnd else {
-                throw bad("tensor '\(name)' data [\(offsets[0]), \(offsets[1])) runs past the end of the file (data section is \(file.count - headerEnd) bytes; file truncated?)")
-            }
             entries[name] = Entry(dtype: dtype, shape: shape,
                                   begin: headerEnd + offsets[0], end: headerEnd + offsets[1])
             spans.append((offsets[0], offsets[1], name))
         }
         // The tensors must tile the byte buffer: no holes, no overlaps, nothing after the last one.
-        spans.sort { ($0.begin, $0.end) < ($1.begin, $1.end) }
+        // Checked in offset order, so the error names the same tensor however the header is ordered.
+        spans.sort { ($0.begin, $0.end, $0.name) < ($1.begin, $1.end, $1.name) }
+        let dataSize = file.count - headerEnd
         var position = 0
         for span in spans {
+            guard span.end <= dataSize else {
+                throw bad("tensor '\(span.name)' data [\(span.begin), \(span.end)) runs past the end of the data (\(dataSize) bytes; file truncated?)")
+            }
             guard span.begin == position else {
                 throw bad(span.begin < position
                           ? "tensor '\(span.name)' overlaps the previous tensor"
