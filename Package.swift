@@ -51,7 +51,7 @@ let package = Package(
         .executableTarget(name: "nolad", dependencies: ["Daemon"]),
 
         .testTarget(name: "KernelsTests", dependencies: ["Kernels"], swiftSettings: numeric),
-        .testTarget(name: "ModelsTests", dependencies: ["Models", "Kernels"], swiftSettings: numeric),
+        .testTarget(name: "ModelsTests", dependencies: ["Models", "Kernels"], exclude: ["Fixtures"], swiftSettings: numeric),
         .testTarget(name: "ImagingTests", dependencies: ["Imaging"], swiftSettings: numeric),
         .testTarget(name: "MethodTests", dependencies: ["Method"], exclude: ["Fixtures"], swiftSettings: numeric),
         .testTarget(name: "QueueTests", dependencies: ["Queue"]),
