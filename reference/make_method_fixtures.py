@@ -202,7 +202,162 @@ fixture["stage3_loop"] = {
     "labels": labels.tolist(), "confidences": fl(conf),
 }
 
+
+# ---------------------------------------------------------------- the four stages on tiny random CLIP and DINO models
+# Hugging Face layout folders under Fixtures/tiny-clip and Fixtures/tiny-dino (safetensors F32). Weak views
+# are random pixel tensors (decoding and resizing are the Imaging layer's business); strong views are a
+# fixed, deterministic transform of them (below), standing in for the seeded augmentation sampler.
+from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+FIXTURES = os.path.dirname(OUT)
+
+
+def randomize(model):
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if name == "logit_scale":
+                continue
+            if prm.ndim >= 2 and "embedding" not in name and "token" not in name:
+                prm.normal_(0, 1 / math.sqrt(prm[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                prm.normal_(1, 0.2)
+            else:
+                prm.normal_(0, 0.5)
+
+
+clip = CLIPModel(CLIPConfig(
+    text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=8, bos_token_id=98, eos_token_id=99, pad_token_id=0, projection_dim=16),
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=16, projection_dim=16),
+    projection_dim=16)).eval()
+randomize(clip)
+clip.save_pretrained(os.path.join(FIXTURES, "tiny-clip"), safe_serialization=True)
+dino = ViTModel(ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                          image_size=32, patch_size=16, layer_norm_eps=1e-6), add_pooling_layer=False).eval()
+randomize(dino)
+dino.save_pretrained(os.path.join(FIXTURES, "tiny-dino"), safe_serialization=True)
+for prm in list(clip.parameters()) + list(dino.parameters()):
+    prm.requires_grad_(False)
+
+NP, CP = 24, 3
+weak = torch.randn(NP, 3, 32, 32)
+sentences = [[[98] + torch.randint(1, 98, (int(torch.randint(2, 6, ())),)).tolist() + [99] for _ in range(n)]
+             for n in (2, 3, 2)]
+with torch.no_grad():
+    text_emb = [clip.get_text_features(input_ids=torch.tensor([ids])).pooler_output for cls in sentences for ids in cls]
+    per_class, start = [], 0
+    for cls in sentences:
+        e = torch.cat(text_emb[start:start + len(cls)])
+        start += len(cls)
+        e = e / e.norm(dim=-1, keepdim=True)
+        m = e.mean(dim=0)
+        per_class.append(m / m.norm())
+    cls_vectors = torch.stack(per_class)
+    clip_feats = clip.get_image_features(pixel_values=weak).pooler_output
+    scale = clip.logit_scale.exp().item()
+    zs_probs = (scale * (clip_feats / clip_feats.norm(dim=-1, keepdim=True)) @ cls_vectors.T).softmax(dim=-1)
+    dino_feats = dino(pixel_values=weak).last_hidden_state[:, 0]
+
+kp = find_k(NP, CP, 0.2, 3)
+t3c, t3p = torch.topk(zs_probs, k=3, dim=1)
+chosen_all = []
+for cls in range(CP):
+    for rank in range(3):
+        cand = [i for i in range(NP) if t3p[i, rank].item() == cls]
+        if cand:
+            cand.sort(key=lambda i: (-t3c[i, rank].item(), i))
+            chosen_all += [(i, cls) for i in cand[:kp]]
+            break
+seen_p, p_idx, p_lab = set(), [], []
+for i, cls in chosen_all:
+    if i not in seen_p:
+        seen_p.add(i)
+        p_idx.append(i)
+        p_lab.append(cls)
+
+mlp_p = torch.nn.Sequential(torch.nn.Linear(24, 8), torch.nn.ReLU(), torch.nn.Linear(8, CP))
+mlp_init = {k_: fl(v) for k_, v in mlp_p.state_dict().items()}
+opt_p = torch.optim.Adam(mlp_p.parameters(), lr=0.01)
+p_orders = []
+xs, ys = dino_feats[p_idx], torch.tensor(p_lab)
+for epoch in range(30):
+    perm = torch.randperm(len(p_idx))
+    p_orders.append(perm.tolist())
+    for s_ in range(0, len(perm), 4):
+        b = perm[s_:s_ + 4]
+        opt_p.zero_grad()
+        F.cross_entropy(mlp_p(xs[b]), ys[b]).backward()
+        opt_p.step()
+with torch.no_grad():
+    teacher_p = mlp_p(dino_feats).argmax(dim=1)
+
+vm = clip.vision_model
+PP = 2
+bound = math.sqrt(6.0 / float(3 * 16 * 16 + 32))
+p_prompts = torch.empty(PP, 32).uniform_(-bound, bound)
+p_init_prompts = fl(p_prompts)
+p_prompts.requires_grad_(True)
+p_head = cls_vectors.clone().requires_grad_(True)
+norm_params = [(n_, prm) for n_, prm in clip.named_parameters()
+               if n_.startswith("vision_model.") and ("layer_norm" in n_ or "layrnorm" in n_ or "layernorm" in n_)]
+for _, prm in norm_params:
+    prm.requires_grad_(True)
+
+
+def prompted_features(x):
+    h = vm.pre_layrnorm(vm.embeddings(x))
+    h = torch.cat([h[:, :1], p_prompts.expand(x.shape[0], -1, -1), h[:, 1:]], dim=1)
+    h = vm.encoder(inputs_embeds=h).last_hidden_state
+    return clip.visual_projection(vm.post_layernorm(h[:, 0]))  # not normalised: the head reads these (cde_adapter)
+
+
+def strong(i, epoch):
+    x = weak[i]
+    return torch.flip(x, dims=[2]) * 0.8 + 0.1 if (i + epoch) % 2 else x * 1.1 - 0.05
+
+
+named = [("prompt_embeddings", p_prompts)] + norm_params + [("head.weight", p_head)]
+opt_s = torch.optim.AdamW([{"params": [prm for n_, prm in named if "bias" not in n_], "weight_decay": 0.01},
+                           {"params": [prm for n_, prm in named if "bias" in n_], "weight_decay": 0.0}], lr=0.01)
+s_orders, s_metrics = [], []
+for epoch in range(2):
+    perm = torch.randperm(NP)
+    s_orders.append(perm.tolist())
+    batches = [perm[s_:s_ + 8] for s_ in range(0, NP, 8)]
+    loss_sum, agree = 0.0, 0
+    for b in batches:
+        opt_s.zero_grad()
+        for s_ in range(0, len(b), 3):
+            mb = b[s_:s_ + 3]
+            x = torch.stack([strong(i.item(), epoch) for i in mb])
+            out = prompted_features(x) @ p_head.T
+            loss = F.cross_entropy(out, teacher_p[mb], label_smoothing=0.1, reduction="sum")
+            (loss / len(b)).backward()
+            loss_sum += loss.item()
+            agree += (out.argmax(dim=1) == teacher_p[mb]).sum().item()
+        opt_s.step()
+    s_metrics.append({"loss": loss_sum / NP, "agreement": agree / NP})
+with torch.no_grad():
+    final_p = (prompted_features(weak) @ p_head.T).softmax(dim=-1)
+p_conf, p_labels = final_p.max(dim=1)
+from safetensors.torch import save_file
+save_file({"weak_views": weak.contiguous(), "clip_features": clip_feats.contiguous(), "dino_features": dino_feats.contiguous()},
+          os.path.join(FIXTURES, "pipeline_io.safetensors"))
+fixture["pipeline"] = {
+    "n": NP, "classes": CP, "sentences": sentences, "logit_scale": scale,
+    "classifier": fl(cls_vectors), "probabilities": fl(zs_probs), "k": kp, "selected_indices": p_idx, "selected_labels": p_lab,
+    "alignment": {"hidden": 8, "epochs": 30, "batch": 4, "lr": 0.01, "initial": mlp_init, "orders": p_orders,
+                  "trained": {k_: fl(v) for k_, v in mlp_p.state_dict().items()}},
+    "teacher_labels": teacher_p.tolist(),
+    "prompt_count": PP, "initial_prompts": p_init_prompts, "lr": 0.01, "logical_batch": 8, "micro_batch": 3, "epochs": 2,
+    "orders": s_orders, "epoch_metrics": s_metrics,
+    "final": {n_: fl(prm) for n_, prm in named},
+    "labels": p_labels.tolist(), "confidences": fl(p_conf),
+}
+
 with open(OUT, "w") as f:
     json.dump(fixture, f)
+print(f"pipeline: k={kp}, selected {len(p_idx)}, teacher {teacher_p.tolist()}, metrics {s_metrics}")
 print(f"wrote {OUT} ({os.path.getsize(OUT)} bytes); k={k}, selected {len(sel_idx)}, ranks {ranks}, "
       f"alignment loss {losses[0]:.4f} -> {losses[-1]:.4f}, prompt-tuning {metrics}")
