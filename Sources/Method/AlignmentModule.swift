@@ -1,4 +1,3 @@
-import COpenBLAS
 import Foundation
 
 // Stage 2b: the alignment module — an MLP on DINO CLS features trained on the pseudo-labels
@@ -32,14 +31,10 @@ public struct AlignmentModule: Equatable, Sendable {
     /// logits (B, C) of features (B, D); also returns the post-ReLU hidden activations (B, H).
     func forward(_ x: [Float], batch b: Int) -> (logits: [Float], hidden: [Float]) {
         precondition(x.count == b * inputSize)
-        var hidden = [Float](repeating: 0, count: b * hiddenSize)
-        for i in 0..<b { hidden.replaceSubrange((i * hiddenSize)..<((i + 1) * hiddenSize), with: fc1Bias) }
-        // hidden (B,H) += x (B,D) · fc1Weightᵀ (D,H)
-        sgemm(transA: false, transB: true, m: b, n: hiddenSize, k: inputSize, a: x, b: fc1Weight, beta: 1, c: &hidden)
+        // hidden = relu(x · fc1ᵀ + fc1.bias); logits = hidden · fc2ᵀ + fc2.bias
+        var hidden = linear(x, fc1Weight, fc1Bias, n: b, inFeatures: inputSize, outFeatures: hiddenSize)
         for i in hidden.indices where hidden[i] < 0 { hidden[i] = 0 }
-        var logits = [Float](repeating: 0, count: b * classCount)
-        for i in 0..<b { logits.replaceSubrange((i * classCount)..<((i + 1) * classCount), with: fc2Bias) }
-        sgemm(transA: false, transB: true, m: b, n: classCount, k: hiddenSize, a: hidden, b: fc2Weight, beta: 1, c: &logits)
+        let logits = linear(hidden, fc2Weight, fc2Bias, n: b, inFeatures: hiddenSize, outFeatures: classCount)
         return (logits, hidden)
     }
 
@@ -99,21 +94,24 @@ public func trainAlignmentModule(_ module: inout AlignmentModule, features: [Flo
             }
             let (logits, hidden) = module.forward(x, batch: b)
             var dLogits = [Float](repeating: 0, count: b * c)
-            epochLoss += labelSmoothingCrossEntropy(logits: logits, targets: batch.map { labels[$0] }, classCount: c,
-                                                    smoothing: 0, gradientScale: 1 / Float(b), dLogits: &dLogits)
+            epochLoss += smoothedCrossEntropy(logits, targets: batch.map { labels[$0] }, classCount: c, smoothing: 0,
+                                              logicalBatch: b, dLogits: &dLogits)
             // logits = hidden · fc2ᵀ + fc2.bias
-            var dW2 = [Float](repeating: 0, count: c * h)
-            sgemm(transA: true, transB: false, m: c, n: h, k: b, a: dLogits, b: hidden, beta: 0, c: &dW2)
-            var dB2 = [Float](repeating: 0, count: c)
-            for i in 0..<b { for k in 0..<c { dB2[k] += dLogits[i * c + k] } }
+            var dW2 = [Float](repeating: 0, count: c * h), dB2 = [Float](repeating: 0, count: c)
             var dHidden = [Float](repeating: 0, count: b * h)
-            sgemm(transA: false, transB: false, m: b, n: h, k: c, a: dLogits, b: module.fc2Weight, beta: 0, c: &dHidden)
+            dHidden.withUnsafeMutableBufferPointer { dh in
+                dB2.withUnsafeMutableBufferPointer { db in
+                    linearGradients(dLogits, hidden, module.fc2Weight, n: b, inFeatures: h, outFeatures: c,
+                                    dInp: dh.baseAddress!, dWeight: &dW2, dBias: db.baseAddress!)
+                }
+            }
             // hidden = relu(x · fc1ᵀ + fc1.bias)
             for i in dHidden.indices where hidden[i] <= 0 { dHidden[i] = 0 }
-            var dW1 = [Float](repeating: 0, count: h * d)
-            sgemm(transA: true, transB: false, m: h, n: d, k: b, a: dHidden, b: x, beta: 0, c: &dW1)
-            var dB1 = [Float](repeating: 0, count: h)
-            for i in 0..<b { for j in 0..<h { dB1[j] += dHidden[i * h + j] } }
+            var dW1 = [Float](repeating: 0, count: h * d), dB1 = [Float](repeating: 0, count: h)
+            dB1.withUnsafeMutableBufferPointer { db in
+                linearGradients(dHidden, x, module.fc1Weight, n: b, inFeatures: d, outFeatures: h,
+                                dInp: nil, dWeight: &dW1, dBias: db.baseAddress!)
+            }
             step += 1
             adamStep(parameter: &module.fc1Weight, gradient: dW1, moments: &moments[0], step: step, adam)
             adamStep(parameter: &module.fc1Bias, gradient: dB1, moments: &moments[1], step: step, adam)
@@ -122,21 +120,5 @@ public func trainAlignmentModule(_ module: inout AlignmentModule, features: [Flo
             start += b
         }
         try onEpoch(epoch, epochLoss / Double(n))
-    }
-}
-
-/// C (M,N) = op(A) · op(B) + beta · C, row-major; op(A) is (M,K), op(B) is (K,N).
-/// Minimal adapter over OpenBLAS until the Kernels layer's GEMM is merged.
-func sgemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, a: [Float], b: [Float], beta: Float, c: inout [Float]) {
-    precondition(a.count >= m * k && b.count >= k * n && c.count >= m * n)
-    if m == 0 || n == 0 { return }
-    a.withUnsafeBufferPointer { pa in
-        b.withUnsafeBufferPointer { pb in
-            c.withUnsafeMutableBufferPointer { pc in
-                cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
-                            Int32(m), Int32(n), Int32(k), 1, pa.baseAddress, Int32(transA ? m : k),
-                            pb.baseAddress, Int32(transB ? k : n), beta, pc.baseAddress, Int32(n))
-            }
-        }
     }
 }

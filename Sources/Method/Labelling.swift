@@ -10,8 +10,7 @@ public func labelImages(features: [Float], head: [Float], classCount c: Int) -> 
     let e = head.count / c
     precondition(features.count % e == 0)
     let n = features.count / e
-    var logits = [Float](repeating: 0, count: n * c)
-    sgemm(transA: false, transB: true, m: n, n: c, k: e, a: features, b: head, beta: 0, c: &logits)
+    var logits = linear(features, head, nil, n: n, inFeatures: e, outFeatures: c)
     for i in 0..<n {
         var row = Array(logits[(i * c)..<((i + 1) * c)])
         softmaxRow(&row)

@@ -227,18 +227,18 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
                                          lossGradient: { features in
                     precondition(features.count == b * e)
                     // logits (b, C) = features (b, E) · headᵀ
-                    var logits = [Float](repeating: 0, count: b * c)
-                    sgemm(transA: false, transB: true, m: b, n: c, k: e, a: features, b: head, beta: 0, c: &logits)
+                    let logits = linear(features, head, nil, n: b, inFeatures: e, outFeatures: c)
                     let predicted = argmaxRows(logits, columns: c).labels
                     agreements += zip(predicted, targets).filter { $0 == $1 }.count
                     var dLogits = [Float](repeating: 0, count: b * c)
-                    lossSum += labelSmoothingCrossEntropy(logits: logits, targets: targets, classCount: c,
-                                                          smoothing: Float(labelSmoothing),
-                                                          gradientScale: 1 / Float(batch.count), dLogits: &dLogits)
+                    lossSum += smoothedCrossEntropy(logits, targets: targets, classCount: c, smoothing: Float(labelSmoothing),
+                                                    logicalBatch: batch.count, dLogits: &dLogits)
                     // dHead (C, E) += dLogitsᵀ · features; dFeatures (b, E) = dLogits · head
-                    sgemm(transA: true, transB: false, m: c, n: e, k: b, a: dLogits, b: features, beta: 1, c: &headGradient)
                     var dFeatures = [Float](repeating: 0, count: b * e)
-                    sgemm(transA: false, transB: false, m: b, n: e, k: c, a: dLogits, b: head, beta: 0, c: &dFeatures)
+                    dFeatures.withUnsafeMutableBufferPointer { df in
+                        linearGradients(dLogits, features, head, n: b, inFeatures: e, outFeatures: c,
+                                        dInp: df.baseAddress!, dWeight: &headGradient, dBias: nil)
+                    }
                     return dFeatures
                 }, promptGradient: &promptGradient, layerNormGradients: &layerNormGradients)
                 start += b
