@@ -178,6 +178,28 @@ public func promptBatches(order: [Int], batchSize: Int) -> [ArraySlice<Int>] {
     return batches
 }
 
+/// The seed of image `image`'s strong view in `epoch`: the augmentation sampler draws from it, so a
+/// resumed epoch sees exactly the views an uninterrupted one would.
+public func strongViewSeed(jobSeed: UInt64, epoch: Int, image: Int) -> UInt64 {
+    var random = SeededRandom(seed: jobSeed &+ UInt64(truncatingIfNeeded: epoch) &* 0x9e37_79b9_7f4a_7c15, stream: "strong view", index: image)
+    return random.next()
+}
+
+/// `runPromptTuning` with the job's parameters (epochs, batch, learning rate, weight decay, label
+/// smoothing, seed); `microBatchSize` comes from `parameters.promptMicroBatchSize` or the memory budget.
+public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTuningState, teacherLabels: [Int],
+                            parameters: NolaParameters, microBatchSize: Int,
+                            strongViews: ([Int], Int) throws -> [Float],
+                            shouldStop: () -> Bool = { false },
+                            onStep: (PromptTuningProgress, PromptTuningState) throws -> Void = { _, _ in },
+                            onEpoch: (PromptTuningEpoch, PromptTuningState) throws -> Void = { _, _ in }) throws {
+    try runPromptTuning(encoder: encoder, state: &state, teacherLabels: teacherLabels, epochs: parameters.promptEpochs,
+                        batchSize: parameters.promptBatchSize, microBatchSize: microBatchSize,
+                        learningRate: parameters.promptLearningRate, weightDecay: parameters.promptWeightDecay,
+                        labelSmoothing: parameters.labelSmoothing, seed: parameters.seed, strongViews: strongViews,
+                        shouldStop: shouldStop, onStep: onStep, onEpoch: onEpoch)
+}
+
 /// Runs (or resumes) prompt tuning until `epochs` epochs are complete.
 /// - teacherLabels: the alignment module's label of every image (computed once; weak view is deterministic).
 /// - strongViews(indices, epoch): pixels (B, 3, H, W) of one fresh strong view of each image; the sampler

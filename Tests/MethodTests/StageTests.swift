@@ -70,3 +70,21 @@ final class StageTests: XCTestCase {
         }
     }
 }
+
+final class PromptTuningParametersTests: XCTestCase {
+    func testRunWithParameters_equalsExplicitArguments_andStrongViewSeedsDiffer() throws {
+        let (encoder, initial, pixels, teacher, _, _) = ReferenceParityTests.toySetup()
+        var parameters = NolaParameters()
+        parameters.promptEpochs = 2; parameters.promptBatchSize = 16; parameters.promptLearningRate = 0.02; parameters.seed = 4
+        let views = ReferenceParityTests.strongViews(pixels, perImage: encoder.tokens * encoder.hiddenSize)
+        var a = initial, b = initial
+        try runPromptTuning(encoder: encoder, state: &a, teacherLabels: teacher, parameters: parameters, microBatchSize: 7, strongViews: views)
+        try runPromptTuning(encoder: encoder, state: &b, teacherLabels: teacher, epochs: 2, batchSize: 16, microBatchSize: 7,
+                            learningRate: 0.02, weightDecay: 0.01, labelSmoothing: 0.1, seed: 4, strongViews: views)
+        XCTAssertEqual(a, b)
+        XCTAssertEqual(a.step, 6)
+        let seeds = Set((0..<3).flatMap { e in (0..<100).map { strongViewSeed(jobSeed: 7, epoch: e, image: $0) } })
+        XCTAssertEqual(seeds.count, 300)
+        XCTAssertEqual(strongViewSeed(jobSeed: 7, epoch: 1, image: 5), strongViewSeed(jobSeed: 7, epoch: 1, image: 5))
+    }
+}
