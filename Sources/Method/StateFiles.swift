@@ -6,16 +6,32 @@ import Models
 // an inference-only job applies to a new collection).
 
 extension PromptTuningState {
-    /// The whole training state (learned tensors, AdamW moments, position in metadata) as safetensors.
-    public func checkpointSafeTensors() -> [UInt8] {
+    /// The whole training state (learned tensors, AdamW moments, position in metadata) and the teacher's
+    /// label of every image (tensor `teacher_labels`, so a resumed job needs neither DINO nor stage 2
+    /// again) as safetensors.
+    public func checkpointSafeTensors(teacherLabels: [Int]) -> [UInt8] {
         let (tensors, metadata) = checkpoint()
-        return writeSafeTensors(tensors: tensors.map { ($0.name, $0.shape, $0.values) }, metadata: metadata)
+        let teacher = (name: Self.teacherLabelsName, shape: [teacherLabels.count], values: teacherLabels.map(Float.init))
+        return writeSafeTensors(tensors: tensors.map { ($0.name, $0.shape, $0.values) } + [teacher], metadata: metadata)
     }
 
-    /// Restores `checkpointSafeTensors()` read back from a file.
-    public init(checkpointSafeTensors file: SafeTensorsFile) throws {
-        try self.init(checkpoint: try Self.tensors(file), metadata: file.metadata)
+    /// Restores `checkpointSafeTensors(teacherLabels:)` read back from a file.
+    public static func restore(checkpointSafeTensors file: SafeTensorsFile) throws -> (state: PromptTuningState, teacherLabels: [Int]) {
+        let state = try PromptTuningState(checkpoint: try tensors(file), metadata: file.metadata)
+        guard file.shape(of: teacherLabelsName)?.count == 1 else {
+            throw MethodError(.badState, teacherLabelsName, "missing")
+        }
+        let classes = state.head.shape[0]
+        let labels = try file.floats(teacherLabelsName).map { v -> Int in
+            guard v >= 0, v < Float(classes), v.rounded() == v else {
+                throw MethodError(.badState, teacherLabelsName, "\(v) is not a class index below \(classes)")
+            }
+            return Int(v)
+        }
+        return (state, labels)
     }
+
+    static let teacherLabelsName = "teacher_labels"
 
     /// The results blob: `prompt_embeddings` (P, W), every vision LayerNorm (HF names), `head.weight`
     /// (C, E), and `metadata` (the daemon adds the backbone's identity and the parameters JSON) plus
@@ -51,7 +67,7 @@ extension PromptTuningState {
         self.init(prompts: prompts, layerNorms: try expected.map { try tensor($0.name, $0.shape) }, head: head)
     }
 
-    private static func tensors(_ file: SafeTensorsFile) throws -> [NamedTensor] {
+    fileprivate static func tensors(_ file: SafeTensorsFile) throws -> [NamedTensor] {
         try file.tensorNames.sorted().map { name in
             NamedTensor(name: name, shape: file.shape(of: name)!, values: try file.floats(name))
         }

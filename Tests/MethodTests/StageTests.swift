@@ -16,7 +16,13 @@ final class StageTests: XCTestCase {
         var state = initial
         state.step = 3; state.epoch = 1; state.batchInEpoch = 2; state.epochLossSum = 1.5; state.epochImages = 32
         state.moments[0].v[1] = 0.25
-        XCTAssertEqual(try PromptTuningState(checkpointSafeTensors: try temporaryFile(state.checkpointSafeTensors())), state)
+        let teacher = [0, 3, 1, 2, 2]
+        let restored = try PromptTuningState.restore(checkpointSafeTensors: try temporaryFile(state.checkpointSafeTensors(teacherLabels: teacher)))
+        XCTAssertEqual(restored.state, state)
+        XCTAssertEqual(restored.teacherLabels, teacher)
+        XCTAssertThrowsError(try PromptTuningState.restore(checkpointSafeTensors: try temporaryFile(state.checkpointSafeTensors(teacherLabels: [4])))) {
+            XCTAssertEqual(($0 as? MethodError)?.subject, "teacher_labels")
+        }
     }
 
     func testResultsSafeTensors_loadForInference_andCheckShapes() throws {
@@ -32,7 +38,7 @@ final class StageTests: XCTestCase {
         XCTAssertThrowsError(try PromptTuningState(resultsSafeTensors: file, encoder: wider)) {
             XCTAssertEqual(($0 as? MethodError)?.subject, "prompt_embeddings")
         }
-        let notResults = try temporaryFile(initial.checkpointSafeTensors())
+        let notResults = try temporaryFile(initial.checkpointSafeTensors(teacherLabels: [0]))
         XCTAssertThrowsError(try PromptTuningState(resultsSafeTensors: notResults, encoder: encoder)) {
             XCTAssertEqual(($0 as? MethodError)?.code, .badState)
         }
