@@ -53,9 +53,9 @@ let package = Package(
         ]),
 
         .testTarget(name: "KernelsTests", dependencies: ["Kernels"], swiftSettings: numeric),
-        .testTarget(name: "ModelsTests", dependencies: ["Models", "Kernels"], swiftSettings: numeric),
+        .testTarget(name: "ModelsTests", dependencies: ["Models", "Kernels"], exclude: ["Fixtures"], swiftSettings: numeric),
         .testTarget(name: "ImagingTests", dependencies: ["Imaging"], swiftSettings: numeric),
-        .testTarget(name: "MethodTests", dependencies: ["Method"], swiftSettings: numeric),
+        .testTarget(name: "MethodTests", dependencies: ["Method"], exclude: ["Fixtures"], swiftSettings: numeric),
         .testTarget(name: "QueueTests", dependencies: ["Queue"]),
         .testTarget(name: "DatabaseTests", dependencies: ["Queue", "Daemon"]),
     ],

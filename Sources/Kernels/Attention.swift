@@ -1,0 +1,79 @@
+/// Softmax of each row in place over its first `valid` entries (the rest set to 0).
+/// row is (n); valid ≥ 1.
+@inline(__always)
+func softmaxRow(_ row: UnsafeMutablePointer<Float>, n: Int, valid: Int) {
+    var mx = -Float.infinity
+    for j in 0..<valid { mx = max(mx, row[j]) }
+    let m8 = SIMD8<Float>(repeating: mx)
+    var s8 = SIMD8<Float>(repeating: 0)
+    var j = 0
+    while j + 8 <= valid { let e = exp8(load8(row + j) - m8); store8(row + j, e); s8 += e; j += 8 }
+    var s = s8.sum()
+    while j < valid { var x = SIMD8<Float>(repeating: 0); x[0] = row[j] - mx; row[j] = exp8(x)[0]; s += row[j]; j += 1 }
+    let inv = 1 / s
+    for k in 0..<valid { row[k] *= inv }
+    for k in valid..<n { row[k] = 0 }
+}
+
+/// out = softmax(inp) per row; out, inp are (N,C). out may alias inp.
+public func softmaxForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, n: Int, c: Int) {
+    if UnsafePointer(out) != inp { out.update(from: inp, count: n * c) }
+    for r in 0..<n { softmaxRow(out + r * c, n: c, valid: c) }
+}
+
+/// Multi-head self-attention on packed projections.
+/// qkv is (B,T,3D) holding q, k, v of each token (D = H·hd, heads contiguous within each);
+/// out is (B,T,D) = softmax(q·kᵀ/√hd [+ causal mask]) · v per head; probs (B,H,T,T) is saved for the backward.
+public func attentionForward(_ out: UnsafeMutablePointer<Float>, probs: UnsafeMutablePointer<Float>,
+                             _ qkv: UnsafePointer<Float>, b: Int, t: Int, d: Int, heads: Int, causal: Bool) {
+    let hd = d / heads
+    let scale = 1 / Float(hd).squareRoot()
+    parallelFor(b * heads) { items in
+        for item in items {
+            let bi = item / heads, h = item % heads
+            let q = qkv + bi * t * 3 * d + h * hd, k = q + d, v = q + 2 * d
+            let p = probs + item * t * t
+            // p (T,T) = scale · q (T,hd) · kᵀ
+            sgemm(transB: true, m: t, n: t, k: hd, alpha: scale, a: q, lda: 3 * d, b: k, ldb: 3 * d,
+                  c: p, ldc: t)
+            for i in 0..<t { softmaxRow(p + i * t, n: t, valid: causal ? i + 1 : t) }
+            // out (T,hd) = p · v
+            sgemm(m: t, n: hd, k: t, a: p, lda: t, b: v, ldb: 3 * d, c: out + bi * t * d + h * hd, ldc: d)
+        }
+    }
+}
+
+/// Backward of attentionForward, accumulating into dqkv (B,T,3D) from dout (B,T,D).
+/// Forward: s = scale·q·kᵀ; p = softmax(s); out = p·v.
+public func attentionBackward(dqkv: UnsafeMutablePointer<Float>, _ dout: UnsafePointer<Float>,
+                              _ qkv: UnsafePointer<Float>, probs: UnsafePointer<Float>,
+                              b: Int, t: Int, d: Int, heads: Int) {
+    let hd = d / heads
+    let scale = 1 / Float(hd).squareRoot()
+    parallelFor(b * heads) { items in
+        let dp = UnsafeMutablePointer<Float>.allocate(capacity: t * t)
+        defer { dp.deallocate() }
+        for item in items {
+            let bi = item / heads, h = item % heads
+            let off = bi * t * 3 * d + h * hd
+            let q = qkv + off, k = q + d, v = q + 2 * d
+            let dq = dqkv + off, dk = dq + d, dv = dq + 2 * d
+            let dO = dout + bi * t * d + h * hd
+            let p = probs + item * t * t
+            // dp (T,T) = dO (T,hd) · vᵀ ; dv += pᵀ · dO
+            sgemm(transB: true, m: t, n: t, k: hd, a: dO, lda: d, b: v, ldb: 3 * d, c: dp, ldc: t)
+            sgemm(transA: true, m: t, n: hd, k: t, a: p, lda: t, b: dO, ldb: d, beta: 1, c: dv, ldc: 3 * d)
+            // ds = p ⊙ (dp − Σⱼ p·dp), written over dp
+            for i in 0..<t {
+                let pr = p + i * t, dr = dp + i * t
+                var dot: Float = 0
+                for j in 0..<t { dot += pr[j] * dr[j] }
+                for j in 0..<t { dr[j] = pr[j] * (dr[j] - dot) }
+            }
+            // dq += scale · ds · k ; dk += scale · dsᵀ · q
+            sgemm(m: t, n: hd, k: t, alpha: scale, a: dp, lda: t, b: k, ldb: 3 * d, beta: 1, c: dq, ldc: 3 * d)
+            sgemm(transA: true, m: t, n: hd, k: t, alpha: scale, a: dp, lda: t, b: q, ldb: 3 * d, beta: 1,
+                  c: dk, ldc: 3 * d)
+        }
+    }
+}

@@ -1,1 +1,0 @@
-// Kernels layer of nolad — see DESIGN.md for what belongs here.

@@ -1,1 +1,0 @@
-// Method layer of nolad — see DESIGN.md for what belongs here.

@@ -1,0 +1,178 @@
+import Foundation
+
+/// Every job parameter of the NoLA method with the reference's value as default (public NoLA code:
+/// `find_k`, `train_taal`, `setup_optim`, `config.yml`). Decoded from the job's parameters JSON with
+/// `init(json:)` (unknown key or bad value → `MethodError.badParameter` naming the key) and recorded
+/// with the results through `encodedJSON()`. JSON keys are the snake_case names in `Key`.
+public struct NolaParameters: Equatable, Sendable {
+    /// Prompt-tuning epochs when the job does not say (the reference runs 50). Sized so a 1,000-image,
+    /// 10-class job at ViT-B/32 + DINO ViT-B/16 finishes in about an hour on 2 cores: an epoch is
+    /// ⌊N/512⌋ logical batches of 512 strong views (the last partial batch is dropped, as the reference's
+    /// loader does), i.e. 512 images for N = 1,000; a prompted ViT-B/32 forward+backward costs ≈ 17 GFLOP
+    /// per image ≈ 0.18 s on 2 idle cores (0.73 s measured at load 9 on this 2-core machine), so ≈ 92 s per
+    /// epoch; the other stages (CLIP + DINO features of 1,000 weak views, labelling) take ≈ 5 min.
+    /// 30 epochs ≈ 46 + 5 min. Re-derive from the whole-job benchmark when it exists.
+    public static let defaultPromptEpochs = 30
+
+    // Run
+    public var seed: UInt64 = 7777
+    // Stage 1
+    /// Add the built-in prompt templates to every class's sentences (the reference always does).
+    public var templates = true
+    // Stage 2: k = max(minK, ⌊kFraction · N / C⌋)
+    public var minK = 16
+    public var kFraction = 0.2
+    public var alignmentEpochs = 50
+    public var alignmentLearningRate = 1e-3
+    public var alignmentBatchSize = 32
+    public var alignmentHiddenSize = 256
+    // Stage 3
+    public var promptEpochs = NolaParameters.defaultPromptEpochs
+    public var promptLearningRate = 0.004
+    public var promptWeightDecay = 0.01
+    public var promptBatchSize = 512
+    /// Images per forward/backward pass; nil = derived from the worker's memory budget.
+    public var promptMicroBatchSize: Int? = nil
+    public var promptCount = 16
+    public var labelSmoothing = 0.1
+    // Models: folder names under the configured model root (Hugging Face layout).
+    public var clipModel = "clip-vit-base-patch32"
+    public var dinoModel = "dino-vitb16"
+
+    public init() {}
+
+    public enum Key: String, CaseIterable, Sendable {
+        case seed, templates
+        case minK = "min_k"
+        case kFraction = "k_fraction"
+        case alignmentEpochs = "alignment_epochs"
+        case alignmentLearningRate = "alignment_lr"
+        case alignmentBatchSize = "alignment_batch_size"
+        case alignmentHiddenSize = "alignment_hidden_size"
+        case promptEpochs = "prompt_epochs"
+        case promptLearningRate = "prompt_lr"
+        case promptWeightDecay = "prompt_weight_decay"
+        case promptBatchSize = "prompt_batch_size"
+        case promptMicroBatchSize = "prompt_micro_batch_size"
+        case promptCount = "prompt_count"
+        case labelSmoothing = "label_smoothing"
+        case clipModel = "clip_model"
+        case dinoModel = "dino_model"
+    }
+
+    /// k of the reference's `find_k`: max(minK, ⌊kFraction · imageCount / classCount⌋).
+    public func k(imageCount: Int, classCount: Int) -> Int {
+        precondition(classCount > 0)
+        let k = Int((Double(imageCount) / Double(classCount) * kFraction).rounded(.down))
+        return max(minK, k)
+    }
+
+    /// Decodes the job's parameters JSON object (empty data or `null` = all defaults).
+    public init(json data: Data) throws {
+        self.init()
+        if data.allSatisfy({ $0 == 0x20 || $0 == 0x0A || $0 == 0x0D || $0 == 0x09 }) { return }
+        let value = try JSONValue.parse(data, code: .badParameter, subject: "parameters")
+        if case .null = value { return }
+        guard case .object(let object) = value else {
+            throw MethodError(.badParameter, "parameters", "expected a JSON object, found \(value.typeName)")
+        }
+        for name in object.keys.sorted() {
+            guard let key = Key(rawValue: name) else {
+                let known = Key.allCases.map(\.rawValue).joined(separator: ", ")
+                throw MethodError(.badParameter, name, "unknown parameter (known: \(known))")
+            }
+            try set(key, object[name]!)
+        }
+    }
+
+    private mutating func set(_ key: Key, _ value: JSONValue) throws {
+        func integer(_ range: ClosedRange<Int>) throws -> Int {
+            guard case .integer(let v) = value else {
+                throw MethodError(.badParameter, key.rawValue, "expected an integer, found \(value.typeName)")
+            }
+            guard range.contains(v) else {
+                throw MethodError(.badParameter, key.rawValue, "\(v) is outside \(range.lowerBound)...\(range.upperBound)")
+            }
+            return v
+        }
+        func number(_ range: ClosedRange<Double>, open lower: Bool = false) throws -> Double {
+            let v: Double
+            switch value {
+            case .integer(let i): v = Double(i)
+            case .number(let d): v = d
+            default: throw MethodError(.badParameter, key.rawValue, "expected a number, found \(value.typeName)")
+            }
+            guard v.isFinite, range.contains(v), !(lower && v == range.lowerBound) else {
+                let bound = lower ? "(\(range.lowerBound)" : "[\(range.lowerBound)"
+                throw MethodError(.badParameter, key.rawValue, "\(v) is outside \(bound), \(range.upperBound)]")
+            }
+            return v
+        }
+        func folder() throws -> String {
+            guard case .string(let s) = value else {
+                throw MethodError(.badParameter, key.rawValue, "expected a string, found \(value.typeName)")
+            }
+            // A folder name under the model root, never a path: no separators, no "..", no hidden names.
+            guard !s.isEmpty, s.count <= 200, !s.contains("/"), !s.contains("\0"), !s.hasPrefix(".") else {
+                throw MethodError(.badParameter, key.rawValue, "'\(s)' is not a plain folder name")
+            }
+            return s
+        }
+        switch key {
+        case .seed:
+            guard case .integer(let v) = value, v >= 0 else {
+                throw MethodError(.badParameter, key.rawValue, "expected a non-negative integer, found \(value.typeName == "an integer" ? "a negative one" : value.typeName)")
+            }
+            seed = UInt64(v)
+        case .templates:
+            guard case .bool(let v) = value else {
+                throw MethodError(.badParameter, key.rawValue, "expected true or false, found \(value.typeName)")
+            }
+            templates = v
+        case .minK: minK = try integer(1...1_000_000)
+        case .kFraction: kFraction = try number(0...1)
+        case .alignmentEpochs: alignmentEpochs = try integer(0...10_000)
+        case .alignmentLearningRate: alignmentLearningRate = try number(0...1, open: true)
+        case .alignmentBatchSize: alignmentBatchSize = try integer(1...1_000_000)
+        case .alignmentHiddenSize: alignmentHiddenSize = try integer(1...65_536)
+        case .promptEpochs: promptEpochs = try integer(0...10_000)
+        case .promptLearningRate: promptLearningRate = try number(0...1, open: true)
+        case .promptWeightDecay: promptWeightDecay = try number(0...1)
+        case .promptBatchSize: promptBatchSize = try integer(1...1_000_000)
+        case .promptMicroBatchSize:
+            if case .null = value { promptMicroBatchSize = nil } else { promptMicroBatchSize = try integer(1...1_000_000) }
+        case .promptCount: promptCount = try integer(1...1024)
+        case .labelSmoothing:
+            let v = try number(0...1)
+            guard v < 1 else { throw MethodError(.badParameter, key.rawValue, "must be below 1") }
+            labelSmoothing = v
+        case .clipModel: clipModel = try folder()
+        case .dinoModel: dinoModel = try folder()
+        }
+    }
+
+    /// Every parameter (defaults included) as a JSON object with sorted keys, to record with the results.
+    /// `init(json: p.encodedJSON())` gives back `p`.
+    public func encodedJSON() -> Data {
+        var object: [String: Any] = [
+            Key.seed.rawValue: NSNumber(value: seed),
+            Key.templates.rawValue: templates,
+            Key.minK.rawValue: minK,
+            Key.kFraction.rawValue: kFraction,
+            Key.alignmentEpochs.rawValue: alignmentEpochs,
+            Key.alignmentLearningRate.rawValue: alignmentLearningRate,
+            Key.alignmentBatchSize.rawValue: alignmentBatchSize,
+            Key.alignmentHiddenSize.rawValue: alignmentHiddenSize,
+            Key.promptEpochs.rawValue: promptEpochs,
+            Key.promptLearningRate.rawValue: promptLearningRate,
+            Key.promptWeightDecay.rawValue: promptWeightDecay,
+            Key.promptBatchSize.rawValue: promptBatchSize,
+            Key.promptCount.rawValue: promptCount,
+            Key.labelSmoothing.rawValue: labelSmoothing,
+            Key.clipModel.rawValue: clipModel,
+            Key.dinoModel.rawValue: dinoModel,
+        ]
+        object[Key.promptMicroBatchSize.rawValue] = promptMicroBatchSize.map { $0 as Any } ?? NSNull()
+        return try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+    }
+}

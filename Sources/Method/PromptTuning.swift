@@ -1,0 +1,296 @@
+import Foundation
+
+// Stage 3: prompt tuning of CLIP's image encoder (reference NoLA.py: prompt_embeddings after the CLS
+// token, after ln_pre; trained: prompts, every vision LayerNorm, the linear head cde_adapter; teacher:
+// argmax of the alignment module on DINO features of the weak view; student: head logits on a strong view;
+// label-smoothing cross-entropy; AdamW with weight decay on everything whose name has no "bias").
+
+/// A named tensor (row-major), the unit of checkpoints and results blobs.
+public struct NamedTensor: Equatable, Sendable {
+    public var name: String
+    public var shape: [Int]
+    public var values: [Float]
+    public init(name: String, shape: [Int], values: [Float]) {
+        precondition(shape.reduce(1, *) == values.count, "\(name): shape \(shape) does not hold \(values.count) values")
+        self.name = name
+        self.shape = shape
+        self.values = values
+    }
+}
+
+/// The encoder side of prompt tuning, implemented by the Models layer's CLIP vision tower.
+/// features = visual_projection(post_layernorm(encoder(insert_after_cls(pre_layrnorm(embeddings(pixels)), prompts))[:, 0]))
+/// (projected, not normalised: the head reads them as the reference's `cde_adapter` does).
+public protocol PromptTunableEncoder {
+    /// W: the vision tower's hidden size (width of a prompt token).
+    var hiddenSize: Int { get }
+    /// E: size of the features the head reads (projection_dim).
+    var featureSize: Int { get }
+    /// Activation bytes one image needs in `trainingStep` (sizes micro-batches from a memory budget).
+    var trainingBytesPerImage: Int { get }
+    /// Every LayerNorm tensor of the vision tower with its pretrained value, in a fixed order, named by
+    /// Hugging Face keys ("vision_model.pre_layrnorm.weight", ...).
+    func initialLayerNorms() -> [NamedTensor]
+    /// Prompted features of `batch` images (pixels (B, 3, H, W)) with these prompts (P, W) and LayerNorm
+    /// tensors; then `lossGradient(features (B, E))` returns dFeatures (B, E), which is back-propagated:
+    /// gradients are ADDED into promptGradient (P, W) and layerNormGradients (same order as layerNorms).
+    /// Frozen layers get input gradients only.
+    func trainingStep(pixels: [Float], batch: Int, prompts: [Float], layerNorms: [NamedTensor],
+                      lossGradient: ([Float]) -> [Float],
+                      promptGradient: inout [Float], layerNormGradients: inout [[Float]]) throws
+    /// Prompted features (B, E), no gradients (stage 4).
+    func features(pixels: [Float], batch: Int, prompts: [Float], layerNorms: [NamedTensor]) throws -> [Float]
+}
+
+/// Everything prompt tuning learns and needs to resume: prompts, LayerNorms, head, AdamW moments, and
+/// where it stands (epoch, batch within it, optimizer step, partial epoch metrics).
+public struct PromptTuningState: Equatable, Sendable {
+    public static let promptsName = "prompt_embeddings"
+    public static let headName = "head.weight"
+
+    /// (P, W) named `prompt_embeddings`.
+    public var prompts: NamedTensor
+    /// The vision tower's LayerNorm tensors (HF names), in the encoder's order.
+    public var layerNorms: [NamedTensor]
+    /// (C, E) named `head.weight`: the linear head (no bias), initialised from the class vectors.
+    public var head: NamedTensor
+    /// AdamW moments, one per tensor of `trainable` order.
+    public var moments: [AdamMoments]
+    /// AdamW steps taken (logical batches).
+    public var step = 0
+    /// Completed epochs.
+    public var epoch = 0
+    /// Logical batches completed in epoch `epoch`.
+    public var batchInEpoch = 0
+    /// Sums over the images of the current epoch so far (for its metrics after a resume).
+    public var epochLossSum = 0.0
+    public var epochAgreements = 0
+    public var epochImages = 0
+
+    /// Initial state: prompts U(±sqrt(6/(3·16·16 + W))) from the job seed (the reference's bound, with its
+    /// fixed 16×16 patch), the encoder's LayerNorms, the head = classifier (C, E).
+    public init(encoder: PromptTunableEncoder, classifier: [Float], promptCount: Int, seed: UInt64) {
+        let w = encoder.hiddenSize, e = encoder.featureSize
+        precondition(classifier.count % e == 0 && promptCount > 0)
+        var random = SeededRandom(seed: seed, stream: "prompt init")
+        let bound = Float((6.0 / Double(3 * 16 * 16 + w)).squareRoot())
+        let prompts = (0..<(promptCount * w)).map { _ in random.uniform(-bound, bound) }
+        self.init(prompts: NamedTensor(name: Self.promptsName, shape: [promptCount, w], values: prompts),
+                  layerNorms: encoder.initialLayerNorms(),
+                  head: NamedTensor(name: Self.headName, shape: [classifier.count / e, e], values: classifier))
+    }
+
+    public init(prompts: NamedTensor, layerNorms: [NamedTensor], head: NamedTensor) {
+        self.prompts = prompts
+        self.layerNorms = layerNorms
+        self.head = head
+        moments = ([prompts] + layerNorms + [head]).map { AdamMoments(count: $0.values.count) }
+    }
+
+    /// prompts, layerNorms..., head: the order of `moments`.
+    public var trainable: [NamedTensor] { [prompts] + layerNorms + [head] }
+
+    /// The reference's no-decay rule (`no_decay = ['bias', ...]` matched as substrings of the name).
+    public static func decays(_ name: String) -> Bool { !name.contains("bias") }
+
+    /// The learned tensors only (the results blob: prompts, LayerNorms, head).
+    public func learnedTensors() -> [NamedTensor] { trainable }
+
+    /// Everything, for a checkpoint: the learned tensors, their moments as "<name>.exp_avg" /
+    /// "<name>.exp_avg_sq", and the position as string metadata.
+    public func checkpoint() -> (tensors: [NamedTensor], metadata: [String: String]) {
+        var tensors = trainable
+        for (t, m) in zip(trainable, moments) {
+            tensors.append(NamedTensor(name: t.name + ".exp_avg", shape: t.shape, values: m.m))
+            tensors.append(NamedTensor(name: t.name + ".exp_avg_sq", shape: t.shape, values: m.v))
+        }
+        let metadata = [
+            "format": "nolad-prompt-tuning-1", "step": String(step), "epoch": String(epoch),
+            "batch_in_epoch": String(batchInEpoch), "epoch_loss_sum": String(epochLossSum),
+            "epoch_agreements": String(epochAgreements), "epoch_images": String(epochImages),
+            "layer_norms": layerNorms.map(\.name).joined(separator: ","),
+        ]
+        return (tensors, metadata)
+    }
+
+    /// Restores `checkpoint()`; a missing or misshapen tensor or bad metadata is a `.badState` error.
+    public init(checkpoint tensors: [NamedTensor], metadata: [String: String]) throws {
+        guard metadata["format"] == "nolad-prompt-tuning-1" else {
+            throw MethodError(.badState, "format", "not a nolad prompt-tuning checkpoint")
+        }
+        let byName = Dictionary(tensors.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        func tensor(_ name: String) throws -> NamedTensor {
+            guard let t = byName[name] else { throw MethodError(.badState, name, "missing") }
+            return t
+        }
+        func number<T: LosslessStringConvertible>(_ key: String, _: T.Type) throws -> T {
+            guard let s = metadata[key], let v = T(s) else { throw MethodError(.badState, key, "missing or not a number") }
+            return v
+        }
+        let names = (metadata["layer_norms"] ?? "").split(separator: ",").map(String.init)
+        self.init(prompts: try tensor(Self.promptsName), layerNorms: try names.map(tensor), head: try tensor(Self.headName))
+        moments = try trainable.map { t in
+            let m = try tensor(t.name + ".exp_avg"), v = try tensor(t.name + ".exp_avg_sq")
+            guard m.shape == t.shape, v.shape == t.shape else {
+                throw MethodError(.badState, t.name, "moments have shape \(m.shape)/\(v.shape), tensor \(t.shape)")
+            }
+            return AdamMoments(m: m.values, v: v.values)
+        }
+        step = try number("step", Int.self)
+        epoch = try number("epoch", Int.self)
+        batchInEpoch = try number("batch_in_epoch", Int.self)
+        epochLossSum = try number("epoch_loss_sum", Double.self)
+        epochAgreements = try number("epoch_agreements", Int.self)
+        epochImages = try number("epoch_images", Int.self)
+    }
+}
+
+/// What prompt tuning reports after each optimizer step.
+public struct PromptTuningProgress: Sendable {
+    public var epoch: Int, epochs: Int
+    public var batchInEpoch: Int, batchesPerEpoch: Int
+    /// Images processed since this call of `run` started (for rates).
+    public var imagesThisRun: Int
+    /// Fraction of the whole stage done, in [0, 1].
+    public var fraction: Double { Double(epoch * batchesPerEpoch + batchInEpoch) / Double(max(1, epochs * batchesPerEpoch)) }
+}
+
+/// One finished epoch's metrics: mean label-smoothing loss and teacher–student agreement (fraction of
+/// strong views whose student argmax equals the teacher label).
+public struct PromptTuningEpoch: Sendable {
+    public var epoch: Int
+    public var meanLoss: Double
+    public var agreement: Double
+}
+
+/// Micro-batch size: the images whose activations fit `memoryBudgetBytes`, at least 1, at most the
+/// logical batch.
+public func promptMicroBatchSize(memoryBudgetBytes: Int, bytesPerImage: Int, logicalBatch: Int) -> Int {
+    precondition(bytesPerImage > 0 && logicalBatch > 0)
+    return min(logicalBatch, max(1, memoryBudgetBytes / bytesPerImage))
+}
+
+/// The logical batches of one epoch over `order`: batches of `batchSize`, the last partial one dropped
+/// when there is at least one full batch (dassl's train loader: drop_last when N ≥ batch size).
+public func promptBatches(order: [Int], batchSize: Int) -> [ArraySlice<Int>] {
+    var batches = stride(from: 0, to: order.count, by: batchSize).map { order[$0..<min(order.count, $0 + batchSize)] }
+    if order.count >= batchSize, let last = batches.last, last.count < batchSize { batches.removeLast() }
+    return batches
+}
+
+/// The seed of image `image`'s strong view in `epoch`: the augmentation sampler draws from it, so a
+/// resumed epoch sees exactly the views an uninterrupted one would.
+public func strongViewSeed(jobSeed: UInt64, epoch: Int, image: Int) -> UInt64 {
+    var random = SeededRandom(seed: jobSeed &+ UInt64(truncatingIfNeeded: epoch) &* 0x9e37_79b9_7f4a_7c15, stream: "strong view", index: image)
+    return random.next()
+}
+
+/// `runPromptTuning` with the job's parameters (epochs, batch, learning rate, weight decay, label
+/// smoothing, seed); `microBatchSize` comes from `parameters.promptMicroBatchSize` or the memory budget.
+public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTuningState, teacherLabels: [Int],
+                            parameters: NolaParameters, microBatchSize: Int,
+                            strongViews: ([Int], Int) throws -> [Float],
+                            shouldStop: () -> Bool = { false },
+                            onStep: (PromptTuningProgress, PromptTuningState) throws -> Void = { _, _ in },
+                            onEpoch: (PromptTuningEpoch, PromptTuningState) throws -> Void = { _, _ in }) throws {
+    try runPromptTuning(encoder: encoder, state: &state, teacherLabels: teacherLabels, epochs: parameters.promptEpochs,
+                        batchSize: parameters.promptBatchSize, microBatchSize: microBatchSize,
+                        learningRate: parameters.promptLearningRate, weightDecay: parameters.promptWeightDecay,
+                        labelSmoothing: parameters.labelSmoothing, seed: parameters.seed, strongViews: strongViews,
+                        shouldStop: shouldStop, onStep: onStep, onEpoch: onEpoch)
+}
+
+/// Runs (or resumes) prompt tuning until `epochs` epochs are complete.
+/// - teacherLabels: the alignment module's label of every image (computed once; weak view is deterministic).
+/// - strongViews(indices, epoch): pixels (B, 3, H, W) of one fresh strong view of each image; the sampler
+///   should seed from (job seed, epoch, image index) so a resumed epoch sees the same views.
+/// - order(epoch): image order of an epoch; default a shuffle seeded by (seed, epoch).
+/// - shouldStop: polled before every micro-batch; when true, throws `.cancelled` with `state` at the last
+///   completed step.
+/// - onStep(progress, state): after every optimizer step (save a checkpoint here when due).
+/// - onEpoch(metrics, state): after every epoch (save a checkpoint here).
+public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTuningState, teacherLabels: [Int],
+                            epochs: Int, batchSize: Int, microBatchSize: Int, learningRate: Double,
+                            weightDecay: Double, labelSmoothing: Double, seed: UInt64,
+                            strongViews: ([Int], Int) throws -> [Float],
+                            order: ((Int) -> [Int])? = nil,
+                            shouldStop: () -> Bool = { false },
+                            onStep: (PromptTuningProgress, PromptTuningState) throws -> Void = { _, _ in },
+                            onEpoch: (PromptTuningEpoch, PromptTuningState) throws -> Void = { _, _ in }) throws {
+    let n = teacherLabels.count
+    let c = state.head.shape[0], e = state.head.shape[1]
+    precondition(e == encoder.featureSize && state.prompts.shape[1] == encoder.hiddenSize)
+    precondition(batchSize > 0 && microBatchSize > 0 && teacherLabels.allSatisfy { $0 >= 0 && $0 < c })
+    guard n > 0 else { throw MethodError(.badInput, "prompt tuning", "no images") }
+    let decayed = AdamHyperparameters(learningRate: learningRate, weightDecay: weightDecay)
+    let plain = AdamHyperparameters(learningRate: learningRate)
+    var imagesThisRun = 0
+
+    while state.epoch < epochs {
+        var random = SeededRandom(seed: seed, stream: "prompt shuffle", index: state.epoch)
+        let permutation = order?(state.epoch) ?? random.permutation(n)
+        precondition(permutation.count == n)
+        let batches = promptBatches(order: permutation, batchSize: batchSize)
+        while state.batchInEpoch < batches.count {
+            let batch = Array(batches[state.batchInEpoch])
+            var promptGradient = [Float](repeating: 0, count: state.prompts.values.count)
+            var layerNormGradients = state.layerNorms.map { [Float](repeating: 0, count: $0.values.count) }
+            var headGradient = [Float](repeating: 0, count: c * e)
+            var lossSum = 0.0, agreements = 0
+            var start = 0
+            while start < batch.count {
+                if shouldStop() { throw MethodError(.cancelled, "prompt tuning", "stopped") }
+                let micro = Array(batch[start..<min(batch.count, start + microBatchSize)])
+                let b = micro.count
+                let targets = micro.map { teacherLabels[$0] }
+                let pixels = try strongViews(micro, state.epoch)
+                let head = state.head.values
+                try encoder.trainingStep(pixels: pixels, batch: b, prompts: state.prompts.values, layerNorms: state.layerNorms,
+                                         lossGradient: { features in
+                    precondition(features.count == b * e)
+                    // logits (b, C) = features (b, E) · headᵀ
+                    let logits = linear(features, head, nil, n: b, inFeatures: e, outFeatures: c)
+                    let predicted = argmaxRows(logits, columns: c).labels
+                    agreements += zip(predicted, targets).filter { $0 == $1 }.count
+                    var dLogits = [Float](repeating: 0, count: b * c)
+                    lossSum += smoothedCrossEntropy(logits, targets: targets, classCount: c, smoothing: Float(labelSmoothing),
+                                                    logicalBatch: batch.count, dLogits: &dLogits)
+                    // dHead (C, E) += dLogitsᵀ · features; dFeatures (b, E) = dLogits · head
+                    var dFeatures = [Float](repeating: 0, count: b * e)
+                    dFeatures.withUnsafeMutableBufferPointer { df in
+                        linearGradients(dLogits, features, head, n: b, inFeatures: e, outFeatures: c,
+                                        dInp: df.baseAddress!, dWeight: &headGradient, dBias: nil)
+                    }
+                    return dFeatures
+                }, promptGradient: &promptGradient, layerNormGradients: &layerNormGradients)
+                start += b
+            }
+            // One AdamW step over the logical batch.
+            state.step += 1
+            let t = state.step
+            adamStep(parameter: &state.prompts.values, gradient: promptGradient, moments: &state.moments[0], step: t,
+                     PromptTuningState.decays(state.prompts.name) ? decayed : plain)
+            for i in state.layerNorms.indices {
+                adamStep(parameter: &state.layerNorms[i].values, gradient: layerNormGradients[i], moments: &state.moments[1 + i],
+                         step: t, PromptTuningState.decays(state.layerNorms[i].name) ? decayed : plain)
+            }
+            adamStep(parameter: &state.head.values, gradient: headGradient, moments: &state.moments[state.moments.count - 1],
+                     step: t, PromptTuningState.decays(state.head.name) ? decayed : plain)
+            state.batchInEpoch += 1
+            state.epochLossSum += lossSum
+            state.epochAgreements += agreements
+            state.epochImages += batch.count
+            imagesThisRun += batch.count
+            try onStep(PromptTuningProgress(epoch: state.epoch, epochs: epochs, batchInEpoch: state.batchInEpoch,
+                                            batchesPerEpoch: batches.count, imagesThisRun: imagesThisRun), state)
+        }
+        let metrics = PromptTuningEpoch(epoch: state.epoch, meanLoss: state.epochLossSum / Double(max(1, state.epochImages)),
+                                        agreement: Double(state.epochAgreements) / Double(max(1, state.epochImages)))
+        state.epoch += 1
+        state.batchInEpoch = 0
+        state.epochLossSum = 0
+        state.epochAgreements = 0
+        state.epochImages = 0
+        try onEpoch(metrics, state)
+    }
+}

@@ -1,0 +1,119 @@
+import Kernels
+
+/// The trainable state of CLIP prompt tuning (NoLA step 3): P prompt tokens inserted after CLS after
+/// pre_layrnorm, every LayerNorm of the vision tower (copies; the model stays frozen), and a linear head
+/// (C, projection_dim) without bias on the (optionally L2-normalised) image features.
+/// Gradients accumulate across `CLIPModel.promptTuningStep` calls until `zeroGrads()`.
+public final class CLIPPromptTuning: @unchecked Sendable {
+    public let promptCount: Int
+    public let classCount: Int
+    public let normalizesFeatures: Bool
+    public let prompts: Buffer          // (P,D)
+    public let head: Buffer             // (C,projection_dim)
+    let norms: CLIPVisionNorms
+    let promptsGrad: Buffer
+    let headGrad: Buffer
+    let normGrads: [(LayerNormGrads)]   // in CLIPVisionNorms.named order
+
+    /// Starts from the model's LayerNorms and the given prompts (P·D values) and head (C·projection_dim values).
+    public init(model: CLIPModel, prompts: [Float], promptCount: Int, head: [Float], classCount: Int, normalizesFeatures: Bool = true) {
+        let d = model.config.visionConfig.hiddenSize
+        precondition(prompts.count == promptCount * d && head.count == classCount * model.projectionDim)
+        self.promptCount = promptCount
+        self.classCount = classCount
+        self.normalizesFeatures = normalizesFeatures
+        self.prompts = Buffer(prompts)
+        self.head = Buffer(head)
+        norms = CLIPVisionNorms(model.visionModel).copy()
+        promptsGrad = Buffer(count: prompts.count)
+        headGrad = Buffer(count: head.count)
+        normGrads = norms.named.map { LayerNormGrads(weight: Buffer(count: $0.1.c), bias: Buffer(count: $0.1.c)) }
+    }
+
+    /// Every trained tensor with its gradient: "prompts", "head.weight", and each vision LayerNorm's
+    /// Hugging Face name ("vision_model.encoder.layers.0.layer_norm1.weight", …). `isBias` marks biases.
+    public var parameters: [(name: String, value: Buffer, grad: Buffer, isBias: Bool)] {
+        var list: [(name: String, value: Buffer, grad: Buffer, isBias: Bool)] = [("prompts", prompts, promptsGrad, false), ("head.weight", head, headGrad, false)]
+        for ((name, norm), g) in zip(norms.named, normGrads) {
+            list.append((name + ".weight", norm.weight, g.weight, false))
+            list.append((name + ".bias", norm.bias, g.bias, true))
+        }
+        return list
+    }
+
+    public func zeroGrads() { for p in parameters { p.grad.zero() } }
+}
+
+extension CLIPModel {
+    /// Image features (B, projection_dim) with the tuned prompts and LayerNorms, and the head's logits (B,C).
+    public func promptTunedLogits(_ s: CLIPPromptTuning, pixels: UnsafePointer<Float>, batch b: Int) -> (features: [Float], logits: [Float]) {
+        let features = imageFeatures(pixels: pixels, batch: b, prompts: s.prompts.data, promptCount: s.promptCount, norms: s.norms)
+        let inp = Buffer(features)
+        if s.normalizesFeatures { l2NormalizeForward(inp.data, norms: nil, inp.data, n: b, c: projectionDim) }
+        var logits = [Float](repeating: 0, count: b * s.classCount)
+        linearForward(&logits, inp.data, s.head.data, nil, n: b, inFeatures: projectionDim, outFeatures: s.classCount)
+        withExtendedLifetime(inp) {}
+        return (features, logits)
+    }
+
+    /// One micro-batch of prompt tuning: forward with prompts, head logits (B,C), `loss` turns them into a
+    /// scalar and writes ∂loss/∂logits (B,C); the backward accumulates gradients of the prompts, every vision
+    /// LayerNorm and the head into `s`. Frozen weights get input gradients only. Returns the loss.
+    public func promptTuningStep(_ s: CLIPPromptTuning, pixels: UnsafePointer<Float>, batch b: Int,
+                                 loss: (_ logits: UnsafePointer<Float>, _ dlogits: UnsafeMutablePointer<Float>) -> Float) -> Float {
+        let c = config.visionConfig, d = c.hiddenSize, pd = projectionDim, classes = s.classCount, p = s.promptCount
+        let np = c.gridSize * c.gridSize, seq = 1 + np, t = seq + p
+        let tape = CLIPVisionTape(b: b, seq: seq, t: t, c: c)
+        let x = visionHiddenStates(pixels: pixels, batch: b, prompts: s.prompts.data, promptCount: p, norms: s.norms,
+                                   layerCount: c.numHiddenLayers, tape: tape)
+        for bi in 0..<b { (tape.cls.data + bi * d).update(from: x.data + bi * t * d, count: d) }
+        s.norms.postLayernorm.forward(tape.pooled.data, mean: tape.postMean.data, rstd: tape.postRstd.data, tape.cls.data, n: b)
+        let features = Buffer(count: b * pd), normalized = Buffer(count: b * pd), featureNorms = Buffer(count: b)
+        visualProjection.forward(features.data, tape.pooled.data, n: b)
+        let headInput = s.normalizesFeatures ? normalized : features
+        if s.normalizesFeatures { l2NormalizeForward(normalized.data, norms: featureNorms.data, features.data, n: b, c: pd) }
+        let logits = Buffer(count: b * classes), dlogits = Buffer(count: b * classes)
+        linearForward(logits.data, headInput.data, s.head.data, nil, n: b, inFeatures: pd, outFeatures: classes)
+        let value = loss(logits.data, dlogits.data)
+
+        // logits = headInput · headᵀ
+        let dHeadInput = Buffer(count: b * pd)
+        linearBackward(dinp: dHeadInput.data, dweight: s.headGrad.data, dbias: nil, dlogits.data, headInput.data, s.head.data,
+                       n: b, inFeatures: pd, outFeatures: classes)
+        // normalized = features / ‖features‖
+        let dFeatures: Buffer
+        if s.normalizesFeatures {
+            dFeatures = Buffer(count: b * pd)
+            l2NormalizeBackward(dinp: dFeatures.data, dHeadInput.data, normalized.data, norms: featureNorms.data, n: b, c: pd)
+        } else { dFeatures = dHeadInput }
+        // features = pooled · visual_projectionᵀ ; pooled = post_layernorm(cls)
+        let dPooled = Buffer(count: b * d), dCls = Buffer(count: b * d)
+        linearBackward(dinp: dPooled.data, dweight: nil, dbias: nil, dFeatures.data, tape.pooled.data, visualProjection.weight.data,
+                       n: b, inFeatures: d, outFeatures: pd)
+        let g = s.normGrads
+        layerNormBackward(dinp: dCls.data, dweight: g.last!.weight.data, dbias: g.last!.bias.data, dPooled.data, tape.cls.data,
+                          s.norms.postLayernorm.weight.data, mean: tape.postMean.data, rstd: tape.postRstd.data, n: b, c: d)
+        // cls = x[:, 0]; then the encoder layers in reverse
+        let dx = Buffer(count: b * t * d)
+        for bi in 0..<b { (dx.data + bi * t * d).update(from: dCls.data + bi * d, count: d) }
+        let scratch = LayerGradScratch(n: b * t, d: d, intermediate: c.intermediateSize)
+        for i in (0..<c.numHiddenLayers).reversed() {
+            encoderLayerBackward(visionModel.layers[i], dx.data, tape.layers[i], scratch, heads: c.numAttentionHeads,
+                                 activation: c.hiddenAct, norm1: s.norms.layers[i].layerNorm1, norm2: s.norms.layers[i].layerNorm2,
+                                 g1: g[1 + 2 * i], g2: g[2 + 2 * i])
+        }
+        // x = [pre_layrnorm(emb)[:, :1]; prompts; pre_layrnorm(emb)[:, 1:]]
+        let dPre = Buffer(count: b * seq * d)
+        for bi in 0..<b {
+            let src = dx.data + bi * t * d, dst = dPre.data + bi * seq * d
+            dst.update(from: src, count: d)
+            for j in 0..<(p * d) { s.promptsGrad.data[j] += src[d + j] }
+            (dst + d).update(from: src + (1 + p) * d, count: np * d)
+        }
+        layerNormBackward(dinp: nil, dweight: g[0].weight.data, dbias: g[0].bias.data, dPre.data, tape.embeddings.data,
+                          s.norms.preLayrnorm.weight.data, mean: tape.preMean.data, rstd: tape.preRstd.data, n: b * seq, c: d)
+        withExtendedLifetime((tape, x, features, normalized, featureNorms, logits, dlogits, dHeadInput, dFeatures)) {}
+        withExtendedLifetime((dPooled, dCls, dx, scratch, dPre)) {}
+        return value
+    }
+}

@@ -1,0 +1,143 @@
+import Kernels
+
+/// A LayerNorm's parameters ((C) weight and bias) and epsilon.
+public struct LayerNorm: @unchecked Sendable {
+    public let weight: Buffer
+    public let bias: Buffer
+    public let eps: Float
+    var c: Int { weight.count }
+
+    func forward(_ out: UnsafeMutablePointer<Float>, mean: UnsafeMutablePointer<Float>?, rstd: UnsafeMutablePointer<Float>?,
+                 _ inp: UnsafePointer<Float>, n: Int) {
+        layerNormForward(out, mean: mean, rstd: rstd, inp, weight.data, bias.data, n: n, c: c, eps: eps)
+    }
+
+    /// A copy with its own buffers (a trainable LayerNorm starting from this one).
+    func copy() -> LayerNorm { LayerNorm(weight: Buffer(weight.array), bias: Buffer(bias.array), eps: eps) }
+}
+
+/// A Linear layer: weight (OUT,IN) as in Hugging Face checkpoints, optional bias (OUT).
+public struct Linear: @unchecked Sendable {
+    public let weight: Buffer
+    public let bias: Buffer?
+    public let inFeatures: Int
+    public let outFeatures: Int
+
+    func forward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, n: Int) {
+        linearForward(out, inp, weight.data, bias?.data, n: n, inFeatures: inFeatures, outFeatures: outFeatures)
+    }
+}
+
+/// One pre-norm transformer encoder layer, the block shared by CLIP (`encoder.layers.i`: layer_norm1,
+/// self_attn.{q,k,v,out}_proj, layer_norm2, mlp.fc1/fc2), ViT (`encoder.layer.i`: layernorm_before,
+/// attention.attention.{query,key,value}, attention.output.dense, layernorm_after, intermediate.dense,
+/// output.dense) and DINOv2 (norm1, attention…, layer_scale1, norm2, mlp.fc1/fc2, layer_scale2):
+///   x = x + scale1 ⊙ out(attention(qkv(norm1(x))))
+///   x = x + scale2 ⊙ fc2(act(fc1(norm2(x))))
+/// q, k and v are packed into one (3D,D) projection.
+public struct EncoderLayer: @unchecked Sendable {
+    let norm1: LayerNorm
+    let qkv: Linear
+    let out: Linear
+    let scale1: Buffer?
+    let norm2: LayerNorm
+    let fc1: Linear
+    let fc2: Linear
+    let scale2: Buffer?
+    var d: Int { out.outFeatures }
+    var intermediate: Int { fc1.outFeatures }
+}
+
+/// Activations of one encoder layer on (B,T) tokens. For inference one set is reused by every
+/// layer; for training each layer keeps its own (`keepsInputs`), as the backward needs them.
+final class LayerActivations {
+    let b: Int, t: Int, d: Int, heads: Int, intermediate: Int
+    let keepsInputs: Bool
+    let input: Buffer   // (N,D) layer input (training only)
+    let ln1: Buffer, mean1: Buffer, rstd1: Buffer
+    let qkv: Buffer     // (N,3D)
+    let probs: Buffer   // (B,H,T,T)
+    let att: Buffer     // (N,D)
+    let proj: Buffer    // (N,D) attention output projection, then MLP output
+    let mid: Buffer     // (N,D) x after the attention residual (training only)
+    let ln2: Buffer, mean2: Buffer, rstd2: Buffer
+    let fc1: Buffer     // (N,I) before the activation
+    let act: Buffer     // (N,I) after it (training only; inference activates in place)
+
+    init(b: Int, t: Int, d: Int, heads: Int, intermediate: Int, keepsInputs: Bool) {
+        self.b = b; self.t = t; self.d = d; self.heads = heads; self.intermediate = intermediate
+        self.keepsInputs = keepsInputs
+        let n = b * t
+        input = Buffer(count: keepsInputs ? n * d : 0)
+        ln1 = Buffer(count: n * d); mean1 = Buffer(count: n); rstd1 = Buffer(count: n)
+        qkv = Buffer(count: n * 3 * d)
+        probs = Buffer(count: b * heads * t * t)
+        att = Buffer(count: n * d)
+        proj = Buffer(count: n * d)
+        mid = Buffer(count: keepsInputs ? n * d : 0)
+        ln2 = Buffer(count: n * d); mean2 = Buffer(count: n); rstd2 = Buffer(count: n)
+        fc1 = Buffer(count: n * intermediate)
+        act = Buffer(count: keepsInputs ? n * intermediate : 0)
+    }
+}
+
+/// x (B,T,D) ← layer(x), in place. norm1/norm2 default to the layer's own (prompt tuning passes trained ones).
+func encoderLayerForward(_ layer: EncoderLayer, _ x: UnsafeMutablePointer<Float>, _ a: LayerActivations,
+                         heads: Int, activation: Activation, causal: Bool,
+                         norm1: LayerNorm? = nil, norm2: LayerNorm? = nil) {
+    let n = a.b * a.t, d = layer.d, inter = layer.intermediate
+    if a.keepsInputs { a.input.data.update(from: x, count: n * d) }
+    (norm1 ?? layer.norm1).forward(a.ln1.data, mean: a.mean1.data, rstd: a.rstd1.data, x, n: n)
+    layer.qkv.forward(a.qkv.data, a.ln1.data, n: n)
+    attentionForward(a.att.data, probs: a.probs.data, a.qkv.data, b: a.b, t: a.t, d: d, heads: heads, causal: causal)
+    layer.out.forward(a.proj.data, a.att.data, n: n)
+    if let s = layer.scale1 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: n, c: d) }
+    residualForward(x, x, a.proj.data, count: n * d)
+    if a.keepsInputs { a.mid.data.update(from: x, count: n * d) }
+    (norm2 ?? layer.norm2).forward(a.ln2.data, mean: a.mean2.data, rstd: a.rstd2.data, x, n: n)
+    layer.fc1.forward(a.fc1.data, a.ln2.data, n: n)
+    let hidden = a.keepsInputs ? a.act.data : a.fc1.data
+    activationForward(hidden, a.fc1.data, count: n * inter, activation)
+    layer.fc2.forward(a.proj.data, hidden, n: n)
+    if let s = layer.scale2 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: n, c: d) }
+    residualForward(x, x, a.proj.data, count: n * d)
+}
+
+/// Gradient buffers of one layer's two LayerNorms (the only layer weights prompt tuning trains).
+struct LayerNormGrads {
+    let weight: Buffer
+    let bias: Buffer
+}
+
+/// Scratch for encoderLayerBackward, sized for (B,T) tokens.
+final class LayerGradScratch {
+    let dm: Buffer, dln: Buffer, datt: Buffer, dqkv: Buffer, dhidden: Buffer, dfc1: Buffer
+    init(n: Int, d: Int, intermediate: Int) {
+        dm = Buffer(count: n * d); dln = Buffer(count: n * d); datt = Buffer(count: n * d)
+        dqkv = Buffer(count: n * 3 * d); dhidden = Buffer(count: n * intermediate); dfc1 = Buffer(count: n * intermediate)
+    }
+}
+
+/// Backward of encoderLayerForward: dx (B,T,D) holds ∂L/∂output on entry and ∂L/∂input on return.
+/// Frozen weights get no gradients; the two LayerNorms' weight/bias gradients accumulate into g1, g2.
+func encoderLayerBackward(_ layer: EncoderLayer, _ dx: UnsafeMutablePointer<Float>, _ a: LayerActivations,
+                          _ s: LayerGradScratch, heads: Int, activation: Activation,
+                          norm1: LayerNorm, norm2: LayerNorm, g1: LayerNormGrads, g2: LayerNormGrads) {
+    precondition(a.keepsInputs)
+    let n = a.b * a.t, d = layer.d, inter = layer.intermediate
+    // x = mid + scale2 ⊙ fc2(act(fc1(norm2(mid)))): dmid = dx + …
+    let dm = s.dm.data
+    if let s2 = layer.scale2 { s.dm.zero(); channelScaleBackward(dinp: dm, dx, s2.data, n: n, c: d) } else { dm.update(from: dx, count: n * d) }
+    s.dhidden.zero(); linearBackward(dinp: s.dhidden.data, dweight: nil, dbias: nil, dm, a.act.data, layer.fc2.weight.data, n: n, inFeatures: inter, outFeatures: d)
+    s.dfc1.zero(); activationBackward(dinp: s.dfc1.data, s.dhidden.data, a.fc1.data, count: n * inter, activation)
+    s.dln.zero(); linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dfc1.data, a.ln2.data, layer.fc1.weight.data, n: n, inFeatures: d, outFeatures: inter)
+    layerNormBackward(dinp: dx, dweight: g2.weight.data, dbias: g2.bias.data, s.dln.data, a.mid.data, norm2.weight.data,
+                      mean: a.mean2.data, rstd: a.rstd2.data, n: n, c: d)
+    // mid = input + scale1 ⊙ out(attention(qkv(norm1(input))))
+    if let s1 = layer.scale1 { s.dm.zero(); channelScaleBackward(dinp: dm, dx, s1.data, n: n, c: d) } else { dm.update(from: dx, count: n * d) }
+    s.datt.zero(); linearBackward(dinp: s.datt.data, dweight: nil, dbias: nil, dm, a.att.data, layer.out.weight.data, n: n, inFeatures: d, outFeatures: d)
+    s.dqkv.zero(); attentionBackward(dqkv: s.dqkv.data, s.datt.data, a.qkv.data, probs: a.probs.data, b: a.b, t: a.t, d: d, heads: heads)
+    s.dln.zero(); linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dqkv.data, a.ln1.data, layer.qkv.weight.data, n: n, inFeatures: d, outFeatures: 3 * d)
+    layerNormBackward(dinp: dx, dweight: g1.weight.data, dbias: g1.bias.data, s.dln.data, a.input.data, norm1.weight.data,
+                      mean: a.mean1.data, rstd: a.rstd1.data, n: n, c: d)
+}

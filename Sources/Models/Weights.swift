@@ -1,0 +1,101 @@
+import Foundation
+import Kernels
+
+/// Reads the tensors a model expects from a checkpoint, checking each shape, and at the end
+/// that nothing is left over: missing, misshapen or extra tensors throw `CheckpointError` naming them.
+struct WeightReader {
+    let source: TensorSource
+    /// Prepended to every requested name (e.g. "vit." when a ViTModel was saved inside a task model).
+    let prefix: String
+    private(set) var used: Set<String> = []
+
+    init(_ source: TensorSource, prefix: String = "") {
+        self.source = source
+        self.prefix = prefix
+    }
+
+    mutating func tensor(_ name: String, _ shape: [Int]) throws -> Buffer {
+        let full = prefix + name
+        guard let found = source.shape(of: full) else { throw CheckpointError.missingTensor(full) }
+        // a scalar may be stored as shape [] or [1]
+        let same = found == shape || (found.reduce(1, *) == 1 && shape.reduce(1, *) == 1 && found.count <= 1 && shape.count <= 1)
+        guard same else { throw CheckpointError.shapeMismatch(name: full, expected: shape, found: found) }
+        used.insert(full)
+        return Buffer(try source.floats(full))
+    }
+
+    mutating func layerNorm(_ name: String, _ c: Int, eps: Float) throws -> LayerNorm {
+        LayerNorm(weight: try tensor(name + ".weight", [c]), bias: try tensor(name + ".bias", [c]), eps: eps)
+    }
+
+    mutating func linear(_ name: String, in inFeatures: Int, out outFeatures: Int, bias: Bool = true) throws -> Linear {
+        Linear(weight: try tensor(name + ".weight", [outFeatures, inFeatures]),
+               bias: bias ? try tensor(name + ".bias", [outFeatures]) : nil,
+               inFeatures: inFeatures, outFeatures: outFeatures)
+    }
+
+    /// q, k, v projections (each (D,D) + bias) packed into one (3D,D) linear.
+    mutating func packedQKV(q: String, k: String, v: String, d: Int) throws -> Linear {
+        let parts = try [q, k, v].map { try linear($0, in: d, out: d) }
+        let weight = Buffer(count: 3 * d * d), bias = Buffer(count: 3 * d)
+        for (i, p) in parts.enumerated() {
+            (weight.data + i * d * d).update(from: p.weight.data, count: d * d)
+            (bias.data + i * d).update(from: p.bias!.data, count: d)
+        }
+        return Linear(weight: weight, bias: bias, inFeatures: d, outFeatures: 3 * d)
+    }
+
+    /// Throws `unexpectedTensor` for any checkpoint tensor that was not read and is not in `ignoring`
+    /// (names without the prefix; buffers such as position_ids that some checkpoints carry).
+    func finish(ignoring: Set<String> = []) throws {
+        for name in source.tensorNames.sorted() where !used.contains(name) {
+            let bare = name.hasPrefix(prefix) ? String(name.dropFirst(prefix.count)) : name
+            if !ignoring.contains(bare) { throw CheckpointError.unexpectedTensor(name) }
+        }
+    }
+}
+
+/// Typed access to `config.json` values, with the transformers defaults for absent keys.
+struct ConfigReader {
+    let object: [String: Any]
+    let file: String
+
+    func int(_ key: String, _ fallback: Int) throws -> Int {
+        guard let value = object[key] else { return fallback }
+        guard let n = value as? NSNumber, Double(n.intValue) == n.doubleValue, n.intValue > 0 else {
+            throw CheckpointError.badConfig(file: file, reason: "\(key) is not a positive integer")
+        }
+        return n.intValue
+    }
+
+    func float(_ key: String, _ fallback: Float) throws -> Float {
+        guard let value = object[key] else { return fallback }
+        guard let n = value as? NSNumber else { throw CheckpointError.badConfig(file: file, reason: "\(key) is not a number") }
+        return n.floatValue
+    }
+
+    func activation(_ key: String, _ fallback: Activation) throws -> Activation {
+        guard let value = object[key] else { return fallback }
+        guard let name = value as? String, let act = Activation(huggingFace: name) else {
+            throw CheckpointError.badConfig(file: file, reason: "\(key) \(value) is not supported (gelu, quick_gelu)")
+        }
+        return act
+    }
+
+    func sub(_ key: String) throws -> ConfigReader {
+        guard let value = object[key] else { return ConfigReader(object: [:], file: file) }
+        guard let sub = value as? [String: Any] else { throw CheckpointError.badConfig(file: file, reason: "\(key) is not an object") }
+        return ConfigReader(object: sub, file: file)
+    }
+
+    func string(_ key: String) -> String? { object[key] as? String }
+
+    /// hidden_size divisible by num_attention_heads, as every model here requires.
+    func checkHeads(_ d: Int, _ h: Int) throws {
+        if d % h != 0 { throw CheckpointError.badConfig(file: file, reason: "hidden_size \(d) not divisible by num_attention_heads \(h)") }
+    }
+}
+
+func openConfig(_ folder: URL) throws -> ConfigReader {
+    ConfigReader(object: try readConfig(folder: folder), file: folder.appendingPathComponent("config.json").path)
+}

@@ -1,0 +1,82 @@
+import Foundation
+import XCTest
+@testable import Method
+
+final class ParametersTests: XCTestCase {
+    func decode(_ json: String) throws -> NolaParameters { try NolaParameters(json: Data(json.utf8)) }
+
+    func expectError(_ json: String, key: String, reason: String, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertThrowsError(try decode(json), file: file, line: line) { error in
+            guard let e = error as? MethodError else { return XCTFail("not a MethodError: \(error)", file: file, line: line) }
+            XCTAssertEqual(e.code, .badParameter, file: file, line: line)
+            XCTAssertEqual(e.subject, key, file: file, line: line)
+            XCTAssertTrue(e.description.contains(reason), "'\(e.description)' lacks '\(reason)'", file: file, line: line)
+        }
+    }
+
+    func testDecode_whenEmptyOrNull_givesReferenceDefaults() throws {
+        for json in ["", "  ", "null", "{}"] {
+            let p = try decode(json)
+            XCTAssertEqual(p, NolaParameters())
+        }
+        let p = NolaParameters()
+        XCTAssertEqual(p.minK, 16); XCTAssertEqual(p.kFraction, 0.2)
+        XCTAssertEqual(p.alignmentEpochs, 50); XCTAssertEqual(p.alignmentLearningRate, 1e-3)
+        XCTAssertEqual(p.alignmentBatchSize, 32); XCTAssertEqual(p.alignmentHiddenSize, 256)
+        XCTAssertEqual(p.promptLearningRate, 0.004); XCTAssertEqual(p.promptWeightDecay, 0.01)
+        XCTAssertEqual(p.promptBatchSize, 512); XCTAssertEqual(p.promptCount, 16); XCTAssertEqual(p.labelSmoothing, 0.1)
+        XCTAssertNil(p.promptMicroBatchSize); XCTAssertTrue(p.templates)
+        XCTAssertEqual(p.clipModel, "clip-vit-base-patch32"); XCTAssertEqual(p.dinoModel, "dino-vitb16")
+    }
+
+    func testDecode_whenEveryKeyGiven_setsEveryField() throws {
+        let p = try decode("""
+        {"seed": 3, "templates": false, "min_k": 8, "k_fraction": 0.5, "alignment_epochs": 5, "alignment_lr": 0.01,
+         "alignment_batch_size": 16, "alignment_hidden_size": 64, "prompt_epochs": 2, "prompt_lr": 1,
+         "prompt_weight_decay": 0, "prompt_batch_size": 64, "prompt_micro_batch_size": 8, "prompt_count": 4,
+         "label_smoothing": 0, "clip_model": "clip-b16", "dino_model": "dino-s16"}
+        """)
+        XCTAssertEqual(p.seed, 3); XCTAssertFalse(p.templates); XCTAssertEqual(p.minK, 8); XCTAssertEqual(p.kFraction, 0.5)
+        XCTAssertEqual(p.alignmentEpochs, 5); XCTAssertEqual(p.alignmentLearningRate, 0.01); XCTAssertEqual(p.alignmentBatchSize, 16)
+        XCTAssertEqual(p.alignmentHiddenSize, 64); XCTAssertEqual(p.promptEpochs, 2); XCTAssertEqual(p.promptLearningRate, 1)
+        XCTAssertEqual(p.promptWeightDecay, 0); XCTAssertEqual(p.promptBatchSize, 64); XCTAssertEqual(p.promptMicroBatchSize, 8)
+        XCTAssertEqual(p.promptCount, 4); XCTAssertEqual(p.labelSmoothing, 0)
+        XCTAssertEqual(p.clipModel, "clip-b16"); XCTAssertEqual(p.dinoModel, "dino-s16")
+        XCTAssertEqual(Set(NolaParameters.Key.allCases.map(\.rawValue)).count, 17)
+    }
+
+    func testDecode_whenBadInput_namesTheKeyAndReason() {
+        expectError("[1]", key: "parameters", reason: "expected a JSON object")
+        expectError("{oops", key: "parameters", reason: "not valid JSON")
+        expectError(#"{"epochs": 3}"#, key: "epochs", reason: "unknown parameter")
+        expectError(#"{"prompt_epochs": "3"}"#, key: "prompt_epochs", reason: "expected an integer, found a string")
+        expectError(#"{"prompt_epochs": 2.5}"#, key: "prompt_epochs", reason: "expected an integer, found a number")
+        expectError(#"{"prompt_epochs": -1}"#, key: "prompt_epochs", reason: "outside")
+        expectError(#"{"prompt_count": true}"#, key: "prompt_count", reason: "found a boolean")
+        expectError(#"{"prompt_lr": 0}"#, key: "prompt_lr", reason: "outside")
+        expectError(#"{"k_fraction": 1.5}"#, key: "k_fraction", reason: "outside")
+        expectError(#"{"label_smoothing": 1}"#, key: "label_smoothing", reason: "below 1")
+        expectError(#"{"templates": 1}"#, key: "templates", reason: "expected true or false")
+        expectError(#"{"seed": -4}"#, key: "seed", reason: "non-negative")
+        expectError(#"{"clip_model": "../etc"}"#, key: "clip_model", reason: "not a plain folder name")
+        expectError(#"{"dino_model": 7}"#, key: "dino_model", reason: "expected a string")
+    }
+
+    func testEncode_thenDecode_roundTrips() throws {
+        var p = NolaParameters()
+        p.seed = 42; p.kFraction = 0.3; p.promptMicroBatchSize = 12; p.templates = false; p.clipModel = "clip-x"
+        let json = p.encodedJSON()
+        XCTAssertEqual(try NolaParameters(json: json), p)
+        XCTAssertEqual(try NolaParameters(json: NolaParameters().encodedJSON()), NolaParameters())
+        let text = String(decoding: json, as: UTF8.self)
+        XCTAssertTrue(text.hasPrefix(#"{"alignment_batch_size":32,"#), text)
+        XCTAssertTrue(text.contains(#""prompt_micro_batch_size":12"#), text)
+    }
+
+    func testK_followsFindK() {
+        let p = NolaParameters()
+        XCTAssertEqual(p.k(imageCount: 1000, classCount: 10), 20)   // ⌊0.2 · 100⌋
+        XCTAssertEqual(p.k(imageCount: 100, classCount: 10), 16)    // min 16
+        XCTAssertEqual(p.k(imageCount: 1299, classCount: 10), 25)   // ⌊25.98⌋
+    }
+}

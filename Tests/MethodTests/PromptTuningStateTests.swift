@@ -1,0 +1,101 @@
+import Foundation
+import XCTest
+@testable import Method
+
+final class PromptTuningStateTests: XCTestCase {
+    func run(_ state: inout PromptTuningState, stopAfterMicroBatches: Int? = nil, epochs: Int = 3,
+             checkpoints: inout [(tensors: [NamedTensor], metadata: [String: String])]) throws {
+        let (encoder, _, pixels, teacher, _, _) = ReferenceParityTests.toySetup()
+        var microBatches = 0
+        try runPromptTuning(encoder: encoder, state: &state, teacherLabels: teacher, epochs: epochs, batchSize: 16,
+                            microBatchSize: 5, learningRate: 0.01, weightDecay: 0.01, labelSmoothing: 0.1, seed: 99,
+                            strongViews: ReferenceParityTests.strongViews(pixels, perImage: encoder.tokens * encoder.hiddenSize),
+                            shouldStop: {
+                                defer { microBatches += 1 }
+                                return stopAfterMicroBatches.map { microBatches >= $0 } ?? false
+                            },
+                            onStep: { _, s in checkpoints.append(s.checkpoint()) })
+    }
+
+    func testResume_afterCancellationMidEpoch_endsExactlyLikeAnUninterruptedRun() throws {
+        let (_, initial, _, _, _, _) = ReferenceParityTests.toySetup()
+        var uninterrupted = initial
+        var saved: [(tensors: [NamedTensor], metadata: [String: String])] = []
+        try run(&uninterrupted, checkpoints: &saved)
+        XCTAssertEqual(uninterrupted.epoch, 3)
+        XCTAssertEqual(uninterrupted.step, 9) // 3 epochs × ⌊60/16⌋ batches
+
+        // Stop in the middle of epoch 1 (after 17 micro-batches: batches of 16 take 4 micro-batches of ≤ 5).
+        var interrupted = initial
+        saved = []
+        XCTAssertThrowsError(try run(&interrupted, stopAfterMicroBatches: 17, checkpoints: &saved)) { error in
+            XCTAssertEqual((error as? MethodError)?.code, .cancelled)
+        }
+        XCTAssertEqual(interrupted.step, 4)
+        XCTAssertEqual(interrupted.epoch, 1)
+        XCTAssertEqual(interrupted.batchInEpoch, 1)
+        // A new process restores the last checkpoint and finishes.
+        let last = saved.last!
+        var resumed = try PromptTuningState(checkpoint: last.tensors, metadata: last.metadata)
+        XCTAssertEqual(resumed, interrupted)
+        var more: [(tensors: [NamedTensor], metadata: [String: String])] = []
+        try run(&resumed, checkpoints: &more)
+        XCTAssertEqual(resumed, uninterrupted)
+    }
+
+    func testCheckpoint_roundTrips_andNamesMissingTensors() throws {
+        let (_, initial, _, _, _, _) = ReferenceParityTests.toySetup()
+        var state = initial
+        state.step = 7; state.epoch = 2; state.batchInEpoch = 1; state.epochLossSum = 3.25; state.epochAgreements = 5; state.epochImages = 16
+        state.moments[1].m[0] = 0.5
+        let (tensors, metadata) = state.checkpoint()
+        XCTAssertEqual(tensors.map(\.name).prefix(4), ["prompt_embeddings", "post_layernorm.weight", "post_layernorm.bias", "head.weight"])
+        XCTAssertEqual(tensors.count, 12)
+        XCTAssertEqual(try PromptTuningState(checkpoint: tensors, metadata: metadata), state)
+        XCTAssertEqual(state.learnedTensors().count, 4)
+
+        XCTAssertThrowsError(try PromptTuningState(checkpoint: tensors.filter { $0.name != "head.weight.exp_avg_sq" }, metadata: metadata)) {
+            XCTAssertEqual(($0 as? MethodError)?.subject, "head.weight.exp_avg_sq")
+        }
+        var bad = metadata
+        bad["step"] = "x"
+        XCTAssertThrowsError(try PromptTuningState(checkpoint: tensors, metadata: bad)) { XCTAssertEqual(($0 as? MethodError)?.subject, "step") }
+        bad = metadata
+        bad["format"] = nil
+        XCTAssertThrowsError(try PromptTuningState(checkpoint: tensors, metadata: bad)) { XCTAssertEqual(($0 as? MethodError)?.code, .badState) }
+    }
+
+    func testInitialState_promptsUniformWithinReferenceBound_seeded() {
+        let encoder = ToyEncoder(hiddenSize: 768, featureSize: 4, tokens: 1, proj: [],
+                                 initialGamma: [Float](repeating: 1, count: 768), initialBeta: [Float](repeating: 0, count: 768))
+        let classifier = [Float](repeating: 0.5, count: 8)
+        let a = PromptTuningState(encoder: encoder, classifier: classifier, promptCount: 16, seed: 5)
+        let b = PromptTuningState(encoder: encoder, classifier: classifier, promptCount: 16, seed: 5)
+        let c = PromptTuningState(encoder: encoder, classifier: classifier, promptCount: 16, seed: 6)
+        let bound = Float((6.0 / Double(3 * 16 * 16 + 768)).squareRoot()) // 0.0625 for ViT-B (W = 768)
+        XCTAssertEqual(a.prompts.shape, [16, 768])
+        XCTAssertEqual(a.head.shape, [2, 4])
+        XCTAssertEqual(a.head.values, classifier)
+        XCTAssertTrue(a.prompts.values.allSatisfy { abs($0) <= bound })
+        XCTAssertGreaterThan(a.prompts.values.map(abs).max()!, 0.95 * bound)
+        let mean = a.prompts.values.reduce(0, +) / Float(a.prompts.values.count)
+        XCTAssertLessThan(abs(mean), 0.003)
+        XCTAssertEqual(a, b)
+        XCTAssertNotEqual(a.prompts, c.prompts)
+    }
+
+    func testDecayRule_followsReferenceNoDecayList() {
+        XCTAssertTrue(PromptTuningState.decays("prompt_embeddings"))
+        XCTAssertTrue(PromptTuningState.decays("head.weight"))
+        XCTAssertTrue(PromptTuningState.decays("vision_model.encoder.layers.0.layer_norm1.weight"))
+        XCTAssertFalse(PromptTuningState.decays("vision_model.encoder.layers.0.layer_norm1.bias"))
+    }
+
+    func testBatching_dropsLastPartialBatchOnlyWhenAFullOneExists() {
+        XCTAssertEqual(promptBatches(order: Array(0..<10), batchSize: 4).map(Array.init), [[0, 1, 2, 3], [4, 5, 6, 7]])
+        XCTAssertEqual(promptBatches(order: Array(0..<3), batchSize: 4).map(Array.init), [[0, 1, 2]])
+        XCTAssertEqual(promptMicroBatchSize(memoryBudgetBytes: 1 << 30, bytesPerImage: 100 << 20, logicalBatch: 512), 10)
+        XCTAssertEqual(promptMicroBatchSize(memoryBudgetBytes: 1, bytesPerImage: 100, logicalBatch: 512), 1)
+        XCTAssertEqual(promptMicroBatchSize(memoryBudgetBytes: 1 << 40, bytesPerImage: 100, logicalBatch: 512), 512)
+    }
+}
