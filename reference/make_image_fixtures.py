@@ -271,6 +271,17 @@ def main():
     op("resize_bicubic_up", src.resize((131, 101), Image.BICUBIC), {"width": 131, "height": 101})
     op("resize_bilinear_down", src.resize((37, 29), Image.BILINEAR), {"width": 37, "height": 29})
 
+    # ---- torchvision's RandomResizedCrop distribution on a 500x375 image (the sampler test compares) ----
+    torch.manual_seed(0)
+    areas, ratios = [], []
+    for _ in range(20000):
+        i, j, h, w = T.RandomResizedCrop.get_params(Image.new("RGB", (500, 375)), [0.2, 1.0], [3 / 4, 4 / 3])
+        areas.append(w * h / (500 * 375))
+        ratios.append(w / h)
+    manifest["resized_crop_distribution"] = {"width": 500, "height": 375, "draws": 20000,
+                                             "mean_area": float(np.mean(areas)), "std_area": float(np.std(areas)),
+                                             "mean_ratio": float(np.mean(ratios))}
+
     with open(os.path.join(ROOT, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     total = sum(os.path.getsize(os.path.join(dp, fn)) for dp, _, fns in os.walk(ROOT) for fn in fns)
