@@ -158,6 +158,23 @@ def main():
         with open(os.path.join(IMAGES, name), "wb") as f:
             f.write(blob)
         cases.append(name)
+    # Adam7-interlaced RGB PNG (Pillow cannot write one; passes serialised by hand, filter type 0).
+    inter = np.array(photo_like(61, 43, 21))
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    raw = b""
+    for x0, y0, dx, dy in passes:
+        sub = inter[y0::dy, x0::dx]
+        if sub.size:
+            raw += b"".join(b"\x00" + sub[y].tobytes() for y in range(sub.shape[0]))
+    blob = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 61, 43, 8, 2, 0, 0, 1))
+            + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
+    with open(os.path.join(IMAGES, "interlaced.png"), "wb") as f:
+        f.write(blob)
+    cases.append("interlaced.png")
+    # EXIF orientation in a PNG eXIf chunk.
+    exif_png = Image.Exif()
+    exif_png[0x0112] = 8
+    png("exif_rot8.png", photo_like(33, 21, 23), exif=exif_png.tobytes())
     # A JPEG stored under a .png name: recognised by content.
     with open(os.path.join(IMAGES, "jpeg_named.png"), "wb") as f:
         photo_like(40, 30, 22).save(f, "JPEG", quality=90)

@@ -22,7 +22,7 @@ public struct RGBImage: Sendable, Equatable {
 
 /// Why an image file could not be read. Every case names the file; the job records the image as
 /// unreadable and goes on.
-public enum ImageError: Error, Equatable, CustomStringConvertible {
+public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
     case notFound(path: String)
     case unreadable(path: String, reason: String)
     case empty(path: String)

@@ -53,7 +53,7 @@ final class DecodeAndWeakViewTests: XCTestCase {
             XCTAssertEqual(plain.width, entry["width"] as? Int, file)
             checked += 1
         }
-        XCTAssertEqual(checked, 2, "expected the two EXIF-rotated fixtures")
+        XCTAssertEqual(checked, 3, "expected the three EXIF-rotated fixtures (two JPEG, one PNG eXIf)")
     }
 
     /// The uint8 weak-view crop (Resize bicubic + CenterCrop) equals torchvision's byte for byte, and the
@@ -86,8 +86,34 @@ final class DecodeAndWeakViewTests: XCTestCase {
                 }
             }
         }
-        XCTAssertGreaterThanOrEqual(views, 26)
+        XCTAssertGreaterThanOrEqual(views, 28)
         XCTAssertEqual(tensors, 6)
+    }
+
+    /// The optional fast path (off by default): a 1000×750 JPEG decoded at 1/2 DCT scale for a 224 view.
+    /// Not Pillow-exact by design; measured effect on the weak-view crop, bounded here.
+    func testReducedDCTScale_halvesTheDecode_andStaysCloseToTheExactWeakView() throws {
+        let url = Fixtures.root.appendingPathComponent("images/larger_1000x750.jpg")
+        let fast = try decodeImage(at: url, options: DecodeOptions(jpegReducedScaleMinSide: 224))
+        XCTAssertEqual(fast.width, 500)
+        XCTAssertEqual(fast.height, 375)
+        let view = weakViewCrop(fast, resize: 224, crop: 224)
+        let expected = try Fixtures.bytes("ref/larger_1000x750.jpg.weak_224_224.rgb")
+        var total = 0, worst = 0
+        for i in 0..<expected.count {
+            let d = abs(Int(view.pixels[i]) - Int(expected[i]))
+            total += d
+            worst = max(worst, d)
+        }
+        let mean = Double(total) / Double(expected.count)
+        print("reduced DCT scale 1/2 vs exact weak view: mean |Δ| = \(mean), max |Δ| = \(worst)")
+        // Measured 0.39 / 14 (libjpeg's 4×4 IDCT instead of 8×8 + a smaller bicubic support).
+        XCTAssertLessThanOrEqual(mean, 1.0)
+        XCTAssertLessThanOrEqual(worst, 32)
+        // A small image is never reduced.
+        let small = try decodeImage(at: Fixtures.root.appendingPathComponent("images/rgb_420_baseline.jpg"),
+                                    options: DecodeOptions(jpegReducedScaleMinSide: 224))
+        XCTAssertEqual(small.width, 320)
     }
 
     func testCenterCropOrigin_usesPythonRoundHalfEven_andPadsSmallImages() {

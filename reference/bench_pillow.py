@@ -1,0 +1,82 @@
+"""Pillow + torchvision decode + weak-view throughput, the reference for `nolad bench-images`.
+
+    /work/venv/bin/python reference/bench_pillow.py --generate DIR      # ~200 photo-like JPEGs
+    /work/venv/bin/python reference/bench_pillow.py --folder DIR --processes N
+
+Each image: Image.open(path).convert("RGB") → Resize(224, BICUBIC) → CenterCrop(224) → ToTensor →
+Normalize(CLIP mean/std), in N worker processes (torch.set_num_threads(1) in each), as a DataLoader
+with N workers would do it.
+"""
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def generate(folder, count_small=190, count_large=10):
+    from make_image_fixtures import photo_like
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(123)
+    for k in range(count_small + count_large):
+        w, h = (4000, 3000) if k < count_large else (1024, 768)
+        if k % 3 == 1:
+            w, h = h, w  # some portrait
+        im = photo_like(w // 4, h // 4, 1000 + k).resize((w, h), Image.BICUBIC)
+        arr = np.asarray(im).astype(np.int16) + rng.normal(0, 4, (h, w, 3)).astype(np.int16)
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+        im.save(os.path.join(folder, f"photo_{k:03d}.jpg"), "JPEG", quality=90, subsampling=2)
+    print(f"wrote {count_small + count_large} JPEGs to {folder}")
+
+
+_transform = None
+
+
+def _init():
+    global _transform
+    import torch
+    import torchvision.transforms as T
+
+    torch.set_num_threads(1)
+    _transform = T.Compose([
+        T.Resize(224, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(224),
+        T.ToTensor(),
+        T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    ])
+
+
+def _work(path):
+    with Image.open(path) as im:
+        return _transform(im.convert("RGB")).shape[0]
+
+
+def bench(folder, processes, repeats):
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
+    print(f"bench_pillow: {len(files)} files in {folder}, {processes} process(es)")
+    with mp.get_context("fork").Pool(processes, initializer=_init) as pool:
+        pool.map(_work, files[: processes], chunksize=1)  # start the workers
+        for r in range(repeats):
+            start = time.perf_counter()
+            pool.map(_work, files, chunksize=1)
+            s = time.perf_counter() - start
+            print(f"pass {r + 1}: {len(files)} images in {s:.2f} s = {len(files) / s:.1f} images/s")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--generate")
+    ap.add_argument("--folder")
+    ap.add_argument("--processes", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args()
+    if a.generate:
+        generate(a.generate)
+    if a.folder:
+        bench(a.folder, a.processes, a.repeats)
