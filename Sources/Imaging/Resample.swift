@@ -36,14 +36,14 @@ struct ResampleAxis {
     var first: [Int]       // (count,)
     var taps: [Int]        // (count,)
     var weights: [Int32]   // (count, kernelSize), zero past taps
-    var kernelSize: Int
+    var kernelSize: Int    // Pillow's ceil(support) * 2 + 1, rounded up to a multiple of 8 for SIMD8 loads
 
     init(inSize: Int, outSize: Int, range: Range<Int>, filter: ResampleFilter) {
         // Pillow: box = (0, inSize) as float, scale = (in1 - in0) / outSize, support widened on downscale.
         let scale = Double(Float(inSize)) / Double(outSize)
         let filterScale = max(scale, 1.0)
         let support = filter.support * filterScale
-        kernelSize = Int(ceil(support)) * 2 + 1
+        kernelSize = (Int(ceil(support)) * 2 + 1 + 7) / 8 * 8
         first = []
         taps = []
         weights = [Int32](repeating: 0, count: range.count * kernelSize)
@@ -106,27 +106,40 @@ public func resample(_ image: RGBImage, width: Int, height: Int, filter: Resampl
         let horizontal = ResampleAxis(inSize: image.width, outSize: width, range: window.x..<(window.x + window.width), filter: filter)
         temp = [UInt8](repeating: 0, count: tempRows * window.width * 3)
         let ks = horizontal.kernelSize
+        // Each row is split into three Int32 planes, zero-padded by ks so SIMD8 loads past the last
+        // tap stay in bounds (their weights are zero). Integer sums: the order of taps does not matter.
+        let plane = image.width + ks
+        let planes = UnsafeMutablePointer<Int32>.allocate(capacity: 3 * plane)
+        planes.initialize(repeating: 0, count: 3 * plane)
+        defer { planes.deallocate() }
+        let r = planes, g = planes + plane, b = planes + 2 * plane
         image.pixels.withUnsafeBufferPointer { src in
             temp.withUnsafeMutableBufferPointer { dst in
                 horizontal.weights.withUnsafeBufferPointer { kk in
                     for y in 0..<tempRows {
                         let lineIn = src.baseAddress! + (y + rowFirst) * image.width * 3
                         let lineOut = dst.baseAddress! + y * window.width * 3
+                        for x in 0..<image.width {
+                            r[x] = Int32(lineIn[x * 3])
+                            g[x] = Int32(lineIn[x * 3 + 1])
+                            b[x] = Int32(lineIn[x * 3 + 2])
+                        }
                         for xx in 0..<window.width {
                             let xmin = horizontal.first[xx], n = horizontal.taps[xx]
                             let k = kk.baseAddress! + xx * ks
-                            var s0: Int32 = 1 << Int32(precisionBits - 1), s1 = s0, s2 = s0
-                            var p = lineIn + xmin * 3
-                            for x in 0..<n {
-                                let w = k[x]
-                                s0 &+= Int32(p[0]) &* w
-                                s1 &+= Int32(p[1]) &* w
-                                s2 &+= Int32(p[2]) &* w
-                                p += 3
+                            var s0 = SIMD8<Int32>(), s1 = s0, s2 = s0
+                            var t = 0
+                            while t < n {
+                                let w = UnsafeRawPointer(k + t).loadUnaligned(as: SIMD8<Int32>.self)
+                                s0 &+= w &* UnsafeRawPointer(r + xmin + t).loadUnaligned(as: SIMD8<Int32>.self)
+                                s1 &+= w &* UnsafeRawPointer(g + xmin + t).loadUnaligned(as: SIMD8<Int32>.self)
+                                s2 &+= w &* UnsafeRawPointer(b + xmin + t).loadUnaligned(as: SIMD8<Int32>.self)
+                                t += 8
                             }
-                            lineOut[xx * 3] = clip8(s0)
-                            lineOut[xx * 3 + 1] = clip8(s1)
-                            lineOut[xx * 3 + 2] = clip8(s2)
+                            let half: Int32 = 1 << Int32(precisionBits - 1)
+                            lineOut[xx * 3] = clip8(s0.wrappedSum() &+ half)
+                            lineOut[xx * 3 + 1] = clip8(s1.wrappedSum() &+ half)
+                            lineOut[xx * 3 + 2] = clip8(s2.wrappedSum() &+ half)
                         }
                     }
                 }

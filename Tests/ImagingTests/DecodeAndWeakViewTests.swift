@@ -116,6 +116,21 @@ final class DecodeAndWeakViewTests: XCTestCase {
         XCTAssertEqual(small.width, 320)
     }
 
+    /// Decoding keeps no shared state: the same files decoded on several threads at once give the same pixels.
+    func testDecode_onConcurrentThreads_givesTheSamePixels() throws {
+        let files = try images().map { $0["file"] as! String }
+        let serial = try files.map { fnv1a64(try decode($0).pixels) }
+        let lock = NSLock()
+        var parallel = [String?](repeating: nil, count: files.count * 4)
+        DispatchQueue.concurrentPerform(iterations: files.count * 4) { i in
+            let hash = (try? decode(files[i % files.count])).map { fnv1a64($0.pixels) }
+            lock.lock()
+            parallel[i] = hash
+            lock.unlock()
+        }
+        for i in 0..<parallel.count { XCTAssertEqual(parallel[i], serial[i % files.count], files[i % files.count]) }
+    }
+
     func testCenterCropOrigin_usesPythonRoundHalfEven_andPadsSmallImages() {
         // (225 - 224) / 2 = 0.5 → 0; (227 - 224) / 2 = 1.5 → 2 (Python round).
         XCTAssertEqual(centerCropOrigin(width: 225, height: 227, cropWidth: 224, cropHeight: 224).x, 0)
