@@ -4,7 +4,7 @@
     /work/venv/bin/python reference/bench_pillow.py --folder DIR --processes N
 
 Each image: Image.open(path).convert("RGB") → Resize(224, BICUBIC) → CenterCrop(224) → ToTensor →
-Normalize(CLIP mean/std), in N worker processes (torch.set_num_threads(1) in each), as a DataLoader
+Normalize(CLIP mean/std) (or, with --strong, NoLA's strong view), in N worker processes (torch.set_num_threads(1) in each), as a DataLoader
 with N workers would do it.
 """
 import argparse
@@ -38,18 +38,42 @@ def generate(folder, count_small=190, count_large=10):
 _transform = None
 
 
-def _init():
+class _PillowGaussianBlur:
+    """NoLA/MoCo-style blur: Pillow's GaussianBlur with radius uniform in [0.1, 2]."""
+
+    def __call__(self, im):
+        import random
+
+        from PIL import ImageFilter
+
+        return im.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+
+def _init(strong=False):
     global _transform
     import torch
     import torchvision.transforms as T
 
     torch.set_num_threads(1)
-    _transform = T.Compose([
-        T.Resize(224, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(224),
-        T.ToTensor(),
-        T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    ])
+    normalize = T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    if strong:
+        _transform = T.Compose([
+            T.RandomResizedCrop(224, scale=(0.2, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomPerspective(0.2, p=0.5, interpolation=T.InterpolationMode.BICUBIC),
+            T.ColorJitter(0.4, 0.4, 0.4, 0.1),
+            _PillowGaussianBlur(),
+            T.ToTensor(),
+            normalize,
+        ])
+    else:
+        _transform = T.Compose([
+            T.Resize(224, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            normalize,
+        ])
 
 
 def _work(path):
@@ -57,10 +81,10 @@ def _work(path):
         return _transform(im.convert("RGB")).shape[0]
 
 
-def bench(folder, processes, repeats):
+def bench(folder, processes, repeats, strong):
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
-    print(f"bench_pillow: {len(files)} files in {folder}, {processes} process(es)")
-    with mp.get_context("fork").Pool(processes, initializer=_init) as pool:
+    print(f"bench_pillow: {len(files)} files in {folder}, {processes} process(es), {'strong' if strong else 'weak'} view")
+    with mp.get_context("fork").Pool(processes, initializer=_init, initargs=(strong,)) as pool:
         pool.map(_work, files[: processes], chunksize=1)  # start the workers
         for r in range(repeats):
             start = time.perf_counter()
@@ -75,8 +99,9 @@ if __name__ == "__main__":
     ap.add_argument("--folder")
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--strong", action="store_true", help="NoLA's strong view instead of the weak view")
     a = ap.parse_args()
     if a.generate:
         generate(a.generate)
     if a.folder:
-        bench(a.folder, a.processes, a.repeats)
+        bench(a.folder, a.processes, a.repeats, a.strong)

@@ -28,6 +28,9 @@ public struct ImageBenchCommand: ParsableCommand {
     @Flag(help: "Decode large JPEGs at a reduced DCT scale (fast path, not Pillow-exact).")
     var reducedDCT = false
 
+    @Flag(help: "Time decode + NoLA's strong view (random resized crop, flip, jitter, perspective, jitter, blur) instead of the weak view.")
+    var strong = false
+
     @Flag(help: "Instead of timing, measure how far the reduced-DCT fast path's uint8 weak views are from the exact ones.")
     var measureReducedDCT = false
 
@@ -63,19 +66,27 @@ public struct ImageBenchCommand: ParsableCommand {
                          reduced, files.count, bytes > 0 ? total / Double(bytes) : 0, worst))
             return
         }
-        print("bench-images: \(files.count) files in \(folder), \(threads) thread(s), resize \(resize) crop \(crop)\(reducedDCT ? ", reduced DCT scale" : "")")
+        print("bench-images: \(files.count) files in \(folder), \(threads) thread(s), \(strong ? "strong view 224" : "resize \(resize) crop \(crop)")\(reducedDCT ? ", reduced DCT scale" : "")")
         for pass in 1...repeats {
             let next = ManagedAtomicCounter()
             let failures = ManagedAtomicCounter()
             let start = DispatchTime.now().uptimeNanoseconds
+            let strongView = strong
             @Sendable func work() {
-                var output = [Float](repeating: 0, count: 3 * config.crop * config.crop)
+                var rng = AugmentRNG(seed: UInt64(pass) &* 1_000_003 &+ UInt64(UInt(bitPattern: Thread.current.hash)))
+                var output = [Float](repeating: 0, count: 3 * max(config.crop, 224) * max(config.crop, 224))
                 while true {
                     let i = next.increment()
                     if i >= files.count { break }
                     do {
                         let image = try decodeImage(at: files[i], options: options)
-                        let view = weakViewCrop(image, resize: config.resize, crop: config.crop)
+                        let view: RGBImage
+                        if strongView {
+                            let p = sampleStrongView(width: image.width, height: image.height, rng: &rng)
+                            view = applyStrongView(image, p)
+                        } else {
+                            view = weakViewCrop(image, resize: config.resize, crop: config.crop)
+                        }
                         output.withUnsafeMutableBufferPointer {
                             normalizeCHW(view, mean: config.mean, std: config.std, into: $0.baseAddress!)
                         }

@@ -10,21 +10,19 @@ public func resizedCrop(_ image: RGBImage, top: Int, left: Int, height: Int, wid
     resample(cropImage(image, left: left, top: top, width: width, height: height), width: size, height: size, filter: filter)
 }
 
-/// Pillow's ImagingBlend(in1, in2, alpha): in1 + alpha * (in2 - in1) in float, truncated; clipped to
-/// 0...255 when alpha extrapolates. `degenerate(pixelIndex, channel)` is in1.
-private func blend(_ image: RGBImage, factor: Double, degenerate: (Int) -> (UInt8, UInt8, UInt8)) -> RGBImage {
+/// Pillow's ImagingBlend(in1, in2, alpha) with in1 = `degenerate` (same layout as the image's pixels):
+/// in1 + alpha * (in2 - in1) in float, truncated; clipped to 0...255 when alpha extrapolates.
+private func blend(_ image: RGBImage, degenerate: [UInt8], factor: Double) -> RGBImage {
     let alpha = Float(factor)  // Python float → C float
-    var out = image.pixels
-    out.withUnsafeMutableBufferPointer { px in
-        for i in 0..<(image.width * image.height) {
-            let d = degenerate(i)
-            for c in 0..<3 {
-                let a = Int(c == 0 ? d.0 : c == 1 ? d.1 : d.2), b = Int(px[i * 3 + c])
-                let v = Float(a) + alpha * Float(b - a)
-                if alpha >= 0 && alpha <= 1 {
-                    px[i * 3 + c] = UInt8(v)
-                } else {
-                    px[i * 3 + c] = v <= 0 ? 0 : v >= 255 ? 255 : UInt8(v)
+    let interpolate = alpha >= 0 && alpha <= 1
+    var out = [UInt8](repeating: 0, count: image.pixels.count)
+    image.pixels.withUnsafeBufferPointer { in2 in
+        degenerate.withUnsafeBufferPointer { in1 in
+            out.withUnsafeMutableBufferPointer { dst in
+                for i in 0..<dst.count {
+                    let a = Int32(in1[i]), b = Int32(in2[i])
+                    let v = Float(a) + alpha * Float(b - a)
+                    dst[i] = interpolate ? UInt8(v) : v <= 0 ? 0 : v >= 255 ? 255 : UInt8(v)
                 }
             }
         }
@@ -34,13 +32,27 @@ private func blend(_ image: RGBImage, factor: Double, degenerate: (Int) -> (UInt
 
 /// Pillow's RGB → L: (r·19595 + g·38470 + b·7471 + 2^15) >> 16.
 @inline(__always) func luma(_ r: UInt8, _ g: UInt8, _ b: UInt8) -> UInt8 {
-    let sum: Int = Int(r) * 19595 + Int(g) * 38470 + Int(b) * 7471 + 0x8000
-    return UInt8(sum >> 16)
+    let sum: Int32 = Int32(r) * 19595 + Int32(g) * 38470 + Int32(b) * 7471 + 0x8000
+    return UInt8(truncatingIfNeeded: sum >> 16)
+}
+
+/// Pillow's convert("L").convert("RGB"): each pixel's luma in all three channels.
+private func grayscaleRGB(_ image: RGBImage) -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: image.pixels.count)
+    image.pixels.withUnsafeBufferPointer { px in
+        out.withUnsafeMutableBufferPointer { dst in
+            for i in 0..<(image.width * image.height) {
+                let l = luma(px[i * 3], px[i * 3 + 1], px[i * 3 + 2])
+                dst[i * 3] = l; dst[i * 3 + 1] = l; dst[i * 3 + 2] = l
+            }
+        }
+    }
+    return out
 }
 
 /// torchvision F.adjust_brightness (ImageEnhance.Brightness: blend with black).
 public func adjustBrightness(_ image: RGBImage, factor: Double) -> RGBImage {
-    blend(image, factor: factor) { _ in (0, 0, 0) }
+    blend(image, degenerate: [UInt8](repeating: 0, count: image.pixels.count), factor: factor)
 }
 
 /// torchvision F.adjust_contrast (ImageEnhance.Contrast: blend with the mean of L, rounded).
@@ -50,16 +62,12 @@ public func adjustContrast(_ image: RGBImage, factor: Double) -> RGBImage {
         for i in 0..<(image.width * image.height) { sum += Int(luma(px[i * 3], px[i * 3 + 1], px[i * 3 + 2])) }
     }
     let mean = UInt8(Int(Double(sum) / Double(image.width * image.height) + 0.5))
-    return blend(image, factor: factor) { _ in (mean, mean, mean) }
+    return blend(image, degenerate: [UInt8](repeating: mean, count: image.pixels.count), factor: factor)
 }
 
 /// torchvision F.adjust_saturation (ImageEnhance.Color: blend with the image's L replicated).
 public func adjustSaturation(_ image: RGBImage, factor: Double) -> RGBImage {
-    let px = image.pixels
-    return blend(image, factor: factor) { i in
-        let l = luma(px[i * 3], px[i * 3 + 1], px[i * 3 + 2])
-        return (l, l, l)
-    }
+    blend(image, degenerate: grayscaleRGB(image), factor: factor)
 }
 
 /// torchvision F.adjust_hue on a PIL image: Pillow's RGB → HSV (uint8 channels), H += uint8(int32(f·255))
@@ -82,7 +90,7 @@ public func adjustHue(_ image: RGBImage, factor: Double) -> RGBImage {
 @inline(__always) private func clipToByte(_ v: Int) -> UInt8 { v <= 0 ? 0 : v < 256 ? UInt8(v) : 255 }
 
 /// Pillow's rgb2hsv_row (Convert.c), with its float/double mix.
-func rgbToHSV(_ r: UInt8, _ g: UInt8, _ b: UInt8) -> (UInt8, UInt8, UInt8) {
+@inline(__always) func rgbToHSV(_ r: UInt8, _ g: UInt8, _ b: UInt8) -> (UInt8, UInt8, UInt8) {
     let maxc = max(r, g, b), minc = min(r, g, b)
     if minc == maxc { return (0, 0, maxc) }
     let cr = Float(maxc - minc)
@@ -98,12 +106,14 @@ func rgbToHSV(_ r: UInt8, _ g: UInt8, _ b: UInt8) -> (UInt8, UInt8, UInt8) {
     } else {
         h = Float(4.0 + Double(gc) - Double(rc))
     }
-    h = Float(fmod(Double(h) / 6.0 + 1.0, 1.0))
+    // fmod(h / 6 + 1, 1): the argument lies in [5/6, 11/6), where subtracting 1 is exact.
+    let wrapped = Double(h) / 6.0 + 1.0
+    h = Float(wrapped >= 1.0 ? wrapped - 1.0 : wrapped)
     return (clipToByte(Int(Double(h) * 255.0)), clipToByte(Int(Double(s) * 255.0)), maxc)
 }
 
 /// Pillow's hsv2rgb (Convert.c).
-func hsvToRGB(_ h: UInt8, _ s: UInt8, _ v: UInt8) -> (UInt8, UInt8, UInt8) {
+@inline(__always) func hsvToRGB(_ h: UInt8, _ s: UInt8, _ v: UInt8) -> (UInt8, UInt8, UInt8) {
     if s == 0 { return (v, v, v) }
     let i = Int(floor(Double(Float(h)) * 6.0 / 255.0))
     let f = Float(Double(Float(h)) * 6.0 / 255.0 - Double(Float(i)))
@@ -216,32 +226,31 @@ func boxBlurRadius(sigma radius: Float, passes: Int) -> Float {
     return l + a
 }
 
-/// Pillow's ImagingLineBoxBlur on one line of `count` RGB pixels: `src` → `dst` (distinct).
-private func boxBlurLine(_ dst: UnsafeMutablePointer<UInt8>, _ src: UnsafePointer<UInt8>, count: Int,
+/// Pillow's ImagingLineBoxBlur32 on one line of `count` pixels (4 lanes, the 4th unused): `src` → `dst`
+/// (distinct), values 0...255 in and out.
+private func boxBlurLine(_ dst: UnsafeMutablePointer<SIMD4<UInt32>>, _ src: UnsafePointer<SIMD4<UInt32>>, count: Int,
                          radius: Int, ww: UInt32, fw: UInt32) {
     let lastx = count - 1
     let edgeA = min(radius + 1, count)
     let edgeB = max(count - radius - 1, 0)
-    for c in 0..<3 {
-        @inline(__always) func px(_ i: Int) -> UInt32 { UInt32(src[i * 3 + c]) }
-        var acc = px(0) &* UInt32(radius + 1)
-        var x = 0
-        while x < edgeA - 1 { acc &+= px(x); x += 1 }
-        acc &+= px(lastx) &* UInt32(truncatingIfNeeded: radius - edgeA + 1)
-        @inline(__always) func step(_ x: Int, _ subtract: Int, _ add: Int, _ left: Int, _ right: Int) {
-            acc = acc &+ px(add) &- px(subtract)
-            let bulk = acc &* ww &+ (px(left) &+ px(right)) &* fw
-            dst[x * 3 + c] = UInt8(truncatingIfNeeded: (bulk &+ (1 << 23)) >> 24)
-        }
-        if edgeA <= edgeB {
-            for x in 0..<edgeA { step(x, 0, x + radius, 0, x + radius + 1) }
-            for x in edgeA..<edgeB { step(x, x - radius - 1, x + radius, x - radius - 1, x + radius + 1) }
-            for x in edgeB..<count { step(x, x - radius - 1, lastx, x - radius - 1, lastx) }
-        } else {
-            for x in 0..<edgeB { step(x, 0, x + radius, 0, x + radius + 1) }
-            for x in edgeB..<edgeA { step(x, 0, lastx, 0, lastx) }
-            for x in edgeA..<count { step(x, x - radius - 1, lastx, x - radius - 1, lastx) }
-        }
+    let wwv = SIMD4<UInt32>(repeating: ww), fwv = SIMD4<UInt32>(repeating: fw), half = SIMD4<UInt32>(repeating: 1 << 23)
+    var acc = src[0] &* UInt32(radius + 1)
+    var x = 0
+    while x < edgeA - 1 { acc &+= src[x]; x += 1 }
+    acc &+= src[lastx] &* UInt32(truncatingIfNeeded: radius - edgeA + 1)
+    @inline(__always) func step(_ x: Int, _ subtract: Int, _ add: Int, _ left: Int, _ right: Int) {
+        acc = acc &+ src[add] &- src[subtract]
+        let bulk = acc &* wwv &+ (src[left] &+ src[right]) &* fwv
+        dst[x] = ((bulk &+ half) &>> 24) & 0xFF
+    }
+    if edgeA <= edgeB {
+        for x in 0..<edgeA { step(x, 0, x + radius, 0, x + radius + 1) }
+        for x in edgeA..<edgeB { step(x, x - radius - 1, x + radius, x - radius - 1, x + radius + 1) }
+        for x in edgeB..<count { step(x, x - radius - 1, lastx, x - radius - 1, lastx) }
+    } else {
+        for x in 0..<edgeB { step(x, 0, x + radius, 0, x + radius + 1) }
+        for x in edgeB..<edgeA { step(x, 0, lastx, 0, lastx) }
+        for x in edgeA..<count { step(x, x - radius - 1, lastx, x - radius - 1, lastx) }
     }
 }
 
@@ -258,8 +267,8 @@ public func gaussianBlur(_ image: RGBImage, radius: Double) -> RGBImage {
     let w = image.width, h = image.height
     var out = image.pixels
     let longest = max(w, h)
-    let lineA = UnsafeMutablePointer<UInt8>.allocate(capacity: longest * 3)
-    let lineB = UnsafeMutablePointer<UInt8>.allocate(capacity: longest * 3)
+    let lineA = UnsafeMutablePointer<SIMD4<UInt32>>.allocate(capacity: longest)
+    let lineB = UnsafeMutablePointer<SIMD4<UInt32>>.allocate(capacity: longest)
     defer { lineA.deallocate(); lineB.deallocate() }
     out.withUnsafeMutableBufferPointer { px in
         // Rows, then columns (Pillow transposes); each line gets all passes in turn.
@@ -267,12 +276,18 @@ public func gaussianBlur(_ image: RGBImage, radius: Double) -> RGBImage {
             for line in 0..<lines {
                 let base = px.baseAddress! + line * lineStride
                 var a = lineA, b = lineB
-                for i in 0..<length { for c in 0..<3 { a[i * 3 + c] = base[i * pixelStride + c] } }
+                for i in 0..<length {
+                    let p = base + i * pixelStride
+                    a[i] = SIMD4(UInt32(p[0]), UInt32(p[1]), UInt32(p[2]), 0)
+                }
                 for _ in 0..<passes {
                     boxBlurLine(b, a, count: length, radius: r, ww: ww, fw: fw)
                     swap(&a, &b)
                 }
-                for i in 0..<length { for c in 0..<3 { base[i * pixelStride + c] = a[i * 3 + c] } }
+                for i in 0..<length {
+                    let p = base + i * pixelStride
+                    p[0] = UInt8(truncatingIfNeeded: a[i][0]); p[1] = UInt8(truncatingIfNeeded: a[i][1]); p[2] = UInt8(truncatingIfNeeded: a[i][2])
+                }
             }
         }
     }
