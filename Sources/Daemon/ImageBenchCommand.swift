@@ -71,6 +71,7 @@ public struct ImageBenchCommand: ParsableCommand {
             let next = ManagedAtomicCounter()
             let failures = ManagedAtomicCounter()
             let start = DispatchTime.now().uptimeNanoseconds
+            let cpuStart = processCPUSeconds()
             let strongView = strong
             @Sendable func work() {
                 var rng = AugmentRNG(seed: UInt64(pass) &* 1_000_003 &+ UInt64(UInt(bitPattern: Thread.current.hash)))
@@ -101,11 +102,20 @@ public struct ImageBenchCommand: ParsableCommand {
             }
             for _ in 0..<threads { done.wait() }
             let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+            let cpu = processCPUSeconds() - cpuStart
             let failed = failures.value
-            print(String(format: "pass %d: %d images in %.2f s = %.1f images/s (%d unreadable)",
-                         pass, files.count, seconds, Double(files.count) / seconds, failed))
+            print(String(format: "pass %d: %d images in %.2f s = %.1f images/s, %.2f CPU-ms per image (%d unreadable)",
+                         pass, files.count, seconds, Double(files.count) / seconds, cpu * 1000 / Double(files.count), failed))
         }
     }
+}
+
+/// User + system CPU time of this process (all threads): robust to other load on the machine.
+func processCPUSeconds() -> Double {
+    var usage = rusage()
+    getrusage(__rusage_who_t(RUSAGE_SELF.rawValue), &usage)
+    func seconds(_ t: timeval) -> Double { Double(t.tv_sec) + Double(t.tv_usec) / 1e6 }
+    return seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// A counter shared by the benchmark's threads.
