@@ -131,6 +131,22 @@ final class DecodeAndWeakViewTests: XCTestCase {
         for i in 0..<parallel.count { XCTAssertEqual(parallel[i], serial[i % files.count], files[i % files.count]) }
     }
 
+    func testWeakViewBatch_fillsEverySlot_andReportsBadFilesByIndex() throws {
+        let dir = Fixtures.root
+        let files = [dir.appendingPathComponent("images/rgb_420_baseline.jpg"), dir.appendingPathComponent("bad/truncated.jpg"),
+                     dir.appendingPathComponent("images/cmyk.jpg"), dir.appendingPathComponent("bad/missing.jpg")]
+        let config = WeakViewConfig(resize: 64, crop: 64, mean: WeakViewConfig.clipMean, std: WeakViewConfig.clipStd)
+        let batch = weakViewBatch(files, config: config, threads: 2)
+        XCTAssertEqual(batch.tensor.count, 4 * 3 * 64 * 64)
+        XCTAssertEqual(Set(batch.errors.keys), [1, 3])
+        XCTAssertEqual(batch.errors[1]?.code, "truncated")
+        XCTAssertEqual(batch.errors[3], .notFound(path: files[3].path))
+        let slot = 3 * 64 * 64
+        XCTAssertEqual(Array(batch.tensor[0..<slot]), try Fixtures.floats("ref/rgb_420_baseline.jpg.weak_64_64.clip.f32"))
+        XCTAssertEqual(Array(batch.tensor[2 * slot..<3 * slot]), try Fixtures.floats("ref/cmyk.jpg.weak_64_64.clip.f32"))
+        XCTAssertTrue(batch.tensor[slot..<2 * slot].allSatisfy { $0 == 0 })
+    }
+
     func testCenterCropOrigin_usesPythonRoundHalfEven_andPadsSmallImages() {
         // (225 - 224) / 2 = 0.5 → 0; (227 - 224) / 2 = 1.5 → 2 (Python round).
         XCTAssertEqual(centerCropOrigin(width: 225, height: 227, cropWidth: 224, cropHeight: 224).x, 0)
