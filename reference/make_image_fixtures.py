@@ -175,6 +175,12 @@ def main():
     exif_png = Image.Exif()
     exif_png[0x0112] = 8
     png("exif_rot8.png", photo_like(33, 21, 23), exif=exif_png.tobytes())
+    # The other EXIF orientations on tiny PNGs (2 mirror, 4 flip, 5 transpose, 7 transverse).
+    for o in (2, 4, 5, 7):
+        e = Image.Exif()
+        e[0x0112] = o
+        png(f"exif_o{o}.png", photo_like(9, 5, 30 + o), exif=e.tobytes())
+    png("rgb_trns.png", photo_like(20, 14, 24), transparency=(10, 20, 30))
     # A JPEG stored under a .png name: recognised by content.
     with open(os.path.join(IMAGES, "jpeg_named.png"), "wb") as f:
         photo_like(40, 30, 22).save(f, "JPEG", quality=90)
