@@ -83,6 +83,33 @@ def _work(path):
     return time.process_time() - start
 
 
+def _checksum(data):
+    """Σ b[i]·((i·0x9E3779B1 mod 2^32) | 1) mod 2^64, as nolad bench-images --checksums computes it."""
+    b = np.frombuffer(data, dtype=np.uint8).astype(np.uint64)
+    i = np.arange(b.size, dtype=np.uint64)
+    w = ((i * np.uint64(0x9E3779B1)) & np.uint64(0xFFFFFFFF)) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        return f"{int((b * w).sum(dtype=np.uint64)):016x}"
+
+
+def checksums(folder):
+    """Per file: checksums of Pillow's decoded RGB and of torchvision's uint8 weak view (nolad bench-images --checksums)."""
+    import torchvision.transforms as T
+
+    view = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with Image.open(path) as im:
+                rgb = im.convert("RGB")
+        except Exception:
+            print(f"{name} error")
+            continue
+        print(f"{name} {rgb.width}x{rgb.height} {_checksum(rgb.tobytes())} {_checksum(view(rgb).tobytes())}")
+
+
 def bench(folder, processes, repeats, strong):
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
     print(f"bench_pillow: {len(files)} files in {folder}, {processes} process(es), {'strong' if strong else 'weak'} view")
@@ -102,9 +129,12 @@ if __name__ == "__main__":
     ap.add_argument("--folder")
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--checksums", action="store_true", help="print per-file hashes instead of timing")
     ap.add_argument("--strong", action="store_true", help="NoLA's strong view instead of the weak view")
     a = ap.parse_args()
     if a.generate:
         generate(a.generate)
-    if a.folder:
+    if a.folder and a.checksums:
+        checksums(a.folder)
+    elif a.folder:
         bench(a.folder, a.processes, a.repeats, a.strong)

@@ -31,6 +31,9 @@ public struct ImageBenchCommand: ParsableCommand {
     @Flag(help: "Time decode + NoLA's strong view (random resized crop, flip, jitter, perspective, jitter, blur) instead of the weak view.")
     var strong = false
 
+    @Flag(help: "Instead of timing, print per file a checksum of the decoded RGB and of the uint8 weak view (compare with bench_pillow.py --checksums).")
+    var checksums = false
+
     @Flag(help: "Instead of timing, measure how far the reduced-DCT fast path's uint8 weak views are from the exact ones.")
     var measureReducedDCT = false
 
@@ -46,6 +49,18 @@ public struct ImageBenchCommand: ParsableCommand {
         guard !files.isEmpty else { throw ValidationError("no files in \(folder)") }
         let options = DecodeOptions(jpegReducedScaleMinSide: reducedDCT ? resize : nil)
         let config = WeakViewConfig(resize: resize, crop: crop, mean: WeakViewConfig.clipMean, std: WeakViewConfig.clipStd)
+        if checksums {
+            for file in files {
+                do {
+                    let image = try decodeImage(at: file)
+                    let view = weakViewCrop(image, resize: resize, crop: crop)
+                    print("\(file.lastPathComponent) \(image.width)x\(image.height) \(weightedChecksum(image.pixels)) \(weightedChecksum(view.pixels))")
+                } catch {
+                    print("\(file.lastPathComponent) error")
+                }
+            }
+            return
+        }
         if measureReducedDCT {
             var total = 0.0, worst = 0, reduced = 0, bytes = 0
             for file in files {
@@ -108,6 +123,18 @@ public struct ImageBenchCommand: ParsableCommand {
                          pass, files.count, seconds, Double(files.count) / seconds, cpu * 1000 / Double(files.count), failed))
         }
     }
+}
+
+/// Position-weighted byte sum Σ b[i]·((i·0x9E3779B1 mod 2^32) | 1) mod 2^64 as 16 hex digits: changes
+/// whenever a single byte does; cheap in numpy too (bench_pillow.py --checksums).
+func weightedChecksum(_ bytes: [UInt8]) -> String {
+    var h: UInt64 = 0
+    for (i, b) in bytes.enumerated() {
+        let w = (UInt64(i) &* 0x9E37_79B1) & 0xFFFF_FFFF | 1
+        h = h &+ UInt64(b) &* w
+    }
+    let s = String(h, radix: 16)
+    return String(repeating: "0", count: 16 - s.count) + s
 }
 
 /// User + system CPU time of this process (all threads): robust to other load on the machine.
