@@ -291,6 +291,11 @@ def main():
        {"start": start, "end": end, "coeffs": coeffs})
     for r in (0.1, 0.7, 1.93):
         op(f"blur_{r}", src.filter(ImageFilter.GaussianBlur(radius=r)), {"radius": r})
+    tiny = src.crop((10, 10, 13, 12))  # 3x2: box radius larger than the line (Pillow's other branch)
+    write_raw(os.path.join(REF, "op_tiny_source.rgb"), np.array(tiny))
+    manifest["op_tiny_source"] = {"file": "ref/op_tiny_source.rgb", "width": 3, "height": 2}
+    op("blur_tiny_2.0", tiny.filter(ImageFilter.GaussianBlur(radius=2.0)), {"radius": 2.0})
+    op("resize_bicubic_1x3", src.resize((1, 3), Image.BICUBIC), {"width": 1, "height": 3})
     op("resize_bicubic_up", src.resize((131, 101), Image.BICUBIC), {"width": 131, "height": 101})
     op("resize_bilinear_down", src.resize((37, 29), Image.BILINEAR), {"width": 37, "height": 29})
 

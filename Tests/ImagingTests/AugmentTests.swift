@@ -11,7 +11,7 @@ final class AugmentTests: XCTestCase {
         let info = try XCTUnwrap(manifest["op_source"] as? [String: Any])
         source = RGBImage(width: info["width"] as! Int, height: info["height"] as! Int, pixels: try Fixtures.bytes(info["file"] as! String))
         for op in try XCTUnwrap(manifest["ops"] as? [[String: Any]]) { ops[op["name"] as! String] = op }
-        XCTAssertEqual(ops.count, 18, "fixture manifest lists a different set of ops")
+        XCTAssertEqual(ops.count, 20, "fixture manifest lists a different set of ops")
     }
 
     /// Compares with the torchvision/Pillow output of op `name`: at most `maxDiff` per byte and at most
@@ -31,6 +31,14 @@ final class AugmentTests: XCTestCase {
     }
 
     private func params(_ name: String) -> [String: Any] { ops[name]!["params"] as! [String: Any] }
+
+    /// Extremes: a 3×2 image whose box-blur radius exceeds its lines, and a resize down to 1×3.
+    func testBlurAndResize_onTinyImages_matchPillowExactly() throws {
+        let info = try XCTUnwrap(try Fixtures.manifest()["op_tiny_source"] as? [String: Any])
+        let tiny = RGBImage(width: 3, height: 2, pixels: try Fixtures.bytes(info["file"] as! String))
+        try check("blur_tiny_2.0", gaussianBlur(tiny, radius: 2.0))
+        try check("resize_bicubic_1x3", resizeBicubic(source, width: 1, height: 3))
+    }
 
     func testResize_bicubicUpAndBilinearDown_matchPillowExactly() throws {
         try check("resize_bicubic_up", resizeBicubic(source, width: 131, height: 101))
