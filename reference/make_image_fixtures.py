@@ -291,6 +291,26 @@ def main():
        {"start": start, "end": end, "coeffs": coeffs})
     for r in (0.1, 0.7, 1.93):
         op(f"blur_{r}", src.filter(ImageFilter.GaussianBlur(radius=r)), {"radius": r})
+    # A whole strong view with fixed parameters, composed as NoLA's pipeline applies them.
+    sv = {"crop": [5, 7, 60, 70], "size": 48, "flip": True,
+          "jitter": {"order": [2, 0, 3, 1], "b": 1.21, "c": 0.74, "s": 1.33, "h": -0.06},
+          "start": [[0, 0], [47, 0], [47, 47], [0, 47]], "end": [[3, 1], [45, 4], [47, 44], [1, 46]],
+          "jitter2": {"order": [3, 1, 0, 2], "b": 0.81, "c": 1.18, "s": 0.66, "h": 0.09}, "blur": 1.1}
+    img = F.resized_crop(src, *sv["crop"], [48, 48], T.InterpolationMode.BILINEAR)
+    img = F.hflip(img)
+
+    def jitter(img, j):
+        for k in j["order"]:
+            img = [lambda x: F.adjust_brightness(x, j["b"]), lambda x: F.adjust_contrast(x, j["c"]),
+                   lambda x: F.adjust_saturation(x, j["s"]), lambda x: F.adjust_hue(x, j["h"])][k](img)
+        return img
+
+    img = jitter(img, sv["jitter"])
+    img = F.perspective(img, sv["start"], sv["end"], T.InterpolationMode.BICUBIC, fill=0)
+    img = jitter(img, sv["jitter2"])
+    img = img.filter(ImageFilter.GaussianBlur(radius=sv["blur"]))
+    op("strong_view", img, sv)
+
     tiny = src.crop((10, 10, 13, 12))  # 3x2: box radius larger than the line (Pillow's other branch)
     write_raw(os.path.join(REF, "op_tiny_source.rgb"), np.array(tiny))
     manifest["op_tiny_source"] = {"file": "ref/op_tiny_source.rgb", "width": 3, "height": 2}

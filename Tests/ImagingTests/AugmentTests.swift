@@ -11,7 +11,7 @@ final class AugmentTests: XCTestCase {
         let info = try XCTUnwrap(manifest["op_source"] as? [String: Any])
         source = RGBImage(width: info["width"] as! Int, height: info["height"] as! Int, pixels: try Fixtures.bytes(info["file"] as! String))
         for op in try XCTUnwrap(manifest["ops"] as? [[String: Any]]) { ops[op["name"] as! String] = op }
-        XCTAssertEqual(ops.count, 20, "fixture manifest lists a different set of ops")
+        XCTAssertEqual(ops.count, 21, "fixture manifest lists a different set of ops")
     }
 
     /// Compares with the torchvision/Pillow output of op `name`: at most `maxDiff` per byte and at most
@@ -98,6 +98,23 @@ final class AugmentTests: XCTestCase {
         for r in ["0.1", "0.7", "1.93"] {
             try check("blur_\(r)", gaussianBlur(source, radius: Double(r)!))
         }
+    }
+
+    /// A whole strong view with fixed parameters equals torchvision's functional ops applied in NoLA's order.
+    func testApplyStrongView_withFixedParameters_matchesTorchvisionComposition() throws {
+        let p = params("strong_view")
+        let crop = p["crop"] as! [Int]
+        func jitter(_ j: [String: Any]) -> ColorJitterParameters {
+            ColorJitterParameters(order: j["order"] as! [Int], brightness: j["b"] as! Double, contrast: j["c"] as! Double,
+                                  saturation: j["s"] as! Double, hue: j["h"] as! Double)
+        }
+        let start = (p["start"] as! [[Int]]).map { ($0[0], $0[1]) }
+        let end = (p["end"] as! [[Int]]).map { ($0[0], $0[1]) }
+        let parameters = StrongViewParameters(
+            cropTop: crop[0], cropLeft: crop[1], cropHeight: crop[2], cropWidth: crop[3], flip: true,
+            jitter: jitter(p["jitter"] as! [String: Any]), perspective: perspectiveCoefficients(start: start, end: end),
+            secondJitter: jitter(p["jitter2"] as! [String: Any]), blurRadius: p["blur"] as? Double)
+        try check("strong_view", applyStrongView(source, parameters, size: p["size"] as! Int))
     }
 
     func testSampler_isDeterministicPerSeed_andDrawsInTorchvisionsRanges() throws {
