@@ -27,13 +27,17 @@ let package = Package(
         .systemLibrary(name: "CPNG", pkgConfig: "libpng"),
         .systemLibrary(name: "CPostgres", pkgConfig: "libpq"),
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd"),
+        // libjpeg/libpng calls behind setjmp (their errors longjmp, which Swift cannot survive).
+        .target(name: "CImageSupport", dependencies: ["CJPEG", "CPNG"],
+                cSettings: [.unsafeFlags(["-O2"])],
+                linkerSettings: [.linkedLibrary("jpeg"), .linkedLibrary("png16")]),
 
         // Tensor kernels: Float32 buffers, GEMM through OpenBLAS, forward/backward pairs.
         .target(name: "Kernels", dependencies: ["COpenBLAS"], swiftSettings: numeric),
         // Models: checkpoint loading, CLIP, DINO/DINOv2, the CLIP tokenizer.
         .target(name: "Models", dependencies: ["Kernels"], swiftSettings: numeric),
         // Imaging: JPEG/PNG decoding, Pillow-exact resampling, augmentations.
-        .target(name: "Imaging", dependencies: ["CJPEG", "CPNG"], swiftSettings: numeric),
+        .target(name: "Imaging", dependencies: ["CJPEG", "CPNG", "CImageSupport"], swiftSettings: numeric),
         // Method: the four NoLA stages as plain functions, no database.
         .target(name: "Method", dependencies: ["Kernels", "Models", "Imaging"], swiftSettings: numeric),
         // Queue: PostgreSQL access, migrations, claiming, leases, results.
@@ -54,7 +58,7 @@ let package = Package(
 
         .testTarget(name: "KernelsTests", dependencies: ["Kernels"], swiftSettings: numeric),
         .testTarget(name: "ModelsTests", dependencies: ["Models", "Kernels"], exclude: ["Fixtures"], swiftSettings: numeric),
-        .testTarget(name: "ImagingTests", dependencies: ["Imaging"], swiftSettings: numeric),
+        .testTarget(name: "ImagingTests", dependencies: ["Imaging"], exclude: ["Fixtures"], swiftSettings: numeric),
         .testTarget(name: "MethodTests", dependencies: ["Method"], exclude: ["Fixtures"], swiftSettings: numeric),
         .testTarget(name: "QueueTests", dependencies: ["Queue"]),
         .testTarget(name: "DatabaseTests", dependencies: ["Queue", "Daemon"]),

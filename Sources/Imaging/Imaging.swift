@@ -1,1 +1,0 @@
-// Imaging layer of nolad — see DESIGN.md for what belongs here.

@@ -1,1 +1,0 @@
-// ImagingTests — fixtures, if any, live next to this file and are found through #filePath.
