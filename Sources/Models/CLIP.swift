@@ -125,7 +125,8 @@ public final class CLIPModel: @unchecked Sendable {
         try self.init(config: CLIPConfig(folder: folder), weights: openCheckpoint(folder: folder))
     }
 
-    public init(config: CLIPConfig, weights: TensorSource) throws {
+    /// `weights` nil: random weights of the configured sizes (benchmarks).
+    public init(config: CLIPConfig, weights: TensorSource?) throws {
         self.config = config
         var w = WeightReader(weights)
         visionModel = try CLIPVisionTransformer(config.visionConfig, &w)

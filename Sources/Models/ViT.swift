@@ -53,12 +53,13 @@ public final class ViTModel: @unchecked Sendable {
         try self.init(kind: kind, config: ViTConfig(c, dinov2: kind == .dinov2), weights: openCheckpoint(folder: folder))
     }
 
-    public init(kind: Kind, config c: ViTConfig, weights: TensorSource) throws {
+    /// `weights` nil: random weights of the configured sizes (benchmarks).
+    public init(kind: Kind, config c: ViTConfig, weights: TensorSource?) throws {
         self.kind = kind
         config = c
         // task models (ViTForImageClassification, …) nest the backbone under "vit." / "dinov2."
         let nested = kind == .vit ? "vit." : "dinov2."
-        var w = WeightReader(weights, prefix: weights.shape(of: nested + "embeddings.cls_token") != nil ? nested : "")
+        var w = WeightReader(weights, prefix: weights?.shape(of: nested + "embeddings.cls_token") != nil ? nested : "")
         let d = c.hiddenSize, p = c.patchSize, e = c.layerNormEps, inter = c.intermediateSize
         let conv = try w.tensor("embeddings.patch_embeddings.projection.weight", [d, c.numChannels, p, p])
         projection = Linear(weight: conv, bias: try w.tensor("embeddings.patch_embeddings.projection.bias", [d]),
