@@ -3,7 +3,8 @@
 /// e^x for 8 lanes (Cephes polynomial, range reduction by ln 2); relative error ≈ 1e-7 on [−87, 88].
 @inline(__always)
 public func exp8(_ x: SIMD8<Float>) -> SIMD8<Float> {
-    let x = x.clamped(lowerBound: SIMD8(repeating: -87), upperBound: SIMD8(repeating: 88))
+    var x = x.replacing(with: -87, where: x .< -87)
+    x.replace(with: 88, where: x .> 88)
     let n = (x * 1.44269504088896341).rounded(.toNearestOrEven)
     let r = x - n * 0.693359375 + n * 2.12194440e-4
     var p = SIMD8<Float>(repeating: 1.9875691500e-4)

@@ -1,3 +1,13 @@
+import COpenBLAS
+
+/// Our threads each run one head's small GEMMs: OpenBLAS must not start threads of its own meanwhile.
+/// Returns the thread count to restore.
+func singleThreadedBLAS() -> Int32 {
+    let n = openblas_get_num_threads()
+    openblas_set_num_threads(1)
+    return n
+}
+
 /// Softmax of each row in place over its first `valid` entries (the rest set to 0).
 /// row is (n); valid ≥ 1.
 @inline(__always)
@@ -24,21 +34,27 @@ public func softmaxForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePoin
 /// Multi-head self-attention on packed projections.
 /// qkv is (B,T,3D) holding q, k, v of each token (D = H·hd, heads contiguous within each);
 /// out is (B,T,D) = softmax(q·kᵀ/√hd [+ causal mask]) · v per head; probs (B,H,T,T) is saved for the backward.
+/// With `onlyRow` r, only query row r is computed: out is (B,1,D) and probs (B,H,1,T).
 public func attentionForward(_ out: UnsafeMutablePointer<Float>, probs: UnsafeMutablePointer<Float>,
-                             _ qkv: UnsafePointer<Float>, b: Int, t: Int, d: Int, heads: Int, causal: Bool) {
+                             _ qkv: UnsafePointer<Float>, b: Int, t: Int, d: Int, heads: Int, causal: Bool,
+                             onlyRow: Int? = nil) {
     let hd = d / heads
     let scale = 1 / Float(hd).squareRoot()
+    let rows = onlyRow == nil ? t : 1, first = onlyRow ?? 0
+    let blasThreads = singleThreadedBLAS()
+    defer { openblas_set_num_threads(blasThreads) }
     parallelFor(b * heads) { items in
         for item in items {
             let bi = item / heads, h = item % heads
-            let q = qkv + bi * t * 3 * d + h * hd, k = q + d, v = q + 2 * d
-            let p = probs + item * t * t
-            // p (T,T) = scale · q (T,hd) · kᵀ
-            sgemm(transB: true, m: t, n: t, k: hd, alpha: scale, a: q, lda: 3 * d, b: k, ldb: 3 * d,
+            let k = qkv + bi * t * 3 * d + d + h * hd, v = k + d
+            let q = k - d + first * 3 * d
+            let p = probs + item * rows * t
+            // p (rows,T) = scale · q (rows,hd) · kᵀ
+            sgemm(transB: true, m: rows, n: t, k: hd, alpha: scale, a: q, lda: 3 * d, b: k, ldb: 3 * d,
                   c: p, ldc: t)
-            for i in 0..<t { softmaxRow(p + i * t, n: t, valid: causal ? i + 1 : t) }
-            // out (T,hd) = p · v
-            sgemm(m: t, n: hd, k: t, a: p, lda: t, b: v, ldb: 3 * d, c: out + bi * t * d + h * hd, ldc: d)
+            for i in 0..<rows { softmaxRow(p + i * t, n: t, valid: causal ? first + i + 1 : t) }
+            // out (rows,hd) = p · v
+            sgemm(m: rows, n: hd, k: t, a: p, lda: t, b: v, ldb: 3 * d, c: out + bi * rows * d + h * hd, ldc: d)
         }
     }
 }
@@ -50,6 +66,8 @@ public func attentionBackward(dqkv: UnsafeMutablePointer<Float>, _ dout: UnsafeP
                               b: Int, t: Int, d: Int, heads: Int) {
     let hd = d / heads
     let scale = 1 / Float(hd).squareRoot()
+    let blasThreads = singleThreadedBLAS()
+    defer { openblas_set_num_threads(blasThreads) }
     parallelFor(b * heads) { items in
         let dp = UnsafeMutablePointer<Float>.allocate(capacity: t * t)
         defer { dp.deallocate() }

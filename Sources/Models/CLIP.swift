@@ -125,7 +125,8 @@ public final class CLIPModel: @unchecked Sendable {
         try self.init(config: CLIPConfig(folder: folder), weights: openCheckpoint(folder: folder))
     }
 
-    public init(config: CLIPConfig, weights: TensorSource) throws {
+    /// `weights` nil: random weights of the configured sizes (benchmarks).
+    public init(config: CLIPConfig, weights: TensorSource?) throws {
         self.config = config
         var w = WeightReader(weights)
         visionModel = try CLIPVisionTransformer(config.visionConfig, &w)
@@ -241,16 +242,19 @@ extension CLIPModel {
 
     func imageFeatures(pixels: UnsafePointer<Float>, batch b: Int, prompts: UnsafePointer<Float>?, promptCount p: Int,
                        norms: CLIPVisionNorms) -> [Float] {
-        let c = config.visionConfig, d = c.hiddenSize
+        let c = config.visionConfig, d = c.hiddenSize, last = c.numHiddenLayers - 1
         let x = visionHiddenStates(pixels: pixels, batch: b, prompts: prompts, promptCount: p, norms: norms,
-                                   layerCount: c.numHiddenLayers, tape: nil)
+                                   layerCount: last, tape: nil)
         let t = x.count / (b * d)
-        let cls = Buffer(count: b * d), pooled = Buffer(count: b * d)
-        for bi in 0..<b { (cls.data + bi * d).update(from: x.data + bi * t * d, count: d) }
+        let acts = LayerActivations(b: b, t: t, d: d, heads: c.numAttentionHeads, intermediate: c.intermediateSize, keepsInputs: false)
+        let cls = encoderLayerForwardRow(visionModel.layers[last], x.data, row: 0, acts, heads: c.numAttentionHeads,
+                                         activation: c.hiddenAct, causal: false,
+                                         norm1: norms.layers[last].layerNorm1, norm2: norms.layers[last].layerNorm2)
+        let pooled = Buffer(count: b * d)
         norms.postLayernorm.forward(pooled.data, mean: nil, rstd: nil, cls.data, n: b)
         var out = [Float](repeating: 0, count: b * projectionDim)
         visualProjection.forward(&out, pooled.data, n: b)
-        withExtendedLifetime((x, cls, pooled)) {}
+        withExtendedLifetime((x, acts, cls, pooled)) {}
         return out
     }
 }
@@ -286,11 +290,12 @@ extension CLIPModel {
                 }
             }
             let acts = LayerActivations(b: b, t: length, d: d, heads: c.numAttentionHeads, intermediate: c.intermediateSize, keepsInputs: false)
-            for layer in textModel.layers {
+            for layer in textModel.layers.dropLast() {
                 encoderLayerForward(layer, x.data, acts, heads: c.numAttentionHeads, activation: c.hiddenAct, causal: true)
             }
-            let last = Buffer(count: b * d), pooled = Buffer(count: b * d)
-            for bi in 0..<b { (last.data + bi * d).update(from: x.data + (bi * length + length - 1) * d, count: d) }
+            let last = encoderLayerForwardRow(textModel.layers.last!, x.data, row: length - 1, acts, heads: c.numAttentionHeads,
+                                              activation: c.hiddenAct, causal: true)
+            let pooled = Buffer(count: b * d)
             textModel.finalLayerNorm.forward(pooled.data, mean: nil, rstd: nil, last.data, n: b)
             let features = Buffer(count: b * projectionDim)
             textProjection.forward(features.data, pooled.data, n: b)

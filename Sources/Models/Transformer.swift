@@ -103,6 +103,29 @@ func encoderLayerForward(_ layer: EncoderLayer, _ x: UnsafeMutablePointer<Float>
     residualForward(x, x, a.proj.data, count: n * d)
 }
 
+/// The last layer when only one output row per sequence is used (CLS row 0, or a text's EOS row t−1):
+/// k and v for every token, everything else for that row only. x (B,T,D) is read; returns (B,D).
+func encoderLayerForwardRow(_ layer: EncoderLayer, _ x: UnsafePointer<Float>, row: Int, _ a: LayerActivations,
+                            heads: Int, activation: Activation, causal: Bool,
+                            norm1: LayerNorm? = nil, norm2: LayerNorm? = nil) -> Buffer {
+    let b = a.b, t = a.t, n = b * t, d = layer.d
+    let y = Buffer(count: b * d), h = Buffer(count: b * d)
+    (norm1 ?? layer.norm1).forward(a.ln1.data, mean: nil, rstd: nil, x, n: n)
+    layer.qkv.forward(a.qkv.data, a.ln1.data, n: n)
+    attentionForward(a.att.data, probs: a.probs.data, a.qkv.data, b: b, t: t, d: d, heads: heads, causal: causal, onlyRow: row)
+    layer.out.forward(a.proj.data, a.att.data, n: b)
+    if let s = layer.scale1 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: b, c: d) }
+    for bi in 0..<b { residualForward(y.data + bi * d, x + (bi * t + row) * d, a.proj.data + bi * d, count: d) }
+    (norm2 ?? layer.norm2).forward(h.data, mean: nil, rstd: nil, y.data, n: b)
+    layer.fc1.forward(a.fc1.data, h.data, n: b)
+    activationForward(a.fc1.data, a.fc1.data, count: b * layer.intermediate, activation)
+    layer.fc2.forward(a.proj.data, a.fc1.data, n: b)
+    if let s = layer.scale2 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: b, c: d) }
+    residualForward(y.data, y.data, a.proj.data, count: b * d)
+    withExtendedLifetime(h) {}
+    return y
+}
+
 /// Gradient buffers of one layer's two LayerNorms (the only layer weights prompt tuning trains).
 struct LayerNormGrads {
     let weight: Buffer

@@ -53,12 +53,13 @@ public final class ViTModel: @unchecked Sendable {
         try self.init(kind: kind, config: ViTConfig(c, dinov2: kind == .dinov2), weights: openCheckpoint(folder: folder))
     }
 
-    public init(kind: Kind, config c: ViTConfig, weights: TensorSource) throws {
+    /// `weights` nil: random weights of the configured sizes (benchmarks).
+    public init(kind: Kind, config c: ViTConfig, weights: TensorSource?) throws {
         self.kind = kind
         config = c
         // task models (ViTForImageClassification, …) nest the backbone under "vit." / "dinov2."
         let nested = kind == .vit ? "vit." : "dinov2."
-        var w = WeightReader(weights, prefix: weights.shape(of: nested + "embeddings.cls_token") != nil ? nested : "")
+        var w = WeightReader(weights, prefix: weights?.shape(of: nested + "embeddings.cls_token") != nil ? nested : "")
         let d = c.hiddenSize, p = c.patchSize, e = c.layerNormEps, inter = c.intermediateSize
         let conv = try w.tensor("embeddings.patch_embeddings.projection.weight", [d, c.numChannels, p, p])
         projection = Linear(weight: conv, bias: try w.tensor("embeddings.patch_embeddings.projection.bias", [d]),
@@ -135,12 +136,15 @@ public final class ViTModel: @unchecked Sendable {
 
     /// The image embedding: the CLS token of the last hidden state after the final layernorm, (B,D).
     public func clsFeatures(pixels: UnsafePointer<Float>, batch b: Int, height h: Int, width w: Int) -> [Float] {
-        let d = config.hiddenSize
-        let x = hiddenStates(pixels: pixels, batch: b, height: h, width: w, layerCount: layers.count)
+        let c = config, d = c.hiddenSize
+        let x = hiddenStates(pixels: pixels, batch: b, height: h, width: w, layerCount: layers.count - 1)
         let t = x.count / (b * d)
+        let acts = LayerActivations(b: b, t: t, d: d, heads: c.numAttentionHeads, intermediate: c.intermediateSize, keepsInputs: false)
+        let cls = encoderLayerForwardRow(layers[layers.count - 1], x.data, row: 0, acts, heads: c.numAttentionHeads,
+                                         activation: c.hiddenAct, causal: false)
         var out = [Float](repeating: 0, count: b * d)
-        for bi in 0..<b { for j in 0..<d { out[bi * d + j] = x.data[bi * t * d + j] } }
-        withExtendedLifetime(x) {}
+        layernorm.forward(&out, mean: nil, rstd: nil, cls.data, n: b)
+        withExtendedLifetime((x, acts, cls)) {}
         return out
     }
 }

@@ -4,18 +4,30 @@ import Kernels
 /// Reads the tensors a model expects from a checkpoint, checking each shape, and at the end
 /// that nothing is left over: missing, misshapen or extra tensors throw `CheckpointError` naming them.
 struct WeightReader {
-    let source: TensorSource
+    /// nil: random weights of the requested shapes (benchmarks with full-size models, no checkpoint).
+    let source: TensorSource?
     /// Prepended to every requested name (e.g. "vit." when a ViTModel was saved inside a task model).
     let prefix: String
     private(set) var used: Set<String> = []
 
-    init(_ source: TensorSource, prefix: String = "") {
+    private var random = SplitMix64(seed: 0x6E6F6C6164)
+
+    init(_ source: TensorSource?, prefix: String = "") {
         self.source = source
         self.prefix = prefix
     }
 
     mutating func tensor(_ name: String, _ shape: [Int]) throws -> Buffer {
         let full = prefix + name
+        guard let source else {
+            // random: norm weights and layer scales 1, everything else uniform ±1/√(last dim)
+            let count = shape.reduce(1, *)
+            if shape.count == 1 && ((name.contains("norm") && name.hasSuffix(".weight")) || name.hasSuffix("lambda1")) {
+                return Buffer([Float](repeating: 1, count: count))
+            }
+            let bound = 1 / Float(shape.last ?? 1).squareRoot()
+            return Buffer((0..<count).map { _ in Float.random(in: -bound...bound, using: &random) })
+        }
         guard let found = source.shape(of: full) else { throw CheckpointError.missingTensor(full) }
         // a scalar may be stored as shape [] or [1]
         let same = found == shape || (found.reduce(1, *) == 1 && shape.reduce(1, *) == 1 && found.count <= 1 && shape.count <= 1)
@@ -48,10 +60,24 @@ struct WeightReader {
     /// Throws `unexpectedTensor` for any checkpoint tensor that was not read and is not in `ignoring`
     /// (names without the prefix; buffers such as position_ids that some checkpoints carry).
     func finish(ignoring: Set<String> = []) throws {
+        guard let source else { return }
         for name in source.tensorNames.sorted() where !used.contains(name) {
             let bare = name.hasPrefix(prefix) ? String(name.dropFirst(prefix.count)) : name
             if !ignoring.contains(bare) { throw CheckpointError.unexpectedTensor(name) }
         }
+    }
+}
+
+/// A small fast generator for random benchmark weights (SystemRandomNumberGenerator is a syscall per draw).
+public struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E3779B97F4A7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58476D1CE4E5B9
+        z = (z ^ (z >> 27)) &* 0x94D049BB133111EB
+        return z ^ (z >> 31)
     }
 }
 

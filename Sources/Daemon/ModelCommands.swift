@@ -1,0 +1,173 @@
+import ArgumentParser
+import Foundation
+import Kernels
+import Models
+
+/// A model subcommand's failure, printed on stderr (non-zero exit).
+struct ModelCommandError: Error, CustomStringConvertible {
+    let description: String
+}
+
+/// What a model folder holds, from its config.json `model_type`.
+enum ImageEncoder {
+    case clip(CLIPModel)
+    case vit(ViTModel)
+
+    init(folder: URL) throws {
+        let config = try readConfig(folder: folder)
+        switch config["model_type"] as? String {
+        case "clip": self = .clip(try CLIPModel(folder: folder))
+        case "vit", "dinov2": self = .vit(try ViTModel(folder: folder))
+        case let other:
+            throw ModelCommandError(description: "\(folder.path)/config.json: model_type \(other ?? "(none)") is not clip, vit or dinov2")
+        }
+    }
+
+    /// Square input side the model expects (DINOv2 accepts any multiple of its patch size).
+    var imageSize: Int {
+        switch self {
+        case .clip(let m): return m.config.visionConfig.imageSize
+        case .vit(let m): return m.config.imageSize
+        }
+    }
+
+    func accepts(size: Int) -> Bool {
+        switch self {
+        case .clip: return size == imageSize
+        case .vit(let m): return m.kind == .dinov2 ? size % m.config.patchSize == 0 : size == imageSize
+        }
+    }
+
+    /// CLIP: get_image_features; DINO/DINOv2: final-norm CLS token. pixels (B,3,S,S).
+    func embed(_ pixels: [Float], batch: Int, size: Int) -> [Float] {
+        pixels.withUnsafeBufferPointer { p in
+            switch self {
+            case .clip(let m): return m.getImageFeatures(pixels: p.baseAddress!, batch: batch)
+            case .vit(let m): return m.clsFeatures(pixels: p.baseAddress!, batch: batch, height: size, width: size)
+            }
+        }
+    }
+}
+
+func jsonLine(_ object: [String: Any]) -> String {
+    let data = try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
+    return String(decoding: data, as: UTF8.self)
+}
+
+/// Reads a raw tensor file: little-endian float32 values of one image, channel-major (3,S,S), already
+/// preprocessed (resized, cropped, normalised); S is inferred from the size (square images only).
+func readRawImage(_ path: String) throws -> (pixels: [Float], size: Int) {
+    guard let data = FileManager.default.contents(atPath: path) else { throw ModelCommandError(description: "\(path): cannot read file") }
+    let count = data.count / 4
+    let size = Int(Double(count / 3).squareRoot().rounded())
+    guard data.count % 4 == 0, count > 0, 3 * size * size == count else {
+        throw ModelCommandError(description: "\(path): \(data.count) bytes is not a float32 (3,S,S) tensor")
+    }
+    let pixels = data.withUnsafeBytes { raw in (0..<count).map { Float(bitPattern: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 4 * $0, as: UInt32.self))) } }
+    return (pixels, size)
+}
+
+struct EmbedImage: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "embed-image",
+        abstract: "Image embeddings as JSON Lines: CLIP get_image_features, or the DINO/DINOv2 final-norm CLS token.",
+        discussion: """
+        Until image decoding lands, each FILE is a raw tensor: little-endian float32, shape (3,S,S) channel-major, \
+        already preprocessed for the model (S = image_size; DINOv2 any multiple of patch_size).
+        """)
+
+    @Option(help: "Hugging Face model folder (config.json + model.safetensors or pytorch_model.bin).") var model: String
+    @Option(help: "Threads for OpenBLAS and our kernels.") var threads = 2
+    @Argument(help: "Raw float32 (3,S,S) files.") var files: [String]
+
+    func run() throws {
+        setThreads(threads)
+        let encoder = try ImageEncoder(folder: URL(fileURLWithPath: model))
+        var failed = 0
+        for file in files {
+            do {
+                let (pixels, size) = try readRawImage(file)
+                guard encoder.accepts(size: size) else {
+                    throw ModelCommandError(description: "\(file): image is \(size)×\(size), the model needs \(encoder.imageSize)×\(encoder.imageSize)")
+                }
+                let embedding = encoder.embed(pixels, batch: 1, size: size)
+                print(jsonLine(["file": file, "embedding": embedding.map(Double.init)]))
+            } catch {
+                failed += 1
+                FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+            }
+        }
+        if failed > 0 { throw ExitCode(1) }
+    }
+}
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Speed of CLIP ViT-B/32 (image, text, prompt-tuning step) and DINO ViT-B/16 with random full-size weights.",
+        discussion: "Compare with reference/bench_torch.py run with the same --threads and --batch.")
+
+    @Option(help: "Threads for OpenBLAS and our kernels.") var threads = 2
+    @Option(help: "Images per batch.") var batch = 16
+    @Option(help: "Timed repetitions after one warm-up.") var iterations = 3
+    @Option(help: "Tokens per text, BOS and EOS included.") var textTokens = 20
+    @Option(help: "Prompt tokens for the prompt-tuning step.") var prompts = 16
+    @Option(help: "Comma-separated subset of: clip-image, clip-text, prompt-step, dino.") var only: String?
+
+    func wanted(_ name: String) -> Bool { only.map { $0.split(separator: ",").contains(Substring(name)) } ?? true }
+
+    /// Wall-clock and process CPU seconds per repetition.
+    func time(_ body: () -> Void) -> (wall: Double, cpu: Double) {
+        body()
+        let wall = DispatchTime.now().uptimeNanoseconds, cpu = processCPUSeconds()
+        for _ in 0..<iterations { body() }
+        return (Double(DispatchTime.now().uptimeNanoseconds - wall) / 1e9 / Double(iterations),
+                (processCPUSeconds() - cpu) / Double(iterations))
+    }
+
+    func report(_ name: String, seconds: (wall: Double, cpu: Double), items: Int, unit: String) {
+        let padded = name.padding(toLength: 36, withPad: " ", startingAt: 0)
+        print(padded + String(format: "%9.1f ms/%@  %8.1f %@/s   (CPU time %.1f ms/%@ over all threads)",
+                              seconds.wall / Double(items) * 1000, unit, Double(items) / seconds.wall, unit,
+                              seconds.cpu / Double(items) * 1000, unit))
+    }
+
+    func run() throws {
+        setThreads(threads)
+        print("nolad bench: threads \(threads), batch \(batch), \(iterations) iterations after a warm-up, random weights")
+        let clip = try CLIPModel(config: CLIPConfig(), weights: nil)
+        let dino = try ViTModel(kind: .vit, config: ViTConfig(), weights: nil)
+        var rng = SplitMix64(seed: 1)
+        let pixels = (0..<(batch * 3 * 224 * 224)).map { _ in Float.random(in: -2...2, using: &rng) }
+        pixels.withUnsafeBufferPointer { px in
+            let p = px.baseAddress!
+            if wanted("clip-image") { report("CLIP ViT-B/32 image", seconds: time { _ = clip.getImageFeatures(pixels: p, batch: batch) }, items: batch, unit: "img") }
+            let texts = (0..<(4 * batch)).map { _ in [49406] + (0..<(textTokens - 2)).map { _ in Int32.random(in: 1..<49406, using: &rng) } + [49407] }
+            if wanted("clip-text") { report("CLIP text (\(textTokens) tokens)", seconds: time { _ = clip.getTextFeatures(texts) }, items: texts.count, unit: "text") }
+            let d = clip.config.visionConfig.hiddenSize, classes = 10
+            let state = CLIPPromptTuning(model: clip, prompts: (0..<(prompts * d)).map { _ in Float.random(in: -0.1...0.1, using: &rng) }, promptCount: prompts,
+                                         head: (0..<(classes * clip.projectionDim)).map { _ in Float.random(in: -0.1...0.1, using: &rng) }, classCount: classes)
+            let labels = (0..<batch).map { $0 % classes }
+            if wanted("prompt-step") { report("CLIP prompt-tuning step (P=\(prompts))", seconds: time {
+                _ = clip.promptTuningStep(state, pixels: p, batch: batch) { logits, dlogits in
+                    crossEntropyForwardBackward(dlogits: dlogits, logits, labels: labels, n: batch, c: classes, smoothing: 0.1)
+                }
+            }, items: batch, unit: "img") }
+            if wanted("dino") { report("DINO ViT-B/16 image", seconds: time { _ = dino.clsFeatures(pixels: p, batch: batch, height: 224, width: 224) }, items: batch, unit: "img") }
+        }
+        print(String(format: "peak memory (both models, batch %d): %.0f MB", batch, peakResidentMegabytes()))
+    }
+}
+
+func processCPUSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+/// VmHWM of this process from /proc/self/status, in MB (0 where unavailable).
+func peakResidentMegabytes() -> Double {
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+          let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
+          let kb = Double(line.split(separator: " ").dropFirst().first ?? "") else { return 0 }
+    return kb / 1024
+}
