@@ -137,14 +137,6 @@ func weightedChecksum(_ bytes: [UInt8]) -> String {
     return String(repeating: "0", count: 16 - s.count) + s
 }
 
-/// User + system CPU time of this process (all threads): robust to other load on the machine.
-func processCPUSeconds() -> Double {
-    var usage = rusage()
-    getrusage(__rusage_who_t(RUSAGE_SELF.rawValue), &usage)
-    func seconds(_ t: timeval) -> Double { Double(t.tv_sec) + Double(t.tv_usec) / 1e6 }
-    return seconds(usage.ru_utime) + seconds(usage.ru_stime)
-}
-
 /// A counter shared by the benchmark's threads.
 final class ManagedAtomicCounter: @unchecked Sendable {
     private let lock = NSLock()
