@@ -56,7 +56,7 @@ let package = Package(
         .testTarget(name: "ModelsTests", dependencies: ["Models", "Kernels"], swiftSettings: numeric),
         .testTarget(name: "ImagingTests", dependencies: ["Imaging"], swiftSettings: numeric),
         .testTarget(name: "MethodTests", dependencies: ["Method"], swiftSettings: numeric),
-        .testTarget(name: "QueueTests", dependencies: ["Queue"]),
+        .testTarget(name: "QueueTests", dependencies: ["Queue", "Daemon"]),
         .testTarget(name: "DatabaseTests", dependencies: ["Queue", "Daemon"]),
     ],
     swiftLanguageModes: [.v5]
