@@ -331,4 +331,50 @@ final class DaemonTests: DatabaseTestCase {
         XCTAssertEqual(status, 0, output)
         XCTAssertTrue(output.contains("succeeded") && output.contains("stage_started") && output.contains("\"images\": 40") || output.contains("\"images\":40"), output)
     }
+
+    func testSystemdNotify_readyStatusWatchdogAndStopping() throws {
+        // A datagram socket standing in for systemd's NOTIFY_SOCKET.
+        let path = root + "/notify.sock"
+        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (i, b) in path.utf8.enumerated() { raw[i] = b }
+        }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        XCTAssertEqual(bound, 0)
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        var messages: [String] = []
+        func receive() {
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            while true {
+                let n = recv(fd, &buffer, buffer.count, 0)
+                if n <= 0 { break }
+                messages.append(String(decoding: buffer[0..<n], as: UTF8.self))
+            }
+        }
+
+        let id = try submit(try makeCollection("notified", images: 20))
+        let d = try startDaemon("sd", settings: ["image_delay_seconds": "0.1"],
+                                environment: ["NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"])
+        try waitUntil("the job runs", timeout: 10) { (try job(id).optionalInt("stage_done") ?? 0) >= 5 }
+        Thread.sleep(forTimeInterval: 0.6)
+        receive()
+        d.signal(SIGTERM)
+        XCTAssertEqual(d.waitExit(timeout: 10), 0)
+        receive()
+        let all = messages.joined(separator: "\n")
+        let lines = all.split(separator: "\n").map(String.init)
+        guard let ready = lines.firstIndex(of: "READY=1") else { return XCTFail("no READY=1 in \(messages)") }
+        XCTAssertFalse(lines[..<ready].contains { $0.hasPrefix("STATUS=job") }, "READY=1 must come before any job runs")
+        XCTAssertTrue(lines.contains { $0.hasPrefix("STATUS=job \(id) attempt 1: discover") }, "STATUS names job and stage: \(lines)")
+        XCTAssertGreaterThanOrEqual(lines.filter { $0 == "WATCHDOG=1" }.count, 3, "watchdog pings every 0.2 s")
+        guard let stopping = lines.firstIndex(of: "STOPPING=1") else { return XCTFail("no STOPPING=1 in \(messages)") }
+        XCTAssertGreaterThan(stopping, ready)
+        XCTAssertEqual(lines.last, "STATUS=stopped")
+    }
 }

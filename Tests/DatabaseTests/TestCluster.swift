@@ -137,7 +137,8 @@ final class DaemonProcess {
     let logPath: String
     let name: String
 
-    init(name: String, conninfo: String, roots: [String], folder: String, settings: [String: String] = [:]) throws {
+    init(name: String, conninfo: String, roots: [String], folder: String, settings: [String: String] = [:],
+         environment: [String: String] = [:]) throws {
         self.name = name
         logPath = folder + "/\(name).log"
         FileManager.default.createFile(atPath: logPath, contents: nil)
@@ -152,6 +153,7 @@ final class DaemonProcess {
         env["NOLAD_RETRY_BASE_SECONDS"] = "0.2"
         env["NOLAD_LOG_LEVEL"] = "debug"
         for (k, v) in settings { env["NOLAD_" + k.uppercased()] = v }
+        for (k, v) in environment { env[k] = v }
         process.executableURL = URL(fileURLWithPath: try noladExecutable())
         process.arguments = ["serve"]
         process.environment = env
@@ -220,8 +222,10 @@ class DatabaseTestCase: XCTestCase {
         try? FileManager.default.removeItem(atPath: root)
     }
 
-    func startDaemon(_ name: String, settings: [String: String] = [:], waitReady: Bool = true) throws -> DaemonProcess {
-        let d = try DaemonProcess(name: name, conninfo: conninfo, roots: [root], folder: root, settings: settings)
+    func startDaemon(_ name: String, settings: [String: String] = [:], environment: [String: String] = [:],
+                     waitReady: Bool = true) throws -> DaemonProcess {
+        let d = try DaemonProcess(name: name, conninfo: conninfo, roots: [root], folder: root, settings: settings,
+                                  environment: environment)
         daemons.append(d)
         if waitReady { try d.waitReady() }
         return d
