@@ -28,7 +28,9 @@ public struct NoladLogHandler: LogHandler {
             let v = "\(value)"
             return v.contains(" ") || v.isEmpty ? "\(key)=\"\(v)\"" : "\(key)=\(v)"
         }
+        // One event, one line: libpq messages carry newlines and tabs.
         let text = ([event.message.description] + fields).joined(separator: " ")
+            .split(whereSeparator: { $0 == "\n" || $0 == "\t" || $0 == "\r" }).joined(separator: " ")
         let line: String
         if journald {
             line = "<\(Self.priority(event.level))>\(text)\n"

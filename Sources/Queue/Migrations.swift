@@ -190,7 +190,8 @@ public enum SchemaCatalog {
         let rows = try c.query("""
             SELECT 'column ' || cl.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
                    || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
-                   || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '') AS item
+                   || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
+                   || coalesce(' acl ' || a.attacl::text, '') AS item
             FROM pg_class cl JOIN pg_namespace n ON n.oid = cl.relnamespace
             JOIN pg_attribute a ON a.attrelid = cl.oid AND a.attnum > 0 AND NOT a.attisdropped
             LEFT JOIN pg_attrdef d ON d.adrelid = cl.oid AND d.adnum = a.attnum
