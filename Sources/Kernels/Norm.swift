@@ -40,28 +40,34 @@ public func layerNormBackward(dinp: UnsafeMutablePointer<Float>?, dweight: Unsaf
                               dbias: UnsafeMutablePointer<Float>?,
                               _ dout: UnsafePointer<Float>, _ inp: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
                               mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>, n: Int, c: Int) {
-    for r in 0..<n {
-        let x = inp + r * c, dy = dout + r * c
-        let m = mean[r], rs = rstd[r]
-        if dweight != nil || dbias != nil {
+    if dweight != nil || dbias != nil {
+        for r in 0..<n {
+            let x = inp + r * c, dy = dout + r * c
+            let m = mean[r], rs = rstd[r]
             for i in 0..<c {
                 dweight?[i] += dy[i] * (x[i] - m) * rs
                 dbias?[i] += dy[i]
             }
         }
-        guard let dinp else { continue }
-        // dx̂ = dy · weight;  dx = rstd · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ · x̂))
-        var sumG: Float = 0, sumGX: Float = 0
-        for i in 0..<c {
-            let g = dy[i] * weight[i]
-            sumG += g
-            sumGX += g * (x[i] - m) * rs
-        }
-        let mg = sumG / Float(c), mgx = sumGX / Float(c)
-        let dx = dinp + r * c
-        for i in 0..<c {
-            let xh = (x[i] - m) * rs
-            dx[i] += rs * (dy[i] * weight[i] - mg - xh * mgx)
+    }
+    guard let dinp else { return }
+    parallelFor(n, grain: 16) { rows in
+        for r in rows {
+            let x = inp + r * c, dy = dout + r * c
+            let m = mean[r], rs = rstd[r]
+            // dx̂ = dy · weight;  dx = rstd · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ · x̂))
+            var sumG: Float = 0, sumGX: Float = 0
+            for i in 0..<c {
+                let g = dy[i] * weight[i]
+                sumG += g
+                sumGX += g * (x[i] - m) * rs
+            }
+            let mg = sumG / Float(c), mgx = sumGX / Float(c)
+            let dx = dinp + r * c
+            for i in 0..<c {
+                let xh = (x[i] - m) * rs
+                dx[i] += rs * (dy[i] * weight[i] - mg - xh * mgx)
+            }
         }
     }
 }

@@ -14,6 +14,8 @@ public final class CLIPPromptTuning: @unchecked Sendable {
     let promptsGrad: Buffer
     let headGrad: Buffer
     let normGrads: [(LayerNormGrads)]   // in CLIPVisionNorms.named order
+    /// Activations and scratch of the last step, reused while the batch size stays the same.
+    var workspace: (batch: Int, tape: CLIPVisionTape, scratch: LayerGradScratch)?
 
     /// Starts from the model's LayerNorms and the given prompts (P·D values) and head (C·projection_dim values).
     public init(model: CLIPModel, prompts: [Float], promptCount: Int, head: [Float], classCount: Int, normalizesFeatures: Bool = true) {
@@ -56,14 +58,18 @@ extension CLIPModel {
         return (features, logits)
     }
 
-    /// One micro-batch of prompt tuning: forward with prompts, head logits (B,C), `loss` turns them into a
+    /// One micro-batch of prompt tuning (one at a time per state: the state holds the step's activations): forward with prompts, head logits (B,C), `loss` turns them into a
     /// scalar and writes ∂loss/∂logits (B,C); the backward accumulates gradients of the prompts, every vision
     /// LayerNorm and the head into `s`. Frozen weights get input gradients only. Returns the loss.
     public func promptTuningStep(_ s: CLIPPromptTuning, pixels: UnsafePointer<Float>, batch b: Int,
                                  loss: (_ logits: UnsafePointer<Float>, _ dlogits: UnsafeMutablePointer<Float>) -> Float) -> Float {
         let c = config.visionConfig, d = c.hiddenSize, pd = projectionDim, classes = s.classCount, p = s.promptCount
         let np = c.gridSize * c.gridSize, seq = 1 + np, t = seq + p
-        let tape = CLIPVisionTape(b: b, seq: seq, t: t, c: c)
+        if s.workspace?.batch != b {
+            s.workspace = nil
+            s.workspace = (b, CLIPVisionTape(b: b, seq: seq, t: t, c: c), LayerGradScratch(n: b * t, d: d, intermediate: c.intermediateSize))
+        }
+        let (_, tape, scratch) = s.workspace!
         let x = visionHiddenStates(pixels: pixels, batch: b, prompts: s.prompts.data, promptCount: p, norms: s.norms,
                                    layerCount: c.numHiddenLayers, tape: tape)
         for bi in 0..<b { (tape.cls.data + bi * d).update(from: x.data + bi * t * d, count: d) }
@@ -96,7 +102,6 @@ extension CLIPModel {
         // cls = x[:, 0]; then the encoder layers in reverse
         let dx = Buffer(count: b * t * d)
         for bi in 0..<b { (dx.data + bi * t * d).update(from: dCls.data + bi * d, count: d) }
-        let scratch = LayerGradScratch(n: b * t, d: d, intermediate: c.intermediateSize)
         for i in (0..<c.numHiddenLayers).reversed() {
             encoderLayerBackward(visionModel.layers[i], dx.data, tape.layers[i], scratch, heads: c.numAttentionHeads,
                                  activation: c.hiddenAct, norm1: s.norms.layers[i].layerNorm1, norm2: s.norms.layers[i].layerNorm2,
