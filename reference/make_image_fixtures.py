@@ -10,6 +10,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import tempfile
 import zlib
 
 import numpy as np
@@ -123,6 +125,16 @@ def main():
     jpeg("rgb_420_progressive_odd.jpg", photo_like(333, 211, 4), quality=80, subsampling=2, progressive=True)
     jpeg("gray.jpg", photo_like(150, 230, 5).convert("L"), quality=85)
     jpeg("cmyk.jpg", photo_like(120, 90, 6).convert("CMYK"), quality=90)
+    # YCCK JPEG (Adobe transform 2), written by a small libjpeg program since Pillow cannot.
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "write_ycck")
+        subprocess.run(["cc", "-O1", "-o", exe, os.path.join(os.path.dirname(os.path.abspath(__file__)), "write_ycck_jpeg.c"),
+                        "-ljpeg"], check=True)
+        cmyk_src = photo_like(70, 52, 25).convert("CMYK")
+        out = subprocess.run([exe, "70", "52"], input=cmyk_src.tobytes(), capture_output=True, check=True).stdout
+        with open(os.path.join(IMAGES, "ycck.jpg"), "wb") as f:
+            f.write(out)
+        cases.append("ycck.jpg")
     # EXIF orientation 6 (rotate 90 CW to display).
     exif = Image.Exif()
     exif[0x0112] = 6
