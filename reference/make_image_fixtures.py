@@ -193,6 +193,9 @@ def main():
         e[0x0112] = o
         png(f"exif_o{o}.png", photo_like(9, 5, 30 + o), exif=e.tobytes())
     png("rgb_trns.png", photo_like(20, 14, 24), transparency=(10, 20, 30))
+    # Wider than libpng's default 1,000,000-pixel user limit (Pillow reads it; so must we).
+    wide = np.tile(np.arange(256, dtype=np.uint8), 1_200_000 * 3 // 256 + 1)[: 1_200_000 * 3].reshape(1, 1_200_000, 3)
+    png("wide_1200000x1.png", Image.fromarray(wide, "RGB"))
     # A JPEG stored under a .png name: recognised by content.
     with open(os.path.join(IMAGES, "jpeg_named.png"), "wb") as f:
         photo_like(40, 30, 22).save(f, "JPEG", quality=90)
@@ -216,6 +219,8 @@ def main():
         views = []
         big = name in ("rgb_420_baseline.jpg", "larger_1000x750.jpg", "rgba.png")
         specs = [(64, 64)]
+        if name == "wide_1200000x1.png":
+            specs = []  # its weak view would be a 76-gigapixel resize
         if name == "tall_1x3000.jpg":
             specs = [(32, 32)]
         if big:
