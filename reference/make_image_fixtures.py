@@ -10,6 +10,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import tempfile
 import zlib
 
 import numpy as np
@@ -123,6 +125,16 @@ def main():
     jpeg("rgb_420_progressive_odd.jpg", photo_like(333, 211, 4), quality=80, subsampling=2, progressive=True)
     jpeg("gray.jpg", photo_like(150, 230, 5).convert("L"), quality=85)
     jpeg("cmyk.jpg", photo_like(120, 90, 6).convert("CMYK"), quality=90)
+    # YCCK JPEG (Adobe transform 2), written by a small libjpeg program since Pillow cannot.
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "write_ycck")
+        subprocess.run(["cc", "-O1", "-o", exe, os.path.join(os.path.dirname(os.path.abspath(__file__)), "write_ycck_jpeg.c"),
+                        "-ljpeg"], check=True)
+        cmyk_src = photo_like(70, 52, 25).convert("CMYK")
+        out = subprocess.run([exe, "70", "52"], input=cmyk_src.tobytes(), capture_output=True, check=True).stdout
+        with open(os.path.join(IMAGES, "ycck.jpg"), "wb") as f:
+            f.write(out)
+        cases.append("ycck.jpg")
     # EXIF orientation 6 (rotate 90 CW to display).
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -181,6 +193,9 @@ def main():
         e[0x0112] = o
         png(f"exif_o{o}.png", photo_like(9, 5, 30 + o), exif=e.tobytes())
     png("rgb_trns.png", photo_like(20, 14, 24), transparency=(10, 20, 30))
+    # Wider than libpng's default 1,000,000-pixel user limit (Pillow reads it; so must we).
+    wide = np.tile(np.arange(256, dtype=np.uint8), 1_200_000 * 3 // 256 + 1)[: 1_200_000 * 3].reshape(1, 1_200_000, 3)
+    png("wide_1200000x1.png", Image.fromarray(wide, "RGB"))
     # A JPEG stored under a .png name: recognised by content.
     with open(os.path.join(IMAGES, "jpeg_named.png"), "wb") as f:
         photo_like(40, 30, 22).save(f, "JPEG", quality=90)
@@ -204,6 +219,8 @@ def main():
         views = []
         big = name in ("rgb_420_baseline.jpg", "larger_1000x750.jpg", "rgba.png")
         specs = [(64, 64)]
+        if name == "wide_1200000x1.png":
+            specs = []  # its weak view would be a 76-gigapixel resize
         if name == "tall_1x3000.jpg":
             specs = [(32, 32)]
         if big:

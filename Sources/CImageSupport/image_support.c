@@ -213,6 +213,9 @@ nolad_img_status nolad_png_decode(const uint8_t *data, size_t size, uint64_t max
         goto done;
     }
     png_set_read_fn(png, &src, png_read_memory);
+    // libpng's default 1,000,000-pixel width/height cap would call a valid 2,000,000×1 PNG corrupt;
+    // the caller's pixel limit is the guard, as in Pillow.
+    png_set_user_limits(png, 0x7fffffff, 0x7fffffff);
     png_read_info(png, pinfo);
     png_uint_32 width = png_get_image_width(png, pinfo), height = png_get_image_height(png, pinfo);
     int depth = png_get_bit_depth(png, pinfo), type = png_get_color_type(png, pinfo);

@@ -113,16 +113,13 @@ public func resample(_ image: RGBImage, width: Int, height: Int, filter: Resampl
         planes.initialize(repeating: 0, count: 3 * plane)
         defer { planes.deallocate() }
         let r = planes, g = planes + plane, b = planes + 2 * plane
-        // Only the source columns the window's taps read.
-        let columnFirst = horizontal.first[0]
-        let columnEnd = horizontal.first[window.width - 1] + horizontal.taps[window.width - 1]
         image.pixels.withUnsafeBufferPointer { src in
             temp.withUnsafeMutableBufferPointer { dst in
                 horizontal.weights.withUnsafeBufferPointer { kk in
                     for y in 0..<tempRows {
                         let lineIn = src.baseAddress! + (y + rowFirst) * image.width * 3
                         let lineOut = dst.baseAddress! + y * window.width * 3
-                        for x in columnFirst..<columnEnd {
+                        for x in 0..<image.width {
                             r[x] = Int32(lineIn[x * 3])
                             g[x] = Int32(lineIn[x * 3 + 1])
                             b[x] = Int32(lineIn[x * 3 + 2])
