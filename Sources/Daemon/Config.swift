@@ -50,6 +50,19 @@ public struct NoladConfig: Equatable, Sendable {
     public var migrations: String? = nil
     /// Testing aid: pause this long per image in the discovery stage (0 in production).
     public var imageDelaySeconds: Double = 0
+    /// The stages a job runs: "nola" (discover + the NoLA method) or "discover" (image discovery only).
+    public var pipeline: String = "nola"
+    /// Folder holding the model folders that job parameters `clip_model` / `dino_model` name.
+    public var modelRoot: String? = nil
+    /// OpenAI-compatible chat-completions endpoint for class descriptions (none: templates only).
+    public var llmURL: String? = nil
+    public var llmModel: String = "gpt-3.5-turbo"
+    /// Sent as a bearer token; prefer NOLAD_LLM_API_KEY over the file.
+    public var llmAPIKey: String? = nil
+    /// Memory for prompt-tuning activations per job; sizes the micro-batches.
+    public var memoryBudgetMB: Int = 4096
+    /// How often prompt tuning saves a checkpoint between epochs (always at the end of an epoch).
+    public var checkpointSeconds: Double = 120
 
     public init() {}
 
@@ -58,7 +71,8 @@ public struct NoladConfig: Equatable, Sendable {
         "database", "database_host", "database_port", "database_name", "database_user", "worker_name",
         "collection_roots", "clip_model", "dino_model", "threads", "concurrency", "lease_seconds",
         "heartbeat_seconds", "poll_seconds", "shutdown_timeout_seconds", "retry_base_seconds", "log_level",
-        "migrations", "image_delay_seconds",
+        "migrations", "image_delay_seconds", "pipeline", "model_root", "llm_url", "llm_model", "llm_api_key",
+        "memory_budget_mb", "checkpoint_seconds",
     ]
 
     /// Reads the YAML file at `path` (if any), then applies NOLAD_* variables from `environment`.
@@ -154,6 +168,13 @@ public struct NoladConfig: Equatable, Sendable {
         case "log_level": logLevel = value
         case "migrations": migrations = optional
         case "image_delay_seconds": imageDelaySeconds = try number()
+        case "pipeline": pipeline = value
+        case "model_root": modelRoot = optional
+        case "llm_url": llmURL = optional
+        case "llm_model": llmModel = value
+        case "llm_api_key": llmAPIKey = optional
+        case "memory_budget_mb": memoryBudgetMB = try integer()
+        case "checkpoint_seconds": checkpointSeconds = try number()
         default: throw NoladError(.config, "\(source): unknown key \"\(key)\"")
         }
     }
@@ -168,6 +189,10 @@ public struct NoladConfig: Equatable, Sendable {
         if pollSeconds <= 0 { throw NoladError(.config, "poll_seconds must be positive") }
         if shutdownTimeoutSeconds < 0 { throw NoladError(.config, "shutdown_timeout_seconds must not be negative") }
         if retryBaseSeconds < 0 { throw NoladError(.config, "retry_base_seconds must not be negative") }
+        if !["nola", "discover"].contains(pipeline) { throw NoladError(.config, "pipeline must be nola or discover, got \"\(pipeline)\"") }
+        if memoryBudgetMB < 64 { throw NoladError(.config, "memory_budget_mb must be at least 64") }
+        if checkpointSeconds <= 0 { throw NoladError(.config, "checkpoint_seconds must be positive") }
+        if let llmURL, URL(string: llmURL)?.scheme == nil { throw NoladError(.config, "llm_url must be a URL (http://host:port/v1)") }
         if imageDelaySeconds < 0 { throw NoladError(.config, "image_delay_seconds must not be negative") }
         for root in collectionRoots where !root.hasPrefix("/") {
             throw NoladError(.config, "collection root \(root) must be an absolute path")

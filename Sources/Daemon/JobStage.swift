@@ -30,7 +30,8 @@ public protocol JobStage: Sendable {
 /// The stages every job runs, in order. The labelling pipeline appends its stages here.
 public enum JobStages {
     public static func standard(config: NoladConfig) -> [JobStage] {
-        [DiscoverImagesStage(delayPerImage: config.imageDelaySeconds)]
+        let discover = DiscoverImagesStage(delayPerImage: config.imageDelaySeconds)
+        return config.pipeline == "discover" ? [discover] : [discover] + NolaPipeline.stages(config: config)
     }
 }
 

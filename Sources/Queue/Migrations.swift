@@ -12,7 +12,7 @@ public struct Migration: Sendable {
 /// Applies Migrations/*.sql in order, each in one transaction, under an advisory lock, recorded in
 /// `nola.schema_migrations`. The schema version this build of nolad expects is `Migrator.expectedVersion`.
 public enum Migrator {
-    public static let expectedVersion = 1
+    public static let expectedVersion = 2
     /// Arbitrary constant key for pg_advisory_lock, shared by every nolad.
     static let lockKey: Int64 = 0x6e6f_6c61_6d69_6772 // "nolamigr"
 
@@ -159,6 +159,9 @@ public enum SchemaCatalog {
                    "zero_shot_confidence real", "unreadable text"],
         "prompts": ["job_id bigint", "safetensors bytea", "shapes jsonb", "backbone jsonb", "parameters jsonb",
                     "created_at timestamp with time zone"],
+        "checkpoints": ["job_id bigint", "blob bytea", "epoch integer", "step integer", "updated_at timestamp with time zone"],
+        "feature_cache": ["model text", "sha256 text", "view text", "dimension integer", "features bytea",
+                          "created_at timestamp with time zone"],
         "description_cache": ["class_name text", "model text", "prompt_version text", "sentences jsonb",
                               "created_at timestamp with time zone"],
         "job_status": ["id bigint", "collection text", "state nola.job_state", "stage text", "progress numeric",

@@ -62,7 +62,7 @@ final class SubmissionTests: DatabaseTestCase {
             ("INSERT INTO nola.jobs (collection, classes, parameters) VALUES ('/data/x', $1, '[1]')", [["cat"]], "parameters must be a JSON object, not array"),
             ("INSERT INTO nola.jobs (collection, classes, parameters) VALUES ('/data/x', $1, '{\"epochz\": 3}')", [["cat"]], "unknown parameter \"epochz\""),
             ("INSERT INTO nola.jobs (collection, classes, parameters) VALUES ('/data/x', $1, '{\"seed\": \"7\"}')", [["cat"]], "parameter \"seed\" must be an integer, got \"7\""),
-            ("INSERT INTO nola.jobs (collection, classes, parameters) VALUES ('/data/x', $1, '{\"prompt_learning_rate\": true}')", [["cat"]], "parameter \"prompt_learning_rate\" must be a number"),
+            ("INSERT INTO nola.jobs (collection, classes, parameters) VALUES ('/data/x', $1, '{\"prompt_lr\": true}')", [["cat"]], "parameter \"prompt_lr\" must be a number"),
             ("INSERT INTO nola.jobs (collection, classes, descriptions) VALUES ('/data/x', $1, '{\"bird\": [\"a bird\"]}')", [["cat"]], "descriptions name class \"bird\", which is not in classes"),
             ("INSERT INTO nola.jobs (collection, classes, descriptions) VALUES ('/data/x', $1, '{\"cat\": \"a cat\"}')", [["cat"]], "descriptions of class \"cat\" must be an array of strings"),
             ("INSERT INTO nola.jobs (collection, classes, max_attempts) VALUES ('/data/x', $1, 0)", [["cat"]], "max_attempts_in_range"),

@@ -152,6 +152,7 @@ final class DaemonProcess {
         env["NOLAD_SHUTDOWN_TIMEOUT_SECONDS"] = "5"
         env["NOLAD_RETRY_BASE_SECONDS"] = "0.2"
         env["NOLAD_LOG_LEVEL"] = "debug"
+        env["NOLAD_PIPELINE"] = "discover"
         for (k, v) in settings { env["NOLAD_" + k.uppercased()] = v }
         for (k, v) in environment { env[k] = v }
         process.executableURL = URL(fileURLWithPath: try noladExecutable())

@@ -1,0 +1,251 @@
+import Foundation
+import Imaging
+import Kernels
+import Method
+import Models
+import Queue
+
+/// The NoLA method as job stages (DESIGN.md, "The method"): after `discover`,
+///   validate     parameters (NolaParameters), model folders, an earlier job's prompts
+///   describe     stage 1: sentences per class (job / LLM with cache / templates) → zero-shot classifier
+///   encode       CLIP and DINO features of every image's weak view (feature cache in PostgreSQL)
+///   pseudolabel  stage 2: zero-shot labels, top-k pseudo-labels, alignment module, teacher labels
+///   tune         stage 3: prompt tuning with checkpoints in nola.checkpoints (resumes after a crash)
+///   label        stage 4: a label for every image, the tuned prompts blob, accuracy when folders name classes
+/// The stages of one job share a `PipelineRun` (held by `NolaPipeline.runs` for the job's attempt).
+public enum NolaPipeline {
+    public static func stages(config: NoladConfig) -> [JobStage] {
+        [ValidateStage(), DescribeStage(), EncodeStage(), PseudoLabelJobStage(), TuneStage(), LabelStage()]
+    }
+
+    /// Per-job state between stages, by job id; an entry of an earlier attempt is replaced.
+    static let runs = RunRegistry()
+}
+
+final class RunRegistry: @unchecked Sendable {
+    private let lock = NSLock()
+    private var runs: [Int64: PipelineRun] = [:]
+
+    func start(_ run: PipelineRun) { lock.withLock { runs[run.job.id] = run } }
+    func finish(_ job: JobRef) { lock.withLock { if runs[job.id]?.job == job { runs[job.id] = nil } } }
+
+    /// The run of this attempt; a stage that finds none (a bug) fails the job.
+    func get(_ context: JobContext) throws -> PipelineRun {
+        guard let run = lock.withLock({ runs[context.job.id] }), run.job == context.job else {
+            throw JobError.transient("pipeline state of job \(context.jobID) attempt \(context.attempt) is missing")
+        }
+        return run
+    }
+}
+
+/// What the stages of one job attempt share.
+final class PipelineRun: @unchecked Sendable {
+    let job: JobRef
+    let parameters: NolaParameters
+    let parametersJSON: String
+    let clipFolder: URL
+    let dinoFolder: URL
+    /// Inference only: the tuned prompts of an earlier job.
+    let promptsFromJob: Int64?
+    var clip: ModelCache.CLIPEntry!
+    var dino: ModelCache.DINOEntry?
+    var classifier: [Float] = []
+    /// Every image of the job (nola.images order) and which of them could be decoded.
+    var images: [ImageRecord] = []
+    var unreadable: [String: String] = [:]
+    /// Indices into `images` of the readable ones; features and labels below follow this order.
+    var readable: [Int] = []
+    var clipFeatures: [Float] = []
+    var dinoFeatures: [Float] = []
+    var truth: [Int]?
+    var stage2: PseudoLabelStage?
+    var zeroShotLabels: [Int] = []
+    var zeroShotConfidences: [Float] = []
+    var tuned: PromptTuningState?
+    var encoder: CLIPPromptEncoder?
+
+    init(job: JobRef, parameters: NolaParameters, parametersJSON: String, clipFolder: URL, dinoFolder: URL, promptsFromJob: Int64?) {
+        self.job = job
+        self.parameters = parameters
+        self.parametersJSON = parametersJSON
+        self.clipFolder = clipFolder
+        self.dinoFolder = dinoFolder
+        self.promptsFromJob = promptsFromJob
+    }
+
+    var imageSize: Int { clip.model.config.visionConfig.imageSize }
+    var weakConfig: WeakViewConfig { WeakViewConfig(resize: imageSize, crop: imageSize, mean: WeakViewConfig.clipMean, std: WeakViewConfig.clipStd) }
+    func url(_ context: JobContext, readableIndex i: Int) -> URL {
+        context.collection.appendingPathComponent(images[readable[i]].path)
+    }
+}
+
+/// Seconds since `start`, rounded to milliseconds, as a JSON number.
+func seconds(since start: Date) -> JSONValue { .number((Date().timeIntervalSince(start) * 1000).rounded() / 1000) }
+func number(_ x: Double) -> JSONValue { .number(x.isFinite ? (x * 1e6).rounded() / 1e6 : 0) }
+func number(_ x: Int) -> JSONValue { .number(Double(x)) }
+
+// MARK: validate
+
+/// Parameters, model folders and (inference only) the earlier job's prompts, before any work.
+struct ValidateStage: JobStage {
+    let name = "validate"
+
+    func run(_ context: JobContext) throws {
+        let parameters: NolaParameters
+        var json = context.parametersJSON
+        var promptsFromJob: Int64?
+        // `prompts_from_job` belongs to the daemon, not to the method: take it out before NolaParameters.
+        if case .object(var object)? = try? JSONDecoder().decode(JSONValue.self, from: Data(json.utf8)),
+           let value = object.removeValue(forKey: "prompts_from_job") {
+            guard case .number(let d) = value, let id = Int64(exactly: d), id > 0 else {
+                throw JobError.badInput("parameter 'prompts_from_job': expected the id of an earlier job, found \(value)")
+            }
+            promptsFromJob = id
+            json = String(decoding: try JSONEncoder().encode(JSONValue.object(object)), as: UTF8.self)
+        }
+        do {
+            parameters = try NolaParameters(json: Data(json.utf8))
+        } catch let error as MethodError {
+            throw JobError.badInput("\(error)")
+        }
+        let given = (try? JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any]) ?? [:]
+        let clip = try modelFolder(context.config, configured: context.config.clipModel, parameter: given["clip_model"] as? String,
+                                   fallback: parameters.clipModel, what: "CLIP")
+        let dino = try modelFolder(context.config, configured: context.config.dinoModel, parameter: given["dino_model"] as? String,
+                                   fallback: parameters.dinoModel, what: "DINO")
+        if let id = promptsFromJob {
+            let found = try context.withDatabase { try PipelineTables.prompts($0, jobID: id) }
+            guard found != nil else { throw JobError.badInput("parameter 'prompts_from_job': job \(id) has no tuned prompts") }
+        }
+        let run = PipelineRun(job: context.job, parameters: parameters, parametersJSON: String(decoding: parameters.encodedJSON(), as: UTF8.self),
+                              clipFolder: clip, dinoFolder: dino, promptsFromJob: promptsFromJob)
+        NolaPipeline.runs.start(run)
+        setThreads(context.config.threads)
+        try context.recordEvent(stage: name, kind: "parameters", metrics: [
+            "parameters": (try? JSONDecoder().decode(JSONValue.self, from: parameters.encodedJSON())) ?? .null,
+            "clip_model": .string(clip.path), "dino_model": .string(dino.path),
+            "prompts_from_job": promptsFromJob.map { .number(Double($0)) } ?? .null,
+            "threads": number(context.config.threads),
+        ])
+    }
+
+    /// The model folder: the job's parameter (a folder name under model_root), else the configuration's
+    /// path (absolute, or relative to model_root), else the default folder name under model_root.
+    func modelFolder(_ config: NoladConfig, configured: String?, parameter: String?, fallback: String, what: String) throws -> URL {
+        let path: String
+        if let parameter {
+            guard let root = config.modelRoot else {
+                throw JobError.badInput("parameter names \(what) model folder '\(parameter)' but the daemon has no model_root configured")
+            }
+            path = root + "/" + parameter
+        } else if let configured {
+            if configured.hasPrefix("/") { path = configured }
+            else if let root = config.modelRoot { path = root + "/" + configured }
+            else { throw JobError.badInput("\(what) model '\(configured)' is relative but no model_root is configured") }
+        } else if let root = config.modelRoot {
+            path = root + "/" + fallback
+        } else {
+            throw JobError.badInput("no \(what) model: configure model_root (or \(what == "CLIP" ? "clip_model" : "dino_model"))")
+        }
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue else {
+            throw JobError.badInput("\(what) model folder \(path) does not exist")
+        }
+        guard FileManager.default.fileExists(atPath: path + "/config.json") else {
+            throw JobError.badInput("\(what) model folder \(path) has no config.json")
+        }
+        return URL(fileURLWithPath: path)
+    }
+}
+
+// MARK: stage 1
+
+struct DescribeStage: JobStage {
+    let name = "describe"
+
+    func run(_ context: JobContext) throws {
+        let run = try NolaPipeline.runs.get(context)
+        let start = Date()
+        run.clip = try ModelCache.shared.clip(run.clipFolder)
+        try context.checkCancelled()
+        let classes = context.classes
+        var descriptions: [String: [String]] = [:]
+        if let json = context.descriptionsJSON {
+            do {
+                descriptions = try ClassDescriptions.parse(Data(json.utf8), classes: classes)
+            } catch let error as MethodError {
+                throw JobError.badInput("\(error)")
+            }
+        }
+        var source: [String: String] = [:]
+        for c in classes { source[c] = descriptions[c] != nil ? "job" : "templates" }
+        var llmCalls = 0, cacheHits = 0
+        if let url = context.config.llmURL.flatMap(URL.init(string:)) {
+            let endpoint = LLMEndpoint(url: url, model: context.config.llmModel, apiKey: context.config.llmAPIKey)
+            let client = DescriptionClient(endpoint: endpoint)
+            for (i, c) in classes.enumerated() where descriptions[c] == nil {
+                try context.reportProgress(stage: name, done: i, total: classes.count)
+                if let cached = try context.withDatabase({
+                    try Results.cachedDescriptions($0, className: c, model: endpoint.model, promptVersion: DescriptionClient.promptVersion)
+                }) {
+                    descriptions[c] = cached
+                    cacheHits += 1
+                    source[c] = "cache"
+                    continue
+                }
+                let sentences = try waitFor { try await client.describe(className: c) }
+                llmCalls += 1
+                try context.withDatabase {
+                    try Results.cacheDescriptions($0, className: c, model: endpoint.model, promptVersion: DescriptionClient.promptVersion, sentences: sentences)
+                }
+                descriptions[c] = sentences
+                source[c] = "llm"
+            }
+        }
+        let sentences = ClassDescriptions.sentences(classes: classes, descriptions: descriptions, templates: run.parameters.templates)
+        let clip = run.clip.model
+        let contextLength = clip.config.textConfig.maxPositionEmbeddings
+        let e = clip.projectionDim
+        var embeddings: [[Float]] = []
+        for (i, list) in sentences.enumerated() {
+            try context.reportProgress(stage: name, done: i, total: classes.count)
+            let ids = list.map { run.clip.tokenizer.encode($0, contextLength: contextLength).map(Int32.init) }
+            embeddings.append(clip.getTextFeatures(ids))
+        }
+        do {
+            run.classifier = try buildClassifier(embeddings: embeddings, dimension: e)
+        } catch let error as MethodError {
+            throw JobError.badInput("\(error)")
+        }
+        try context.reportProgress(stage: name, done: classes.count, total: classes.count)
+        var perClass: [String: JSONValue] = [:]
+        for (c, list) in zip(classes, sentences) {
+            perClass[c] = ["sentences": number(list.count), "source": .string(source[c] ?? "templates")]
+        }
+        try context.recordEvent(stage: name, kind: "metrics", metrics: [
+            "classes": .object(perClass), "llm_calls": number(llmCalls), "cache_hits": number(cacheHits),
+            "clip": run.clip.identity.json, "seconds": seconds(since: start),
+        ])
+    }
+
+    /// Runs an async call from the job's thread and waits for it.
+    func waitFor<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) throws -> T {
+        let semaphore = DispatchSemaphore(value: 0)
+        let box = ResultBox<T>()
+        Task {
+            do { box.result = .success(try await body()) } catch { box.result = .failure(error) }
+            semaphore.signal()
+        }
+        semaphore.wait()
+        switch box.result! {
+        case .success(let v): return v
+        case .failure(let error as MethodError): throw JobError.transient("class descriptions: \(error)")
+        case .failure(let error): throw error
+        }
+    }
+}
+
+final class ResultBox<T>: @unchecked Sendable {
+    var result: Result<T, Error>?
+}

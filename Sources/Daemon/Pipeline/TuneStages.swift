@@ -1,0 +1,279 @@
+import Foundation
+import Imaging
+import Kernels
+import Method
+import Models
+import Queue
+
+/// Reads safetensors bytes (from PostgreSQL) through a private temporary file (the reader maps files).
+func withSafeTensors<T>(_ bytes: [UInt8], what: String, _ body: (SafeTensorsFile) throws -> T) throws -> T {
+    let path = NSTemporaryDirectory() + "/nolad-\(getpid())-\(UInt64.random(in: 0...UInt64.max)).safetensors"
+    guard FileManager.default.createFile(atPath: path, contents: Data(bytes), attributes: [.posixPermissions: 0o600]) else {
+        throw JobError.transient("cannot write a temporary file in \(NSTemporaryDirectory())")
+    }
+    defer { try? FileManager.default.removeItem(atPath: path) }
+    do {
+        return try body(try SafeTensorsFile(path: path))
+    } catch let error as CheckpointError {
+        throw JobError.badInput("\(what): \(error)")
+    } catch let error as MethodError {
+        throw JobError.badInput("\(what): \(error)")
+    }
+}
+
+/// Decoded images of a job for the strong views, decoded in parallel and kept while they fit a budget.
+final class DecodedImages: @unchecked Sendable {
+    let urls: [URL]
+    let threads: Int
+    private let lock = NSLock()
+    private var images: [Int: RGBImage] = [:]
+    private var bytes = 0
+    static let budgetBytes = 1 << 30
+
+    init(urls: [URL], threads: Int) {
+        self.urls = urls
+        self.threads = threads
+    }
+
+    /// One strong view (3, S, S) per index, computed in parallel; the views' randomness comes only from
+    /// (job seed, epoch, image), so a resumed epoch sees the same views.
+    func strongViews(_ indices: [Int], epoch: Int, seed: UInt64, config: StrongViewConfig) throws -> [Float] {
+        let slot = 3 * config.size * config.size
+        var out = [Float](repeating: 0, count: indices.count * slot)
+        var failure: String?
+        out.withUnsafeMutableBufferPointer { buffer in
+            let base = buffer.baseAddress!
+            DispatchQueue.concurrentPerform(iterations: indices.count) { j in
+                let i = indices[j]
+                do {
+                    let image = try self.image(i)
+                    var rng = AugmentRNG(seed: strongViewSeed(jobSeed: seed, epoch: epoch, image: i))
+                    let view = strongView(image, config: config, rng: &rng)
+                    view.withUnsafeBufferPointer { (base + j * slot).update(from: $0.baseAddress!, count: slot) }
+                } catch {
+                    self.lock.withLock { failure = "\(error)" }
+                }
+            }
+        }
+        if let failure { throw JobError.transient("an image became unreadable during prompt tuning: \(failure)") }
+        return out
+    }
+
+    func image(_ i: Int) throws -> RGBImage {
+        if let hit = lock.withLock({ images[i] }) { return hit }
+        let image = try decodeImage(at: urls[i])
+        lock.withLock {
+            if bytes + image.pixels.count <= Self.budgetBytes {
+                images[i] = image
+                bytes += image.pixels.count
+            }
+        }
+        return image
+    }
+}
+
+// MARK: stage 3
+
+struct TuneStage: JobStage {
+    let name = "tune"
+
+    func run(_ context: JobContext) throws {
+        let run = try NolaPipeline.runs.get(context)
+        guard run.promptsFromJob == nil, let stage2 = run.stage2 else { return }
+        let start = Date()
+        let p = run.parameters
+        let clip = run.clip.model
+        let encoder = CLIPPromptEncoder(model: clip, promptCount: p.promptCount)
+        run.encoder = encoder
+        let c = context.classes.count, n = run.readable.count
+        var state: PromptTuningState
+        var teacher = stage2.teacherLabels
+        if let saved = try context.withDatabase({ try PipelineTables.checkpoint($0, jobID: context.jobID) }) {
+            let restored = try withSafeTensors(saved.blob, what: "checkpoint of job \(context.jobID)") {
+                try PromptTuningState.restore(checkpointSafeTensors: $0)
+            }
+            state = restored.state
+            let expectedNorms = encoder.initialLayerNorms().map { "\($0.name)\($0.shape)" }
+            guard restored.teacherLabels.count == n, state.head.shape == [c, encoder.featureSize],
+                  state.prompts.shape == [p.promptCount, encoder.hiddenSize],
+                  state.layerNorms.map({ "\($0.name)\($0.shape)" }) == expectedNorms else {
+                throw JobError.badInput("checkpoint of job \(context.jobID) does not fit this job (\(restored.teacherLabels.count) teacher labels for \(n) images, head \(state.head.shape), prompts \(state.prompts.shape)); DELETE FROM nola.checkpoints WHERE job_id = \(context.jobID) to start prompt tuning over")
+            }
+            teacher = restored.teacherLabels
+            try context.recordEvent(stage: name, kind: "resumed", metrics: [
+                "epoch": number(state.epoch), "step": number(state.step), "batch_in_epoch": number(state.batchInEpoch),
+                "saved_at_epoch": number(saved.epoch), "saved_at_step": number(saved.step),
+            ])
+            context.logger.info("prompt tuning resumes from the checkpoint", metadata: ["epoch": "\(state.epoch)", "step": "\(state.step)"])
+        } else {
+            state = PromptTuningState(encoder: encoder, classifier: run.classifier, promptCount: p.promptCount, seed: p.seed)
+        }
+        let micro = p.promptMicroBatchSize ?? promptMicroBatchSize(memoryBudgetBytes: context.config.memoryBudgetMB << 20,
+                                                                   bytesPerImage: encoder.trainingBytesPerImage, logicalBatch: p.promptBatchSize)
+        let decoded = DecodedImages(urls: (0..<n).map { run.url(context, readableIndex: $0) }, threads: context.config.threads)
+        var strong = StrongViewConfig()
+        strong.size = run.imageSize
+        let perBatch = min(p.promptBatchSize, n)
+        let batchesPerEpoch = promptBatches(order: Array(0..<n), batchSize: p.promptBatchSize).count
+        let total = max(1, p.promptEpochs * batchesPerEpoch * perBatch)
+        var lastSave = Date()
+        var savedStep = state.step
+        var latest = state
+        var epochStart = Date()
+        var imagesAtEpochStart = 0
+        func save(_ s: PromptTuningState) throws {
+            let blob = s.checkpointSafeTensors(teacherLabels: teacher)
+            try context.write { try PipelineTables.saveCheckpoint($0, context.job, blob: blob, epoch: s.epoch, step: s.step) }
+            lastSave = Date()
+            savedStep = s.step
+        }
+        try context.reportProgress(stage: name, done: (state.epoch * batchesPerEpoch + state.batchInEpoch) * perBatch, total: total)
+        do {
+            try runPromptTuning(encoder: encoder, state: &state, teacherLabels: teacher, parameters: p, microBatchSize: micro,
+                                strongViews: { indices, epoch in try decoded.strongViews(indices, epoch: epoch, seed: p.seed, config: strong) },
+                                shouldStop: { context.stopReason != nil },
+                                onStep: { progress, s in
+                latest = s
+                try context.reportProgress(stage: name, done: min(total, Int(progress.fraction * Double(total))), total: total)
+                if Date().timeIntervalSince(lastSave) >= context.config.checkpointSeconds { try save(s) }
+            }, onEpoch: { epoch, s in
+                latest = s
+                try save(s)
+                let images = s.step * perBatch - imagesAtEpochStart
+                try context.recordEvent(stage: name, kind: "epoch", metrics: [
+                    "epoch": number(epoch.epoch + 1), "epochs": number(p.promptEpochs), "loss": number(epoch.meanLoss),
+                    "agreement": number(epoch.agreement), "seconds": seconds(since: epochStart),
+                    "images_per_second": number(Double(max(0, images)) / max(1e-9, Date().timeIntervalSince(epochStart))),
+                ])
+                epochStart = Date()
+                imagesAtEpochStart = s.step * perBatch
+            })
+        } catch let error as MethodError where error.code == .cancelled {
+            let reason = context.stopReason ?? .shutdown
+            if reason != .leaseLost && latest.step > savedStep {
+                try? save(latest)
+                context.logger.info("prompt tuning stopped; checkpoint saved", metadata: ["epoch": "\(latest.epoch)", "step": "\(latest.step)"])
+            }
+            throw JobError.stopped(reason)
+        } catch let error as MethodError {
+            throw JobError.badInput("\(error)")
+        }
+        run.tuned = state
+        try context.recordEvent(stage: name, kind: "metrics", metrics: [
+            "epochs": number(p.promptEpochs), "steps": number(state.step), "micro_batch": number(micro),
+            "batch": number(p.promptBatchSize), "seconds": seconds(since: start),
+        ])
+    }
+}
+
+// MARK: stage 4
+
+struct LabelStage: JobStage {
+    let name = "label"
+
+    func run(_ context: JobContext) throws {
+        let run = try NolaPipeline.runs.get(context)
+        defer { NolaPipeline.runs.finish(context.job) }
+        let start = Date()
+        let clip = run.clip.model
+        let c = context.classes.count, n = run.readable.count
+        var state: PromptTuningState
+        let encoder: CLIPPromptEncoder
+        if let source = run.promptsFromJob {
+            guard let saved = try context.withDatabase({ try PipelineTables.prompts($0, jobID: source) }) else {
+                throw JobError.badInput("parameter 'prompts_from_job': job \(source) has no tuned prompts")
+            }
+            (state, encoder) = try withSafeTensors(saved.safetensors, what: "tuned prompts of job \(source)") { file in
+                guard let shape = file.shape(of: PromptTuningState.promptsName), shape.count == 2 else {
+                    throw JobError.badInput("tuned prompts of job \(source): no 2-D \(PromptTuningState.promptsName)")
+                }
+                let encoder = CLIPPromptEncoder(model: clip, promptCount: shape[0])
+                if let classes = file.metadata["classes"],
+                   let names = try? JSONDecoder().decode([String].self, from: Data(classes.utf8)), names != context.classes {
+                    throw JobError.badInput("tuned prompts of job \(source) are for classes \(names), this job has \(context.classes)")
+                }
+                return (try PromptTuningState(resultsSafeTensors: file, encoder: encoder), encoder)
+            }
+            guard state.head.shape[0] == c else {
+                throw JobError.badInput("tuned prompts of job \(source) have a head for \(state.head.shape[0]) classes, this job has \(c)")
+            }
+        } else {
+            guard let tuned = run.tuned, let e = run.encoder else { throw JobError.transient("prompt tuning did not run") }
+            state = tuned
+            encoder = e
+        }
+
+        // Prompted features of every readable image's weak view.
+        var features: [Float] = []
+        features.reserveCapacity(n * encoder.featureSize)
+        let batch = EncodeStage.batchSize
+        for from in stride(from: 0, to: n, by: batch) {
+            try context.reportProgress(stage: name, done: from, total: n)
+            let indices = Array(from..<min(n, from + batch))
+            let (pixels, errors) = weakViewBatch(indices.map { run.url(context, readableIndex: $0) }, config: run.weakConfig, threads: context.config.threads)
+            if let (j, error) = errors.first {
+                throw JobError.transient("\(run.images[run.readable[indices[j]]].path) became unreadable: \(error)")
+            }
+            do {
+                features += try encoder.features(pixels: pixels, batch: indices.count, prompts: state.prompts.values, layerNorms: state.layerNorms)
+            } catch let error as MethodError {
+                throw JobError.badInput("\(error)")
+            }
+        }
+        let (labels, confidences) = labelImages(features: features, head: state.head.values, classCount: c)
+        try context.reportProgress(stage: name, done: n, total: n)
+
+        // One row per image of the job.
+        var position: [Int: Int] = [:]
+        for (k, i) in run.readable.enumerated() { position[i] = k }
+        var records: [LabelRecord] = []
+        for (i, image) in run.images.enumerated() {
+            if let k = position[i] {
+                records.append(LabelRecord(path: image.path, label: context.classes[labels[k]], confidence: min(1, max(0, confidences[k])),
+                                           zeroShotLabel: context.classes[run.zeroShotLabels[k]],
+                                           zeroShotConfidence: min(1, max(0, run.zeroShotConfidences[k]))))
+            } else {
+                records.append(LabelRecord(path: image.path, unreadable: run.unreadable[image.path] ?? "unreadable"))
+            }
+        }
+        for chunk in stride(from: 0, to: records.count, by: 500).map({ Array(records[$0..<min(records.count, $0 + 500)]) }) {
+            try context.write { try Results.insertLabels($0, context.job, chunk) }
+        }
+
+        var backbone: [String: JSONValue] = ["clip": run.clip.identity.json]
+        if let dino = run.dino { backbone["dino"] = dino.identity.json }
+        if run.promptsFromJob == nil {
+            let classesJSON = String(decoding: try JSONEncoder().encode(context.classes), as: UTF8.self)
+            let blob = state.resultsSafeTensors(metadata: [
+                "clip_model": run.clip.identity.name, "clip_weights_sha256": run.clip.identity.weightsSHA256,
+                "dino_model": run.dino?.identity.name ?? "", "dino_weights_sha256": run.dino?.identity.weightsSHA256 ?? "",
+                "parameters": run.parametersJSON, "classes": classesJSON, "job_id": String(context.jobID),
+            ])
+            var shapes: [String: JSONValue] = [:]
+            for t in state.learnedTensors() { shapes[t.name] = .array(t.shape.map { .number(Double($0)) }) }
+            let parameters = (try? JSONDecoder().decode(JSONValue.self, from: Data(run.parametersJSON.utf8))) ?? .object([:])
+            try context.write {
+                try Results.savePrompts($0, context.job, safetensors: blob, shapes: .object(shapes),
+                                        backbone: .object(backbone), parameters: parameters)
+            }
+            try context.write { try PipelineTables.deleteCheckpoint($0, context.job) }
+        }
+
+        var counts: [String: JSONValue] = [:]
+        for (k, name) in context.classes.enumerated() { counts[name] = number(labels.filter { $0 == k }.count) }
+        var metrics: [String: JSONValue] = [
+            "labelled": number(n), "unreadable": number(run.unreadable.count), "labels_per_class": .object(counts),
+            "mean_confidence": number(confidences.isEmpty ? 0 : Double(confidences.reduce(0, +)) / Double(confidences.count)),
+            "agreement_with_zero_shot": number(accuracy(predicted: labels, truth: run.zeroShotLabels)),
+            "images_per_second": number(Double(n) / max(1e-9, Date().timeIntervalSince(start))), "seconds": seconds(since: start),
+        ]
+        if let truth = run.truth {
+            metrics["accuracy_final"] = number(accuracy(predicted: labels, truth: truth))
+            metrics["accuracy_zero_shot"] = number(accuracy(predicted: run.zeroShotLabels, truth: truth))
+            if let stage2 = run.stage2 {
+                metrics["accuracy_alignment_module"] = number(accuracy(predicted: stage2.teacherLabels, truth: truth))
+            }
+        }
+        try context.recordEvent(stage: name, kind: "metrics", metrics: metrics)
+    }
+}

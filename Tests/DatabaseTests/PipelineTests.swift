@@ -1,0 +1,246 @@
+import Foundation
+import Models
+import Queue
+import XCTest
+
+/// Fixtures of reference/make_pipeline_fixtures.py: tiny random CLIP (with a byte-level tokenizer) and DINO,
+/// and a 3-class collection of 18 small images plus one truncated JPEG.
+let pipelineFixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures")
+
+/// A chat-completions endpoint on loopback: answers every question with two sentences and records the
+/// questions it was asked.
+final class FakeLLMServer: @unchecked Sendable {
+    let port: UInt16
+    private let fd: Int32
+    private let lock = NSLock()
+    private var questions: [String] = []
+    var asked: [String] { lock.withLock { questions } }
+
+    init() throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        self.fd = fd
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard bound == 0, listen(fd, 16) == 0 else { throw TestSetupError("fake LLM server: cannot bind/listen") }
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
+        port = UInt16(bigEndian: address.sin_port)
+        let thread = Thread { [self] in serve() }
+        thread.start()
+    }
+
+    private func serve() {
+        while true {
+            let client = accept(fd, nil, nil)
+            if client < 0 { return }
+            var data = [UInt8]()
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            var bodyStart: Int?
+            var contentLength = 0
+            while true {
+                let n = read(client, &buffer, buffer.count)
+                if n <= 0 { break }
+                data += buffer[0..<n]
+                if bodyStart == nil, let range = String(decoding: data, as: UTF8.self).range(of: "\r\n\r\n") {
+                    let head = String(decoding: data, as: UTF8.self)[..<range.lowerBound]
+                    bodyStart = head.utf8.count + 4
+                    for line in head.split(separator: "\r\n") where line.lowercased().hasPrefix("content-length:") {
+                        contentLength = Int(line.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) ?? 0
+                    }
+                }
+                if let bodyStart, data.count >= bodyStart + contentLength { break }
+            }
+            var question = ""
+            if let bodyStart, let body = try? JSONSerialization.jsonObject(with: Data(data[bodyStart...])) as? [String: Any],
+               let messages = body["messages"] as? [[String: Any]], let last = messages.last?["content"] as? String {
+                question = last
+            }
+            lock.withLock { questions.append(question) }
+            let answer = "It is a thing seen in the question \(question.count). - It has a clear shape and colour."
+            let reply = try! JSONSerialization.data(withJSONObject: ["choices": [["index": 0, "message": ["role": "assistant", "content": answer]]]])
+            let response = Array("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: \(reply.count)\r\nConnection: close\r\n\r\n".utf8) + Array(reply)
+            _ = response.withUnsafeBytes { write(client, $0.baseAddress, $0.count) }
+            close(client)
+        }
+    }
+}
+
+final class PipelineTests: DatabaseTestCase {
+    static let classes = ["red ball", "green leaf", "blue sky"]
+
+    /// The fixture collection copied under the test's collection root.
+    func copyCollection() throws -> String {
+        let path = root + "/shapes"
+        try FileManager.default.copyItem(atPath: pipelineFixtures.appendingPathComponent("collection").path, toPath: path)
+        return path
+    }
+
+    func startPipelineDaemon(_ name: String, extra: [String: String] = [:]) throws -> DaemonProcess {
+        var settings = ["pipeline": "nola", "model_root": pipelineFixtures.appendingPathComponent("models").path,
+                        "clip_model": "tiny-clip", "dino_model": "tiny-dino", "threads": "2", "checkpoint_seconds": "0.5"]
+        for (k, v) in extra { settings[k] = v }
+        return try startDaemon(name, settings: settings)
+    }
+
+    func submit(_ collection: String, parameters: String, descriptions: String? = nil) throws -> Int64 {
+        let rows = try db.query("""
+            INSERT INTO nola.jobs (collection, classes, parameters, descriptions, max_attempts) VALUES ($1, $2, $3::jsonb, $4::jsonb, 3) RETURNING id
+            """, [collection, Self.classes, parameters, descriptions])
+        return Int64(try rows[0].int("id"))
+    }
+
+    func events(_ id: Int64, kind: String? = nil) throws -> [(stage: String, kind: String, attempt: Int, metrics: [String: Any])] {
+        let rows = try db.query("SELECT coalesce(stage, '') AS stage, kind, attempt, metrics::text AS m FROM nola.events WHERE job_id = $1 ORDER BY id", [id])
+        return try rows.rows.compactMap { row in
+            let k = try row.string("kind")
+            if let kind, k != kind { return nil }
+            let metrics = try JSONSerialization.jsonObject(with: Data(try row.string("m").utf8)) as? [String: Any] ?? [:]
+            return (try row.string("stage"), k, try row.int("attempt"), metrics)
+        }
+    }
+
+    func waitSucceeded(_ id: Int64, timeout: Double) throws {
+        let row = try waitState(id, ["succeeded", "failed", "cancelled"], timeout: timeout)
+        let error = try row.optionalString("error") ?? ""
+        XCTAssertEqual(try row.string("state"), "succeeded", "job \(id): \(error)")
+    }
+
+    func testLabellingJob_runsToCompletion_withLLMDescriptionsCachedAcrossTwoJobs() throws {
+        let llm = try FakeLLMServer()
+        let collection = try copyCollection()
+        _ = try startPipelineDaemon("pipe-a", extra: ["llm_url": "http://127.0.0.1:\(llm.port)/v1", "llm_model": "fake-1"])
+        let started = Date()
+        let first = try submit(collection, parameters: #"{"prompt_epochs": 3, "prompt_batch_size": 8, "alignment_epochs": 5, "min_k": 2, "seed": 3}"#)
+        try waitSucceeded(first, timeout: 180)
+        print("pipeline test: job \(first) (18 images + 1 broken, 3 epochs) took \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
+
+        // Every image has a label row; the broken one says why it has no label.
+        let labels = try db.query("SELECT path, label, confidence, zero_shot_label, unreadable FROM nola.labels WHERE job_id = $1 ORDER BY path", [first])
+        XCTAssertEqual(labels.count, 19)
+        for row in labels.rows {
+            let path = try row.string("path")
+            if path == "red_ball/bad.jpg" {
+                XCTAssertNil(try row.optionalString("label"))
+                XCTAssertFalse(try row.string("unreadable").isEmpty)
+            } else {
+                XCTAssertTrue(Self.classes.contains(try row.string("label")), path)
+                XCTAssertTrue(Self.classes.contains(try row.string("zero_shot_label")), path)
+                let confidence = try row.double("confidence")
+                XCTAssertTrue(confidence > 0 && confidence <= 1, "\(path): \(confidence)")
+            }
+        }
+
+        // The tuned prompts are a safetensors file our reader (and Python's) loads, with the backbone identity.
+        let prompts = try db.query("SELECT safetensors, backbone::text AS b, shapes::text AS s FROM nola.prompts WHERE job_id = $1", [first])
+        XCTAssertEqual(prompts.count, 1)
+        let blob = try prompts[0].bytes("safetensors")
+        let path = root + "/prompts.safetensors"
+        FileManager.default.createFile(atPath: path, contents: Data(blob))
+        let file = try SafeTensorsFile(path: path)
+        XCTAssertEqual(file.shape(of: "prompt_embeddings"), [16, 32])
+        XCTAssertEqual(file.shape(of: "head.weight"), [3, 16])
+        XCTAssertEqual(file.metadata["format"], "nolad-tuned-prompts-1")
+        XCTAssertEqual(file.metadata["clip_model"], "tiny-clip")
+        XCTAssertTrue(try prompts[0].string("b").contains("weights_sha256"))
+        if let keep = ProcessInfo.processInfo.environment["NOLAD_TEST_KEEP_PROMPTS"] { try? FileManager.default.copyItem(atPath: path, toPath: keep) }
+        XCTAssertEqual(try db.query("SELECT 1 FROM nola.checkpoints WHERE job_id = $1", [first]).count, 0, "checkpoint removed once done")
+
+        // Events: sentences per class, pseudo-labels, alignment loss, per-epoch tuning metrics, accuracies.
+        let all = try events(first)
+        let describe = try XCTUnwrap(all.first { $0.stage == "describe" && $0.kind == "metrics" })
+        XCTAssertEqual(describe.metrics["llm_calls"] as? Int, 3)
+        let perClass = try XCTUnwrap(describe.metrics["classes"] as? [String: [String: Any]])
+        XCTAssertEqual(perClass["red ball"]?["source"] as? String, "llm")
+        XCTAssertGreaterThan(perClass["red ball"]?["sentences"] as? Int ?? 0, 9)
+        let stage2 = try XCTUnwrap(all.first { $0.stage == "pseudolabel" && $0.kind == "metrics" })
+        XCTAssertEqual((stage2.metrics["alignment_loss"] as? [Any])?.count, 5)
+        XCTAssertNotNil(stage2.metrics["accuracy_zero_shot"])
+        XCTAssertNotNil(stage2.metrics["accuracy_alignment_module"])
+        XCTAssertNotNil(stage2.metrics["accuracy_pseudo_labels"])
+        let epochs = all.filter { $0.stage == "tune" && $0.kind == "epoch" }
+        XCTAssertEqual(epochs.map { $0.metrics["epoch"] as? Int }, [1, 2, 3])
+        XCTAssertNotNil(epochs.last?.metrics["agreement"])
+        XCTAssertNotNil(epochs.last?.metrics["loss"])
+        let final = try XCTUnwrap(all.first { $0.stage == "label" && $0.kind == "metrics" })
+        XCTAssertEqual(final.metrics["labelled"] as? Int, 18)
+        XCTAssertEqual(final.metrics["unreadable"] as? Int, 1)
+        XCTAssertNotNil(final.metrics["accuracy_final"])
+        let encode = try XCTUnwrap(all.first { $0.stage == "encode" && $0.kind == "metrics" })
+        XCTAssertEqual(encode.metrics["encoded"] as? Int, 18)
+
+        // A second job on the same classes: descriptions come from the cache (no new LLM request), features
+        // from the feature cache, and the prompts of the first job label the collection (inference only).
+        let questionsAfterFirst = llm.asked.count
+        XCTAssertEqual(questionsAfterFirst, 3 * 5, "five CuPL questions per class")
+        let second = try submit(collection, parameters: "{\"prompts_from_job\": \(first)}")
+        try waitSucceeded(second, timeout: 120)
+        XCTAssertEqual(llm.asked.count, questionsAfterFirst, "the second job asks the LLM nothing")
+        for c in Self.classes { XCTAssertEqual(llm.asked.filter { $0.contains(c) }.count, 5, c) }
+        let secondEvents = try events(second)
+        XCTAssertEqual(secondEvents.first { $0.stage == "describe" && $0.kind == "metrics" }?.metrics["cache_hits"] as? Int, 3)
+        XCTAssertEqual(secondEvents.first { $0.stage == "encode" && $0.kind == "metrics" }?.metrics["from_cache"] as? Int, 18)
+        XCTAssertTrue(secondEvents.filter { $0.stage == "tune" && $0.kind == "epoch" }.isEmpty)
+        // Same prompts, same weak views: the same labels as the first job.
+        let same = try db.query("""
+            SELECT count(*) AS n FROM nola.labels a JOIN nola.labels b USING (path)
+            WHERE a.job_id = $1 AND b.job_id = $2 AND a.label = b.label
+            """, [first, second])
+        XCTAssertEqual(try same[0].int("n"), 18)
+    }
+
+    func testKill9_midPromptTuning_anotherDaemonResumesFromTheCheckpoint() throws {
+        let collection = try copyCollection()
+        let a = try startPipelineDaemon("pipe-a")
+        let epochs = 150
+        let id = try submit(collection, parameters: "{\"prompt_epochs\": \(epochs), \"prompt_batch_size\": 6, \"alignment_epochs\": 2, \"min_k\": 2}")
+        var seen = 0
+        try waitUntil("prompt tuning passed epoch 3", timeout: 120, poll: 0.02) {
+            seen = try events(id, kind: "epoch").count
+            return seen >= 3
+        }
+        a.signal(SIGKILL)
+        _ = a.waitExit(timeout: 10)
+        let killedAt = try events(id, kind: "epoch").count
+        _ = try startPipelineDaemon("pipe-b")
+        try waitSucceeded(id, timeout: 240)
+        let resumed = try XCTUnwrap(try events(id, kind: "resumed").first, "a resumed event")
+        let epoch = try XCTUnwrap(resumed.metrics["epoch"] as? Int)
+        print("pipeline test: killed after \(killedAt) epoch events; resumed at epoch \(epoch)")
+        XCTAssertGreaterThanOrEqual(epoch, 3)
+        // The checkpoint of an epoch is saved just before its event, so it may be one epoch ahead of the events.
+        XCTAssertLessThanOrEqual(epoch, killedAt + 1)
+        XCTAssertEqual(resumed.attempt, 2)
+        let epochEvents = try events(id, kind: "epoch")
+        XCTAssertEqual(epochEvents.filter { $0.attempt == 2 }.count, epochs - epoch, "the second attempt runs only the remaining epochs")
+        XCTAssertEqual(epochEvents.last?.metrics["epoch"] as? Int, epochs)
+        XCTAssertEqual(try db.query("SELECT 1 FROM nola.labels WHERE job_id = $1", [id]).count, 19)
+    }
+
+    func testBadInputs_failWithMessagesNamingThem_andTheDaemonKeepsServing() throws {
+        let collection = try copyCollection()
+        let daemon = try startPipelineDaemon("pipe-a")
+        let cases: [(String, String)] = [
+            (#"{"prompt_epochs": -1}"#, "parameter 'prompt_epochs': -1 is outside 0...10000"),
+            (#"{"clip_model": "no-such-model"}"#, "CLIP model folder \(pipelineFixtures.path)/models/no-such-model does not exist"),
+            (#"{"prompts_from_job": 999999}"#, "parameter 'prompts_from_job': job 999999 has no tuned prompts"),
+        ]
+        for (parameters, message) in cases {
+            let id = try submit(collection, parameters: parameters)
+            let row = try waitState(id, ["succeeded", "failed"], timeout: 60)
+            XCTAssertEqual(try row.string("state"), "failed", parameters)
+            XCTAssertEqual(try row.optionalString("error"), message, parameters)
+            XCTAssertEqual(try row.int("attempt"), 1, "bad input is not retried")
+        }
+        let bad = try submit(collection, parameters: "{}", descriptions: #"{"red ball": []}"#)
+        let row = try waitState(bad, ["succeeded", "failed"], timeout: 60)
+        XCTAssertEqual(try row.optionalString("error"), "descriptions for 'red ball': empty list of sentences")
+        let good = try submit(collection, parameters: #"{"prompt_epochs": 1, "prompt_batch_size": 8, "alignment_epochs": 1, "min_k": 2}"#)
+        try waitSucceeded(good, timeout: 120)
+        XCTAssertNil(daemon.waitExit(timeout: 0), "the daemon is still running")
+    }
+}
