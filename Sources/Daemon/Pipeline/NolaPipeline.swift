@@ -92,7 +92,7 @@ struct ValidateStage: JobStage {
     let name = "validate"
 
     func run(_ context: JobContext) throws {
-        let parameters: NolaParameters
+        var parameters: NolaParameters
         var json = context.parametersJSON
         var promptsFromJob: Int64?
         // `prompts_from_job` belongs to the daemon, not to the method: take it out before NolaParameters.
@@ -118,6 +118,9 @@ struct ValidateStage: JobStage {
             let found = try context.withDatabase { try PipelineTables.prompts($0, jobID: id) }
             guard found != nil else { throw JobError.badInput("parameter 'prompts_from_job': job \(id) has no tuned prompts") }
         }
+        // Record the folders actually used (the configuration may choose them).
+        parameters.clipModel = clip.lastPathComponent
+        parameters.dinoModel = dino.lastPathComponent
         let run = PipelineRun(job: context.job, parameters: parameters, parametersJSON: String(decoding: parameters.encodedJSON(), as: UTF8.self),
                               clipFolder: clip, dinoFolder: dino, promptsFromJob: promptsFromJob)
         NolaPipeline.runs.start(run)
