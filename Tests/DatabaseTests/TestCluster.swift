@@ -223,9 +223,16 @@ class DatabaseTestCase: XCTestCase {
         try? FileManager.default.removeItem(atPath: root)
     }
 
+    /// Daemons log in as a role that has nothing but nola_worker, as the README's setup does.
+    static let workerRole = "nolad_test_worker"
+
     func startDaemon(_ name: String, settings: [String: String] = [:], environment: [String: String] = [:],
                      waitReady: Bool = true) throws -> DaemonProcess {
-        let d = try DaemonProcess(name: name, conninfo: conninfo, roots: [root], folder: root, settings: settings,
+        if try db.query("SELECT 1 FROM pg_roles WHERE rolname = $1", [Self.workerRole]).isEmpty {
+            try db.query("CREATE ROLE \(Self.workerRole) LOGIN IN ROLE nola_worker")
+        }
+        let workerConninfo = conninfo.replacingOccurrences(of: "user=postgres", with: "user=\(Self.workerRole)")
+        let d = try DaemonProcess(name: name, conninfo: workerConninfo, roots: [root], folder: root, settings: settings,
                                   environment: environment)
         daemons.append(d)
         if waitReady { try d.waitReady() }
