@@ -96,6 +96,15 @@ public struct ColorJitterParameters: Sendable, Equatable {
     public var contrast: Double
     public var saturation: Double
     public var hue: Double
+
+    public init(order: [Int], brightness: Double, contrast: Double, saturation: Double, hue: Double) {
+        precondition(order.sorted() == [0, 1, 2, 3], "ColorJitterParameters: order must be a permutation of 0...3")
+        self.order = order
+        self.brightness = brightness
+        self.contrast = contrast
+        self.saturation = saturation
+        self.hue = hue
+    }
 }
 
 /// Every random choice of one strong view; applying them is deterministic.
@@ -107,6 +116,19 @@ public struct StrongViewParameters: Sendable, Equatable {
     public var perspective: [Float]?
     public var secondJitter: ColorJitterParameters?
     public var blurRadius: Double?
+
+    public init(cropTop: Int, cropLeft: Int, cropHeight: Int, cropWidth: Int, flip: Bool, jitter: ColorJitterParameters?,
+                perspective: [Float]?, secondJitter: ColorJitterParameters?, blurRadius: Double?) {
+        self.cropTop = cropTop
+        self.cropLeft = cropLeft
+        self.cropHeight = cropHeight
+        self.cropWidth = cropWidth
+        self.flip = flip
+        self.jitter = jitter
+        self.perspective = perspective
+        self.secondJitter = secondJitter
+        self.blurRadius = blurRadius
+    }
 }
 
 /// torchvision RandomResizedCrop.get_params.

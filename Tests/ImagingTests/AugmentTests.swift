@@ -14,6 +14,12 @@ final class AugmentTests: XCTestCase {
         XCTAssertEqual(ops.count, 21, "fixture manifest lists a different set of ops")
     }
 
+    override func tearDown() {
+        // XCTest keeps test case instances alive; drop the fixtures so leak checkers stay quiet.
+        source = nil
+        ops = [:]
+    }
+
     /// Compares with the torchvision/Pillow output of op `name`: at most `maxDiff` per byte and at most
     /// `maxFraction` of the bytes differing. Prints both figures.
     private func check(_ name: String, _ out: RGBImage, maxDiff: Int = 0, maxFraction: Double = 0,

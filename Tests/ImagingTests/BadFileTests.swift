@@ -52,4 +52,39 @@ final class BadFileTests: XCTestCase {
             XCTAssertEqual(path, Fixtures.root.path)
         }
     }
+
+    /// Robustness: 600 deterministic mutations (flipped bytes, truncations, zeroed runs) of a baseline JPEG,
+    /// a progressive JPEG, a CMYK JPEG and a PNG either decode or throw an ImageError naming the file;
+    /// none may crash or hang the process.
+    func testDecode_mutatedFiles_neverCrash() throws {
+        var rng = AugmentRNG(seed: 2024)
+        var decoded = 0, failed = [String: Int]()
+        for name in ["rgb_420_baseline.jpg", "rgb_444_progressive.jpg", "cmyk.jpg", "rgba.png"] {
+            let original = try Fixtures.bytes("images/" + name)
+            for k in 0..<150 {
+                var bytes = original
+                switch k % 3 {
+                case 0:
+                    for _ in 0..<rng.int(1, 8) { bytes[rng.int(0, bytes.count)] = UInt8(rng.int(0, 256)) }
+                case 1:
+                    bytes = Array(bytes[0..<rng.int(1, bytes.count)])
+                default:
+                    let start = rng.int(0, bytes.count), length = min(rng.int(1, 64), bytes.count - start)
+                    for i in start..<(start + length) { bytes[i] = 0 }
+                }
+                let label = "\(name)#\(k)"
+                do {
+                    let image = try decodeImage(bytes, name: label)
+                    XCTAssertEqual(image.pixels.count, image.width * image.height * 3)
+                    decoded += 1
+                } catch let error as ImageError {
+                    XCTAssertEqual(error.path, label)
+                    failed[error.code, default: 0] += 1
+                }
+            }
+        }
+        print("mutated files: \(decoded) decoded, errors by kind \(failed.sorted { $0.key < $1.key })")
+        XCTAssertEqual(decoded + failed.values.reduce(0, +), 600)
+        XCTAssertGreaterThan(failed["truncated", default: 0], 50)
+    }
 }
