@@ -95,9 +95,9 @@ func encoderLayerForward(_ layer: EncoderLayer, _ x: UnsafeMutablePointer<Float>
     residualForward(x, x, a.proj.data, count: n * d)
     if a.keepsInputs { a.mid.data.update(from: x, count: n * d) }
     (norm2 ?? layer.norm2).forward(a.ln2.data, mean: a.mean2.data, rstd: a.rstd2.data, x, n: n)
-    layer.fc1.forward(a.fc1.data, a.ln2.data, n: n)
     let hidden = a.keepsInputs ? a.act.data : a.fc1.data
-    activationForward(hidden, a.fc1.data, count: n * inter, activation)
+    linearForward(a.fc1.data, a.ln2.data, layer.fc1.weight.data, nil, n: n, inFeatures: d, outFeatures: inter)
+    biasActivationForward(hidden, a.fc1.data, layer.fc1.bias!.data, n: n, c: inter, activation)
     layer.fc2.forward(a.proj.data, hidden, n: n)
     if let s = layer.scale2 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: n, c: d) }
     residualForward(x, x, a.proj.data, count: n * d)

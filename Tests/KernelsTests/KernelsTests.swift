@@ -87,6 +87,19 @@ final class KernelsTests: XCTestCase {
         }
     }
 
+    func testBiasActivation_matchesReference_andKeepsThePreActivation() {
+        var rng = Rng(state: 9)
+        let n = 3, c = 21
+        let x = rng.floats(n * c, scale: 4), bias = rng.floats(c)
+        for act in [Activation.gelu, .quickGelu] {
+            var pre = x, out = [Float](repeating: 0, count: n * c)
+            biasActivationForward(&out, &pre, bias, n: n, c: c, act)
+            let want = (0..<(n * c)).map { Double(x[$0]) + Double(bias[$0 % c]) }
+            check("bias+\(act) pre-activation", pre, want, relTol: 1e-6)
+            check("bias+\(act) output", out, referenceActivation(want, act), relTol: 1e-6)
+        }
+    }
+
     func testExp8_matchesFoundation_overItsRange() {
         var worst = 0.0
         var x: Float = -87
