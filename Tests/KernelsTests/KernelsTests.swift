@@ -139,6 +139,28 @@ final class KernelsTests: XCTestCase {
         }
     }
 
+    func testAttention_singleQueryRow_equalsThatRowOfTheFullAttention() {
+        var rng = Rng(state: 10)
+        let b = 2, t = 7, d = 8, heads = 2
+        let qkv = rng.floats(b * t * 3 * d, scale: 2), r = rng.floats(b * d)
+        for (causal, row) in [(false, 0), (true, t - 1), (true, 3)] {
+            var full = [Float](repeating: 0, count: b * t * d), probs = [Float](repeating: 0, count: b * heads * t * t)
+            attentionForward(&full, probs: &probs, qkv, b: b, t: t, d: d, heads: heads, causal: causal)
+            var one = [Float](repeating: 0, count: b * d), oneProbs = [Float](repeating: 0, count: b * heads * t)
+            attentionForward(&one, probs: &oneProbs, qkv, b: b, t: t, d: d, heads: heads, causal: causal, onlyRow: row)
+            var wantOut: [Double] = []
+            for bi in 0..<b { for j in 0..<d { wantOut.append(Double(full[(bi * t + row) * d + j])) } }
+            check("attention row \(row) causal=\(causal) forward", one, wantOut, relTol: 1e-6)
+            // dout only on that row: both backwards agree
+            var dfull = [Float](repeating: 0, count: b * t * d)
+            for bi in 0..<b { for j in 0..<d { dfull[(bi * t + row) * d + j] = r[bi * d + j] } }
+            var gFull = [Float](repeating: 0, count: qkv.count), gOne = gFull
+            attentionBackward(dqkv: &gFull, dfull, qkv, probs: probs, b: b, t: t, d: d, heads: heads)
+            attentionBackward(dqkv: &gOne, r, qkv, probs: oneProbs, b: b, t: t, d: d, heads: heads, onlyRow: row)
+            check("attention row \(row) causal=\(causal) backward", gOne, gFull.map(Double.init), relTol: 1e-6)
+        }
+    }
+
     func testIm2colPatches_timesWeight_equalsConvolution() {
         var rng = Rng(state: 6)
         let b = 2, c = 3, h = 8, w = 12, p = 4, dOut = 5
