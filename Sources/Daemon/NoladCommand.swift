@@ -9,7 +9,7 @@ public struct NoladCommand: AsyncParsableCommand {
         commandName: "nolad",
         abstract: "Label unlabeled image collections with the NoLA method (CLIP + DINO, no human labels).",
         version: noladVersion,
-        subcommands: [EmbedImage.self, Bench.self]
+        subcommands: [TokenizeCommand.self, EmbedText.self, EmbedImage.self, Bench.self]
     )
 
     public init() {}
