@@ -31,6 +31,13 @@ enum ImageEncoder {
         }
     }
 
+    var sizeRule: String {
+        switch self {
+        case .vit(let m) where m.kind == .dinov2: return "a multiple of \(m.config.patchSize)"
+        default: return "\(imageSize)×\(imageSize)"
+        }
+    }
+
     func accepts(size: Int) -> Bool {
         switch self {
         case .clip: return size == imageSize
@@ -138,7 +145,7 @@ struct EmbedImage: ParsableCommand {
             do {
                 let (pixels, size) = try readRawImage(file)
                 guard encoder.accepts(size: size) else {
-                    throw ModelCommandError(description: "\(file): image is \(size)×\(size), the model needs \(encoder.imageSize)×\(encoder.imageSize)")
+                    throw ModelCommandError(description: "\(file): image is \(size)×\(size), the model needs \(encoder.sizeRule)")
                 }
                 let embedding = encoder.embed(pixels, batch: 1, size: size)
                 print(jsonLine(["file": file, "embedding": embedding.map(Double.init)]))
