@@ -1,17 +1,25 @@
-"""One-off (not CI): full-size random-weight CLIP ViT-B/32 and DINO ViT-B/16 through `nolad embed-image`
-against transformers on the same weights and inputs. Prints the max abs error and the output scale.
+"""One-off (not CI): full-size random-weight CLIP ViT-B/32 and DINO ViT-B/16 through `nolad embed-image`,
+and CLIP's text tower through `nolad embed-text` (OpenAI's vocabulary from the tokenizer fixtures; transformers
+pads to 77 tokens, nolad runs up to EOS), against transformers on the same weights and inputs.
+Prints the max abs error and the output scale.
 
 Run after `swift build -c release --scratch-path .build-nn`:
   /work/venv/bin/python reference/compare_full_size.py .build-nn/release/nolad
 """
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
 
 import numpy as np
 import torch
-from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
+
+TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "Tests", "ModelsTests", "Fixtures", "tokenizer")
+TEXTS = ["a photo of a cat.", "a blurry photo of the large Boeing 747-400, flying over the sea at dusk!",
+         "a photo of a dog that is lying on a sofa next to a window, with plenty of sunlight " * 4]
 
 nolad = sys.argv[1]
 torch.manual_seed(0)
@@ -34,3 +42,15 @@ with tempfile.TemporaryDirectory() as tmp:
         err = np.abs(got - want).max()
         scale = np.abs(want).max()
         print(f"{name}: max abs error {err:.3g}, output scale {scale:.3g}, relative {err / scale:.3g}")
+        if isinstance(model, CLIPModel):
+            for f in ["vocab.json", "merges.txt"]:
+                shutil.copy(os.path.join(TOKENIZER, f), f"{tmp}/model/{f}")
+            tokenizer = CLIPTokenizer(f"{tmp}/model/vocab.json", f"{tmp}/model/merges.txt")
+            batch = tokenizer(TEXTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+            with torch.no_grad():
+                want = model.text_projection(model.text_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).pooler_output).numpy()
+            out = subprocess.run([nolad, "embed-text", "--model", f"{tmp}/model"] + TEXTS, check=True, capture_output=True, text=True)
+            got = np.array([json.loads(line)["embedding"] for line in out.stdout.splitlines()], dtype=np.float32)
+            err = np.abs(got - want).max()
+            scale = np.abs(want).max()
+            print(f"CLIP text (embed-text, {len(TEXTS)} texts): max abs error {err:.3g}, output scale {scale:.3g}, relative {err / scale:.3g}")

@@ -31,6 +31,13 @@ enum ImageEncoder {
         }
     }
 
+    var sizeRule: String {
+        switch self {
+        case .vit(let m) where m.kind == .dinov2: return "a multiple of \(m.config.patchSize)"
+        default: return "\(imageSize)×\(imageSize)"
+        }
+    }
+
     func accepts(size: Int) -> Bool {
         switch self {
         case .clip: return size == imageSize
@@ -67,6 +74,50 @@ func readRawImage(_ path: String) throws -> (pixels: [Float], size: Int) {
     return (pixels, size)
 }
 
+/// Prints `error` on stderr prefixed with the subcommand, for failures that end the command.
+func fail(_ command: String, _ error: Error) -> ExitCode {
+    FileHandle.standardError.write(Data("nolad \(command): \(error)\n".utf8))
+    return ExitCode.failure
+}
+
+struct EmbedText: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "embed-text",
+        abstract: "CLIP text embeddings (transformers' get_text_features) as JSON Lines, one object per text.")
+
+    @Option(help: "CLIP model folder (config.json, weights, vocab.json, merges.txt).") var model: String
+    @Option(help: "Threads for OpenBLAS and our kernels.") var threads = 2
+    @Argument(help: "Texts to embed.") var texts: [String]
+
+    func validate() throws {
+        guard !texts.isEmpty else { throw ValidationError("give at least one text") }
+        guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
+    }
+
+    func run() throws {
+        setThreads(threads)
+        let folder = URL(fileURLWithPath: model)
+        let clip: CLIPModel, tokenizer: CLIPTokenizer
+        do {
+            let type = try readConfig(folder: folder)["model_type"] as? String
+            guard type == "clip" else {
+                throw ModelCommandError(description: "\(folder.path)/config.json: model_type \(type ?? "(none)") is not clip")
+            }
+            clip = try CLIPModel(folder: folder)
+            tokenizer = try CLIPTokenizer(folder: folder)
+        } catch {
+            throw fail("embed-text", error)
+        }
+        let context = clip.config.textConfig.maxPositionEmbeddings
+        let ids = texts.map { tokenizer.encode($0, contextLength: context).map { Int32($0) } }
+        let features = clip.getTextFeatures(ids)
+        let p = clip.projectionDim
+        for (i, text) in texts.enumerated() {
+            print(jsonLine(["text": text, "embedding": features[(i * p)..<((i + 1) * p)].map(Double.init)]))
+        }
+    }
+}
+
 struct EmbedImage: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "embed-image",
@@ -80,24 +131,30 @@ struct EmbedImage: ParsableCommand {
     @Option(help: "Threads for OpenBLAS and our kernels.") var threads = 2
     @Argument(help: "Raw float32 (3,S,S) files.") var files: [String]
 
+    func validate() throws {
+        guard !files.isEmpty else { throw ValidationError("give at least one file") }
+        guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
+    }
+
     func run() throws {
         setThreads(threads)
-        let encoder = try ImageEncoder(folder: URL(fileURLWithPath: model))
+        let encoder: ImageEncoder
+        do { encoder = try ImageEncoder(folder: URL(fileURLWithPath: model)) } catch { throw fail("embed-image", error) }
         var failed = 0
         for file in files {
             do {
                 let (pixels, size) = try readRawImage(file)
                 guard encoder.accepts(size: size) else {
-                    throw ModelCommandError(description: "\(file): image is \(size)×\(size), the model needs \(encoder.imageSize)×\(encoder.imageSize)")
+                    throw ModelCommandError(description: "\(file): image is \(size)×\(size), the model needs \(encoder.sizeRule)")
                 }
                 let embedding = encoder.embed(pixels, batch: 1, size: size)
                 print(jsonLine(["file": file, "embedding": embedding.map(Double.init)]))
             } catch {
                 failed += 1
-                FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+                _ = fail("embed-image", error)
             }
         }
-        if failed > 0 { throw ExitCode(1) }
+        if failed > 0 { throw ExitCode.failure }
     }
 }
 

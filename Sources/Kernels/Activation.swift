@@ -85,6 +85,30 @@ public func activationForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafeP
     }
 }
 
+/// pre (N,C) += bias (C), then out (N,C) = act(pre): the epilogue of an MLP's first linear, one pass over
+/// memory instead of three. out may alias pre (inference, where the pre-activation is not kept).
+public func biasActivationForward(_ out: UnsafeMutablePointer<Float>, _ pre: UnsafeMutablePointer<Float>,
+                                  _ bias: UnsafePointer<Float>, n: Int, c: Int, _ act: Activation) {
+    parallelFor(n, grain: 8) { rows in
+        for r in rows {
+            let p = pre + r * c, o = out + r * c
+            var i = 0
+            while i + 8 <= c {
+                let x = load8(p + i) + load8(bias + i)
+                store8(p + i, x)
+                store8(o + i, act == .gelu ? gelu8(x) : quickGelu8(x))
+                i += 8
+            }
+            while i < c {
+                var x = SIMD8<Float>(repeating: 0); x[0] = p[i] + bias[i]
+                p[i] = x[0]
+                o[i] = (act == .gelu ? gelu8(x) : quickGelu8(x))[0]
+                i += 1
+            }
+        }
+    }
+}
+
 /// Backward of `out = act(inp)`: dinp += act′(inp) · dout. All are (count).
 public func activationBackward(dinp: UnsafeMutablePointer<Float>, _ dout: UnsafePointer<Float>,
                                _ inp: UnsafePointer<Float>, count: Int, _ act: Activation) {

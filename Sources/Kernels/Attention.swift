@@ -59,38 +59,40 @@ public func attentionForward(_ out: UnsafeMutablePointer<Float>, probs: UnsafeMu
     }
 }
 
-/// Backward of attentionForward, accumulating into dqkv (B,T,3D) from dout (B,T,D).
+/// Backward of attentionForward, accumulating into dqkv (B,T,3D) from dout (B,T,D); with `onlyRow` r the
+/// forward's single query row: dout (B,1,D), probs (B,H,1,T).
 /// Forward: s = scale·q·kᵀ; p = softmax(s); out = p·v.
 public func attentionBackward(dqkv: UnsafeMutablePointer<Float>, _ dout: UnsafePointer<Float>,
                               _ qkv: UnsafePointer<Float>, probs: UnsafePointer<Float>,
-                              b: Int, t: Int, d: Int, heads: Int) {
+                              b: Int, t: Int, d: Int, heads: Int, onlyRow: Int? = nil) {
     let hd = d / heads
     let scale = 1 / Float(hd).squareRoot()
+    let rows = onlyRow == nil ? t : 1, first = onlyRow ?? 0
     let blasThreads = singleThreadedBLAS()
     defer { openblas_set_num_threads(blasThreads) }
     parallelFor(b * heads) { items in
-        let dp = UnsafeMutablePointer<Float>.allocate(capacity: t * t)
+        let dp = UnsafeMutablePointer<Float>.allocate(capacity: rows * t)
         defer { dp.deallocate() }
         for item in items {
             let bi = item / heads, h = item % heads
             let off = bi * t * 3 * d + h * hd
-            let q = qkv + off, k = q + d, v = q + 2 * d
-            let dq = dqkv + off, dk = dq + d, dv = dq + 2 * d
-            let dO = dout + bi * t * d + h * hd
-            let p = probs + item * t * t
-            // dp (T,T) = dO (T,hd) · vᵀ ; dv += pᵀ · dO
-            sgemm(transB: true, m: t, n: t, k: hd, a: dO, lda: d, b: v, ldb: 3 * d, c: dp, ldc: t)
-            sgemm(transA: true, m: t, n: hd, k: t, a: p, lda: t, b: dO, ldb: d, beta: 1, c: dv, ldc: 3 * d)
+            let k = qkv + off + d, v = k + d, q = qkv + off + first * 3 * d
+            let dk = dqkv + off + d, dv = dk + d, dq = dqkv + off + first * 3 * d
+            let dO = dout + bi * rows * d + h * hd
+            let p = probs + item * rows * t
+            // dp (rows,T) = dO (rows,hd) · vᵀ ; dv += pᵀ · dO
+            sgemm(transB: true, m: rows, n: t, k: hd, a: dO, lda: d, b: v, ldb: 3 * d, c: dp, ldc: t)
+            sgemm(transA: true, m: t, n: hd, k: rows, a: p, lda: t, b: dO, ldb: d, beta: 1, c: dv, ldc: 3 * d)
             // ds = p ⊙ (dp − Σⱼ p·dp), written over dp
-            for i in 0..<t {
+            for i in 0..<rows {
                 let pr = p + i * t, dr = dp + i * t
                 var dot: Float = 0
                 for j in 0..<t { dot += pr[j] * dr[j] }
                 for j in 0..<t { dr[j] = pr[j] * (dr[j] - dot) }
             }
             // dq += scale · ds · k ; dk += scale · dsᵀ · q
-            sgemm(m: t, n: hd, k: t, alpha: scale, a: dp, lda: t, b: k, ldb: 3 * d, beta: 1, c: dq, ldc: 3 * d)
-            sgemm(transA: true, m: t, n: hd, k: t, alpha: scale, a: dp, lda: t, b: q, ldb: 3 * d, beta: 1,
+            sgemm(m: rows, n: hd, k: t, alpha: scale, a: dp, lda: t, b: k, ldb: 3 * d, beta: 1, c: dq, ldc: 3 * d)
+            sgemm(transA: true, m: t, n: hd, k: rows, alpha: scale, a: dp, lda: t, b: q, ldb: 3 * d, beta: 1,
                   c: dk, ldc: 3 * d)
         }
     }

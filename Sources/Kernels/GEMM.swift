@@ -16,7 +16,9 @@ public func linearForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePoint
                           _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>?,
                           n: Int, inFeatures: Int, outFeatures: Int) {
     if let bias {
-        for r in 0..<n { (out + r * outFeatures).update(from: bias, count: outFeatures) }
+        parallelFor(n, grain: 64) { rows in
+            for r in rows { (out + r * outFeatures).update(from: bias, count: outFeatures) }
+        }
     }
     sgemm(transB: true, m: n, n: outFeatures, k: inFeatures, a: inp, lda: inFeatures,
           b: weight, ldb: inFeatures, beta: bias == nil ? 0 : 1, c: out, ldc: outFeatures)

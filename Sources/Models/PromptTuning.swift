@@ -70,9 +70,14 @@ extension CLIPModel {
             s.workspace = (b, CLIPVisionTape(b: b, seq: seq, t: t, c: c), LayerGradScratch(n: b * t, d: d, intermediate: c.intermediateSize))
         }
         let (_, tape, scratch) = s.workspace!
+        // layers 0..<L−1 in full, the last one for the CLS row only
+        let last = c.numHiddenLayers - 1
         let x = visionHiddenStates(pixels: pixels, batch: b, prompts: s.prompts.data, promptCount: p, norms: s.norms,
-                                   layerCount: c.numHiddenLayers, tape: tape)
-        for bi in 0..<b { (tape.cls.data + bi * d).update(from: x.data + bi * t * d, count: d) }
+                                   layerCount: last, tape: tape)
+        let cls = encoderLayerForwardRow(visionModel.layers[last], x.data, row: 0, tape.layers[last], heads: c.numAttentionHeads,
+                                         activation: c.hiddenAct, causal: false,
+                                         norm1: s.norms.layers[last].layerNorm1, norm2: s.norms.layers[last].layerNorm2)
+        tape.cls.data.update(from: cls.data, count: b * d)
         s.norms.postLayernorm.forward(tape.pooled.data, mean: tape.postMean.data, rstd: tape.postRstd.data, tape.cls.data, n: b)
         let features = Buffer(count: b * pd), normalized = Buffer(count: b * pd), featureNorms = Buffer(count: b)
         visualProjection.forward(features.data, tape.pooled.data, n: b)
@@ -99,10 +104,12 @@ extension CLIPModel {
         let g = s.normGrads
         layerNormBackward(dinp: dCls.data, dweight: g.last!.weight.data, dbias: g.last!.bias.data, dPooled.data, tape.cls.data,
                           s.norms.postLayernorm.weight.data, mean: tape.postMean.data, rstd: tape.postRstd.data, n: b, c: d)
-        // cls = x[:, 0]; then the encoder layers in reverse
+        // cls = last_layer(x)[:, 0]; then the other encoder layers in reverse
         let dx = Buffer(count: b * t * d)
-        for bi in 0..<b { (dx.data + bi * t * d).update(from: dCls.data + bi * d, count: d) }
-        for i in (0..<c.numHiddenLayers).reversed() {
+        encoderLayerBackwardRow(visionModel.layers[last], dx: dx.data, dCls.data, row: 0, tape.layers[last], scratch,
+                                heads: c.numAttentionHeads, activation: c.hiddenAct, norm1: s.norms.layers[last].layerNorm1,
+                                norm2: s.norms.layers[last].layerNorm2, g1: g[1 + 2 * last], g2: g[2 + 2 * last])
+        for i in (0..<last).reversed() {
             encoderLayerBackward(visionModel.layers[i], dx.data, tape.layers[i], scratch, heads: c.numAttentionHeads,
                                  activation: c.hiddenAct, norm1: s.norms.layers[i].layerNorm1, norm2: s.norms.layers[i].layerNorm2,
                                  g1: g[1 + 2 * i], g2: g[2 + 2 * i])
@@ -118,7 +125,7 @@ extension CLIPModel {
         layerNormBackward(dinp: nil, dweight: g[0].weight.data, dbias: g[0].bias.data, dPre.data, tape.embeddings.data,
                           s.norms.preLayrnorm.weight.data, mean: tape.preMean.data, rstd: tape.preRstd.data, n: b * seq, c: d)
         withExtendedLifetime((tape, x, features, normalized, featureNorms, logits, dlogits, dHeadInput, dFeatures)) {}
-        withExtendedLifetime((dPooled, dCls, dx, scratch, dPre)) {}
+        withExtendedLifetime((dPooled, dCls, dx, scratch, dPre, cls)) {}
         return value
     }
 }

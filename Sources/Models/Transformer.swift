@@ -95,9 +95,9 @@ func encoderLayerForward(_ layer: EncoderLayer, _ x: UnsafeMutablePointer<Float>
     residualForward(x, x, a.proj.data, count: n * d)
     if a.keepsInputs { a.mid.data.update(from: x, count: n * d) }
     (norm2 ?? layer.norm2).forward(a.ln2.data, mean: a.mean2.data, rstd: a.rstd2.data, x, n: n)
-    layer.fc1.forward(a.fc1.data, a.ln2.data, n: n)
     let hidden = a.keepsInputs ? a.act.data : a.fc1.data
-    activationForward(hidden, a.fc1.data, count: n * inter, activation)
+    linearForward(a.fc1.data, a.ln2.data, layer.fc1.weight.data, nil, n: n, inFeatures: d, outFeatures: inter)
+    biasActivationForward(hidden, a.fc1.data, layer.fc1.bias!.data, n: n, c: inter, activation)
     layer.fc2.forward(a.proj.data, hidden, n: n)
     if let s = layer.scale2 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: n, c: d) }
     residualForward(x, x, a.proj.data, count: n * d)
@@ -105,24 +105,28 @@ func encoderLayerForward(_ layer: EncoderLayer, _ x: UnsafeMutablePointer<Float>
 
 /// The last layer when only one output row per sequence is used (CLS row 0, or a text's EOS row t−1):
 /// k and v for every token, everything else for that row only. x (B,T,D) is read; returns (B,D).
+/// When `a.keepsInputs`, `a` keeps what encoderLayerBackwardRow needs (row-only parts in its first B rows).
 func encoderLayerForwardRow(_ layer: EncoderLayer, _ x: UnsafePointer<Float>, row: Int, _ a: LayerActivations,
                             heads: Int, activation: Activation, causal: Bool,
                             norm1: LayerNorm? = nil, norm2: LayerNorm? = nil) -> Buffer {
-    let b = a.b, t = a.t, n = b * t, d = layer.d
-    let y = Buffer(count: b * d), h = Buffer(count: b * d)
-    (norm1 ?? layer.norm1).forward(a.ln1.data, mean: nil, rstd: nil, x, n: n)
+    let b = a.b, t = a.t, n = b * t, d = layer.d, inter = layer.intermediate
+    let y = Buffer(count: b * d), midBuffer = a.keepsInputs ? a.mid : Buffer(count: b * d)
+    let mid = midBuffer.data
+    if a.keepsInputs { a.input.data.update(from: x, count: n * d) }
+    (norm1 ?? layer.norm1).forward(a.ln1.data, mean: a.mean1.data, rstd: a.rstd1.data, x, n: n)
     layer.qkv.forward(a.qkv.data, a.ln1.data, n: n)
     attentionForward(a.att.data, probs: a.probs.data, a.qkv.data, b: b, t: t, d: d, heads: heads, causal: causal, onlyRow: row)
     layer.out.forward(a.proj.data, a.att.data, n: b)
     if let s = layer.scale1 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: b, c: d) }
-    for bi in 0..<b { residualForward(y.data + bi * d, x + (bi * t + row) * d, a.proj.data + bi * d, count: d) }
-    (norm2 ?? layer.norm2).forward(h.data, mean: nil, rstd: nil, y.data, n: b)
-    layer.fc1.forward(a.fc1.data, h.data, n: b)
-    activationForward(a.fc1.data, a.fc1.data, count: b * layer.intermediate, activation)
-    layer.fc2.forward(a.proj.data, a.fc1.data, n: b)
+    for bi in 0..<b { residualForward(mid + bi * d, x + (bi * t + row) * d, a.proj.data + bi * d, count: d) }
+    (norm2 ?? layer.norm2).forward(a.ln2.data, mean: a.mean2.data, rstd: a.rstd2.data, mid, n: b)
+    let hidden = a.keepsInputs ? a.act.data : a.fc1.data
+    linearForward(a.fc1.data, a.ln2.data, layer.fc1.weight.data, nil, n: b, inFeatures: d, outFeatures: inter)
+    biasActivationForward(hidden, a.fc1.data, layer.fc1.bias!.data, n: b, c: inter, activation)
+    layer.fc2.forward(a.proj.data, hidden, n: b)
     if let s = layer.scale2 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: b, c: d) }
-    residualForward(y.data, y.data, a.proj.data, count: b * d)
-    withExtendedLifetime(h) {}
+    residualForward(y.data, mid, a.proj.data, count: b * d)
+    withExtendedLifetime(midBuffer) {}
     return y
 }
 
@@ -139,6 +143,42 @@ final class LayerGradScratch {
         dm = Buffer(count: n * d); dln = Buffer(count: n * d); datt = Buffer(count: n * d)
         dqkv = Buffer(count: n * 3 * d); dhidden = Buffer(count: n * intermediate); dfc1 = Buffer(count: n * intermediate)
     }
+}
+
+/// Backward of encoderLayerForwardRow: from dy (B,D), the gradient of its output, writes dx (B,T,D), the
+/// gradient of its input x; LayerNorm weight/bias gradients accumulate into g1, g2.
+func encoderLayerBackwardRow(_ layer: EncoderLayer, dx: UnsafeMutablePointer<Float>, _ dy: UnsafePointer<Float>, row: Int,
+                             _ a: LayerActivations, _ s: LayerGradScratch, heads: Int, activation: Activation,
+                             norm1: LayerNorm, norm2: LayerNorm, g1: LayerNormGrads, g2: LayerNormGrads) {
+    precondition(a.keepsInputs)
+    let b = a.b, t = a.t, n = b * t, d = layer.d, inter = layer.intermediate
+    let dm = s.dm.data, dmid = Buffer(count: b * d)
+    // y = mid + scale2 ⊙ fc2(act(fc1(norm2(mid)))), one row per sequence
+    dmid.data.update(from: dy, count: b * d)
+    dm.update(repeating: 0, count: b * d)
+    if let s2 = layer.scale2 { channelScaleBackward(dinp: dm, dy, s2.data, n: b, c: d) } else { dm.update(from: dy, count: b * d) }
+    s.dhidden.data.update(repeating: 0, count: b * inter)
+    linearBackward(dinp: s.dhidden.data, dweight: nil, dbias: nil, dm, a.act.data, layer.fc2.weight.data, n: b, inFeatures: inter, outFeatures: d)
+    s.dfc1.data.update(repeating: 0, count: b * inter)
+    activationBackward(dinp: s.dfc1.data, s.dhidden.data, a.fc1.data, count: b * inter, activation)
+    s.dln.data.update(repeating: 0, count: b * d)
+    linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dfc1.data, a.ln2.data, layer.fc1.weight.data, n: b, inFeatures: d, outFeatures: inter)
+    layerNormBackward(dinp: dmid.data, dweight: g2.weight.data, dbias: g2.bias.data, s.dln.data, a.mid.data, norm2.weight.data,
+                      mean: a.mean2.data, rstd: a.rstd2.data, n: b, c: d)
+    // mid = x[:, row] + scale1 ⊙ out(attention_row(qkv(norm1(x))))
+    dm.update(repeating: 0, count: b * d)
+    if let s1 = layer.scale1 { channelScaleBackward(dinp: dm, dmid.data, s1.data, n: b, c: d) } else { dm.update(from: dmid.data, count: b * d) }
+    s.datt.data.update(repeating: 0, count: b * d)
+    linearBackward(dinp: s.datt.data, dweight: nil, dbias: nil, dm, a.att.data, layer.out.weight.data, n: b, inFeatures: d, outFeatures: d)
+    s.dqkv.zero()
+    attentionBackward(dqkv: s.dqkv.data, s.datt.data, a.qkv.data, probs: a.probs.data, b: b, t: t, d: d, heads: heads, onlyRow: row)
+    s.dln.zero()
+    linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dqkv.data, a.ln1.data, layer.qkv.weight.data, n: n, inFeatures: d, outFeatures: 3 * d)
+    dx.update(repeating: 0, count: n * d)
+    for bi in 0..<b { (dx + (bi * t + row) * d).update(from: dmid.data + bi * d, count: d) }
+    layerNormBackward(dinp: dx, dweight: g1.weight.data, dbias: g1.bias.data, s.dln.data, a.input.data, norm1.weight.data,
+                      mean: a.mean1.data, rstd: a.rstd1.data, n: n, c: d)
+    withExtendedLifetime(dmid) {}
 }
 
 /// Backward of encoderLayerForward: dx (B,T,D) holds ∂L/∂output on entry and ∂L/∂input on return.

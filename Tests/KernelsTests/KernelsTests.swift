@@ -87,6 +87,19 @@ final class KernelsTests: XCTestCase {
         }
     }
 
+    func testBiasActivation_matchesReference_andKeepsThePreActivation() {
+        var rng = Rng(state: 9)
+        let n = 3, c = 21
+        let x = rng.floats(n * c, scale: 4), bias = rng.floats(c)
+        for act in [Activation.gelu, .quickGelu] {
+            var pre = x, out = [Float](repeating: 0, count: n * c)
+            biasActivationForward(&out, &pre, bias, n: n, c: c, act)
+            let want = (0..<(n * c)).map { Double(x[$0]) + Double(bias[$0 % c]) }
+            check("bias+\(act) pre-activation", pre, want, relTol: 1e-6)
+            check("bias+\(act) output", out, referenceActivation(want, act), relTol: 1e-6)
+        }
+    }
+
     func testExp8_matchesFoundation_overItsRange() {
         var worst = 0.0
         var x: Float = -87
@@ -123,6 +136,28 @@ final class KernelsTests: XCTestCase {
             check("attention backward causal=\(causal)", dqkv, numericGradient(qkv, r) {
                 referenceAttention($0, b: b, t: t, d: d, heads: heads, causal: causal)
             }, relTol: 1e-4)
+        }
+    }
+
+    func testAttention_singleQueryRow_equalsThatRowOfTheFullAttention() {
+        var rng = Rng(state: 10)
+        let b = 2, t = 7, d = 8, heads = 2
+        let qkv = rng.floats(b * t * 3 * d, scale: 2), r = rng.floats(b * d)
+        for (causal, row) in [(false, 0), (true, t - 1), (true, 3)] {
+            var full = [Float](repeating: 0, count: b * t * d), probs = [Float](repeating: 0, count: b * heads * t * t)
+            attentionForward(&full, probs: &probs, qkv, b: b, t: t, d: d, heads: heads, causal: causal)
+            var one = [Float](repeating: 0, count: b * d), oneProbs = [Float](repeating: 0, count: b * heads * t)
+            attentionForward(&one, probs: &oneProbs, qkv, b: b, t: t, d: d, heads: heads, causal: causal, onlyRow: row)
+            var wantOut: [Double] = []
+            for bi in 0..<b { for j in 0..<d { wantOut.append(Double(full[(bi * t + row) * d + j])) } }
+            check("attention row \(row) causal=\(causal) forward", one, wantOut, relTol: 1e-6)
+            // dout only on that row: both backwards agree
+            var dfull = [Float](repeating: 0, count: b * t * d)
+            for bi in 0..<b { for j in 0..<d { dfull[(bi * t + row) * d + j] = r[bi * d + j] } }
+            var gFull = [Float](repeating: 0, count: qkv.count), gOne = gFull
+            attentionBackward(dqkv: &gFull, dfull, qkv, probs: probs, b: b, t: t, d: d, heads: heads)
+            attentionBackward(dqkv: &gOne, r, qkv, probs: oneProbs, b: b, t: t, d: d, heads: heads, onlyRow: row)
+            check("attention row \(row) causal=\(causal) backward", gOne, gFull.map(Double.init), relTol: 1e-6)
         }
     }
 

@@ -141,3 +141,51 @@ final class ViTParityTests: XCTestCase {
         try check("dinov2", height: 56, width: 70)
     }
 }
+
+final class ModelConfigTests: XCTestCase {
+    func testLegacyEOSTokenId2_poolsAtHighestId_likeTransformers() throws {
+        let folder = fixtures.appendingPathComponent("clip")
+        var config = try CLIPConfig(folder: folder)
+        config.textConfig.eosTokenId = 2
+        let model = try CLIPModel(config: config, weights: try openCheckpoint(folder: folder))
+        XCTAssertEqual(model.poolingPosition([998, 5, 999, 0, 0]), 2)
+        XCTAssertEqual(model.poolingPosition([998, 2, 7, 999, 999]), 3)
+        let f = try io("clip_io.safetensors")
+        let ids = try f.floats("input_ids").map { Int32($0) }
+        let rows = (0..<3).map { Array(ids[($0 * 16)..<(($0 + 1) * 16)]) }
+        compare("CLIP text features, legacy EOS pooling", model.getTextFeatures(rows), try f.floats("text_features"), relTol: 1e-4)
+    }
+
+    func testConfig_unsupportedActivationOrModelType_throwsNamingTheFile() throws {
+        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("nolad-config-\(UUID())")
+        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: tmp) }
+        let configFile = tmp.appendingPathComponent("config.json")
+        try Data(#"{"model_type": "clip", "vision_config": {"hidden_act": "relu"}}"#.utf8).write(to: configFile)
+        XCTAssertThrowsError(try CLIPConfig(folder: tmp)) {
+            print($0)
+            guard case .badConfig(let file, let reason)? = $0 as? CheckpointError else { return XCTFail("\($0)") }
+            XCTAssertEqual(file, configFile.path)
+            XCTAssertTrue(reason.contains("hidden_act"))
+        }
+        try Data(#"{"model_type": "bert"}"#.utf8).write(to: configFile)
+        XCTAssertThrowsError(try ViTModel(folder: tmp)) {
+            print($0)
+            guard case .badConfig(_, let reason)? = $0 as? CheckpointError else { return XCTFail("\($0)") }
+            XCTAssertTrue(reason.contains("bert"))
+        }
+        try Data(#"{"model_type": "vit", "hidden_size": 64, "num_attention_heads": 5}"#.utf8).write(to: configFile)
+        XCTAssertThrowsError(try ViTModel(folder: tmp)) { print($0); XCTAssertNotNil($0 as? CheckpointError) }
+    }
+
+    func testViTModel_missingWeightsFile_throwsMissingFile() throws {
+        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("nolad-noweights-\(UUID())")
+        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: tmp) }
+        try FileManager.default.copyItem(at: fixtures.appendingPathComponent("dino/config.json"), to: tmp.appendingPathComponent("config.json"))
+        XCTAssertThrowsError(try ViTModel(folder: tmp)) {
+            print($0)
+            guard case .missingFile? = $0 as? CheckpointError else { return XCTFail("\($0)") }
+        }
+    }
+}
