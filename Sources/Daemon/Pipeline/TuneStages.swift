@@ -119,6 +119,7 @@ struct TuneStage: JobStage {
         var lastSave = Date()
         var savedStep = state.step
         var latest = state
+        var withinBatch = 0
         var epochStart = Date()
         var imagesAtEpochStart = 0
         func save(_ s: PromptTuningState) throws {
@@ -127,13 +128,27 @@ struct TuneStage: JobStage {
             lastSave = Date()
             savedStep = s.step
         }
+        /// On a stop: the last completed step is saved (unless the job is no longer ours), then the stage ends.
+        func stopped(_ reason: StopReason) -> JobError {
+            if reason != .leaseLost && latest.step > savedStep {
+                try? save(latest)
+                context.logger.info("prompt tuning stopped; checkpoint saved", metadata: ["epoch": "\(latest.epoch)", "step": "\(latest.step)"])
+            }
+            return JobError.stopped(reason)
+        }
         try context.reportProgress(stage: name, done: (state.epoch * batchesPerEpoch + state.batchInEpoch) * perBatch, total: total)
         do {
             try runPromptTuning(encoder: encoder, state: &state, teacherLabels: teacher, parameters: p, microBatchSize: micro,
-                                strongViews: { indices, epoch in try decoded.strongViews(indices, epoch: epoch, seed: p.seed, config: strong) },
+                                strongViews: { indices, epoch in
+                // Progress within the logical batch too (a full-size batch of 512 takes minutes).
+                try context.reportProgress(stage: name, done: min(total, (latest.epoch * batchesPerEpoch + latest.batchInEpoch) * perBatch + withinBatch), total: total)
+                withinBatch += indices.count
+                return try decoded.strongViews(indices, epoch: epoch, seed: p.seed, config: strong)
+            },
                                 shouldStop: { context.stopReason != nil },
                                 onStep: { progress, s in
                 latest = s
+                withinBatch = 0
                 try context.reportProgress(stage: name, done: min(total, Int(progress.fraction * Double(total))), total: total)
                 if Date().timeIntervalSince(lastSave) >= context.config.checkpointSeconds { try save(s) }
             }, onEpoch: { epoch, s in
@@ -149,12 +164,9 @@ struct TuneStage: JobStage {
                 imagesAtEpochStart = s.step * perBatch
             })
         } catch let error as MethodError where error.code == .cancelled {
-            let reason = context.stopReason ?? .shutdown
-            if reason != .leaseLost && latest.step > savedStep {
-                try? save(latest)
-                context.logger.info("prompt tuning stopped; checkpoint saved", metadata: ["epoch": "\(latest.epoch)", "step": "\(latest.step)"])
-            }
-            throw JobError.stopped(reason)
+            throw stopped(context.stopReason ?? .shutdown)
+        } catch JobError.stopped(let reason) {
+            throw stopped(reason)
         } catch let error as MethodError {
             throw JobError.badInput("\(error)")
         }
