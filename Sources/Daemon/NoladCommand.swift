@@ -12,7 +12,7 @@ public struct NoladCommand: AsyncParsableCommand {
         version: noladVersion,
         subcommands: [ServeCommand.self, MigrateCommand.self, SubmitCommand.self, StatusCommand.self,
                       CancelCommand.self, LabelsCommand.self, ImageBenchCommand.self,
-                      EmbedImage.self, EmbedText.self, Bench.self, TokenizeCommand.self]
+                      EmbedImage.self, EmbedText.self, Bench.self, BenchJob.self, TokenizeCommand.self]
     )
 
     public init() {}
