@@ -136,7 +136,7 @@ final class ViTParityTests: XCTestCase {
         try check("dino", height: 32, width: 32)
     }
 
-    /// DINOv2 on a 56×70 input: 4×5 patches, position embeddings interpolated from the 3×3 grid.
+    /// DINOv2 from a pytorch_model.bin, on a 56×70 input: 4×5 patches, position embeddings interpolated from the 3×3 grid.
     func testDinov2_withLayerScaleAndInterpolatedPositions_matchesTransformers() throws {
         try check("dinov2", height: 56, width: 70)
     }
