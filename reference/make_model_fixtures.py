@@ -7,14 +7,14 @@ Writes Tests/ModelsTests/Fixtures/{clip,dino,dinov2}/ (config.json + model.safet
 - clip: CLIPModel saved as safetensors F32; text (eos_token_id 999, pooled at first EOS),
   vision, projections, and the prompt-tuning gradients.
 - dino: ViTModel saved as safetensors F16 (references computed with the F16-rounded weights).
-- dinov2: Dinov2Model F32, run on a 56x70 input so that position embeddings are interpolated.
+- dinov2: Dinov2Model saved as pytorch_model.bin (torch.save zip + pickle), run on a 56x70 input so that position embeddings are interpolated.
 """
 import math
 import os
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import (CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, ViTConfig, ViTModel)
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "Tests", "ModelsTests", "Fixtures")
@@ -122,7 +122,13 @@ def dinov2_fixture():
                           image_size=42, patch_size=14)
     model = Dinov2Model(config).eval()
     randomize(model)
-    model.save_pretrained(os.path.join(OUT, "dinov2"), safe_serialization=True)
+    # transformers 5 always writes safetensors, and its in-memory state_dict names differ from the checkpoint
+    # names (it converts on save); so: save_pretrained, then re-save the on-disk tensors with torch.save.
+    folder = os.path.join(OUT, "dinov2")
+    model.save_pretrained(folder)
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    os.remove(os.path.join(folder, "model.safetensors"))
+    torch.save(tensors, os.path.join(folder, "pytorch_model.bin"))
     pixels = torch.randn(2, 3, 56, 70)
     with torch.no_grad():
         out = model(pixel_values=pixels, output_hidden_states=True)

@@ -31,7 +31,10 @@ public struct CLIPConfig: Sendable {
     public init(folder: URL) throws {
         let c = try openConfig(folder)
         projectionDim = try c.int("projection_dim", 512)
-        let v = try c.sub("vision_config"), t = try c.sub("text_config")
+        // Older configs carry `text_config_dict` / `vision_config_dict`; transformers then builds the sub-config
+        // from that dict alone (defaults for what it lacks), overriding `text_config` / `vision_config`.
+        let v = try c.sub(c.object["vision_config_dict"] is [String: Any] ? "vision_config_dict" : "vision_config")
+        let t = try c.sub(c.object["text_config_dict"] is [String: Any] ? "text_config_dict" : "text_config")
         visionConfig.hiddenSize = try v.int("hidden_size", 768)
         visionConfig.intermediateSize = try v.int("intermediate_size", 3072)
         visionConfig.numHiddenLayers = try v.int("num_hidden_layers", 12)

@@ -136,7 +136,7 @@ final class ViTParityTests: XCTestCase {
         try check("dino", height: 32, width: 32)
     }
 
-    /// DINOv2 on a 56×70 input: 4×5 patches, position embeddings interpolated from the 3×3 grid.
+    /// DINOv2 from a pytorch_model.bin, on a 56×70 input: 4×5 patches, position embeddings interpolated from the 3×3 grid.
     func testDinov2_withLayerScaleAndInterpolatedPositions_matchesTransformers() throws {
         try check("dinov2", height: 56, width: 70)
     }
@@ -176,6 +176,18 @@ final class ModelConfigTests: XCTestCase {
         }
         try Data(#"{"model_type": "vit", "hidden_size": 64, "num_attention_heads": 5}"#.utf8).write(to: configFile)
         XCTAssertThrowsError(try ViTModel(folder: tmp)) { print($0); XCTAssertNotNil($0 as? CheckpointError) }
+    }
+
+    func testCLIPConfig_legacyConfigDict_overridesSubConfig_likeTransformers() throws {
+        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("nolad-configdict-\(UUID())")
+        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: tmp) }
+        try Data(#"{"model_type": "clip", "text_config": {"hidden_size": 256, "eos_token_id": 7}, "text_config_dict": {"hidden_size": 384}, "vision_config": {"patch_size": 16}, "vision_config_dict": null}"#.utf8)
+            .write(to: tmp.appendingPathComponent("config.json"))
+        let config = try CLIPConfig(folder: tmp)
+        XCTAssertEqual(config.textConfig.hiddenSize, 384)
+        XCTAssertEqual(config.textConfig.eosTokenId, 49407)   // the dict's default, as transformers
+        XCTAssertEqual(config.visionConfig.patchSize, 16)
     }
 
     func testViTModel_missingWeightsFile_throwsMissingFile() throws {
