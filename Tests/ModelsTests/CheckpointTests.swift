@@ -180,12 +180,21 @@ final class CheckpointTests: XCTestCase {
 
     // MARK: model folders
 
-    func testOpenCheckpoint_prefersSafeTensors_thenPytorchBin_elseNamesBothFiles() throws {
+    func testOpenCheckpoint_prefersSafeTensors_thenPytorchBin_elseNamesEveryFileLookedFor() throws {
         XCTAssertTrue(try openCheckpoint(folder: checkpoints.appendingPathComponent("good")) is SafeTensorsFile)
         XCTAssertTrue(try openCheckpoint(folder: checkpoints.appendingPathComponent("zip64")) is TorchCheckpointFile)
-        let empty = checkpoints.appendingPathComponent("bad/empty_folder")
-        assertThrows(.missingFile("\(empty.path)/model.safetensors or \(empty.path)/pytorch_model.bin")) {
-            _ = try openCheckpoint(folder: empty)
+        let empty = checkpoints.appendingPathComponent("bad/empty_folder").path
+        assertThrows(.missingFile("\(empty)/model.safetensors or \(empty)/model.safetensors.index.json or \(empty)/pytorch_model.bin or \(empty)/pytorch_model.bin.index.json")) {
+            _ = try openCheckpoint(folder: URL(fileURLWithPath: empty))
+        }
+    }
+
+    func testOpenCheckpoint_whenShardedWithIndex_readsEveryShard() throws {
+        for folder in ["sharded", "sharded_bin"] {
+            let source = try openCheckpoint(folder: checkpoints.appendingPathComponent(folder))
+            XCTAssertTrue(source is ShardedCheckpoint)
+            try assertMatchesFixture(source, label: folder)
+            assertThrows(.missingTensor("nope")) { _ = try source.floats("nope") }
         }
     }
 
