@@ -389,6 +389,12 @@ public final class TorchCheckpointFile: TensorSource, @unchecked Sendable {
             if tensor.stride[d] != expected { contiguous = false }
             expected *= tensor.shape[d]
         }
+        defer {
+            if let start = storage.baseAddress, let mapStart = archive.file.base {
+                let offset = start - mapStart
+                archive.file.dropPages(offset ..< offset + storage.count)
+            }
+        }
         return [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
             defer { initialized = count }
             guard count > 0 else { return }
