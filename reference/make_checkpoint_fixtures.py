@@ -7,6 +7,7 @@ Writes Tests/ModelsTests/Fixtures/checkpoints/:
   good/pytorch_model.bin             torch.save(state_dict) to a file: inner folder "pytorch_model/"
   archive_prefix/pytorch_model.bin   torch.save to a BytesIO: inner folder "archive/" (as older files)
   zip64/pytorch_model.bin            the same entries repacked with ZIP64 records everywhere
+  proto4/pytorch_model.bin           torch.save(..., pickle_protocol=4)
   sharded/, sharded_bin/             the state dict in two shards + model.safetensors.index.json /
                                      pytorch_model.bin.index.json, as save_pretrained writes big models
   expected.json                      {name: {"shape": [...], "dtype": "...", "bits": [float32 bit patterns]}}
@@ -109,13 +110,15 @@ def zip_with(entries, compression=zipfile.ZIP_STORED):
 
 def main():
     shutil.rmtree(ROOT, ignore_errors=True)
-    for d in ["good", "archive_prefix", "zip64", "sharded", "sharded_bin", "bad"]:
+    for d in ["good", "archive_prefix", "zip64", "proto4", "sharded", "sharded_bin", "bad"]:
         os.makedirs(os.path.join(ROOT, d))
     sd = state_dict()
 
     save_file({k: v.detach().contiguous().clone() for k, v in sd.items()},
               os.path.join(ROOT, "good", "model.safetensors"), metadata={"format": "pt", "note": "fixture"})
     torch.save(sd, os.path.join(ROOT, "good", "pytorch_model.bin"))
+    # Pickle protocol 4: FRAME, MEMOIZE, SHORT_BINUNICODE, STACK_GLOBAL instead of protocol 2's opcodes.
+    torch.save(sd, os.path.join(ROOT, "proto4", "pytorch_model.bin"), pickle_protocol=4)
     buffer = io.BytesIO()
     torch.save(sd, buffer)
     archive_bytes = buffer.getvalue()

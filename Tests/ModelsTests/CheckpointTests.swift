@@ -141,7 +141,7 @@ final class CheckpointTests: XCTestCase {
     // MARK: pytorch_model.bin
 
     func testTorchCheckpoint_readsStridedSharedAndHalfTensors_bitExactWithTorch() throws {
-        for folder in ["good", "archive_prefix", "zip64"] {
+        for folder in ["good", "archive_prefix", "zip64", "proto4"] {
             let source = try TorchCheckpointFile(path: path("\(folder)/pytorch_model.bin"))
             try assertMatchesFixture(source, label: "\(folder)/pytorch_model.bin")
         }
