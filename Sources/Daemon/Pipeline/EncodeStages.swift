@@ -10,12 +10,12 @@ import Queue
 /// CLIP `get_image_features` and DINO's CLS features of every image's weak view (CLIP's preprocessing
 /// for both, as the NoLA reference does), from the feature cache where present. Unreadable images are
 /// left out of the features and keep their reason for their label row.
-struct EncodeStage: JobStage {
+struct EncodeStage: PipelineStage {
     let name = "encode"
     /// Images decoded and encoded per batch.
-    static let batchSize = 16
+    static let batchSize = 8
 
-    func run(_ context: JobContext) throws {
+    func body(_ context: JobContext) throws {
         let run = try NolaPipeline.runs.get(context)
         let start = Date()
         let inferenceOnly = run.promptsFromJob != nil
@@ -131,10 +131,10 @@ struct EncodeStage: JobStage {
 
 // MARK: stage 2
 
-struct PseudoLabelJobStage: JobStage {
+struct PseudoLabelJobStage: PipelineStage {
     let name = "pseudolabel"
 
-    func run(_ context: JobContext) throws {
+    func body(_ context: JobContext) throws {
         let run = try NolaPipeline.runs.get(context)
         let start = Date()
         let clip = run.clip.model

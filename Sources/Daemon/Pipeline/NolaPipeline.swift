@@ -22,6 +22,22 @@ public enum NolaPipeline {
     static let runs = RunRegistry()
 }
 
+/// A stage of the pipeline: when it fails or stops, the job's attempt ends, and so does its shared state.
+protocol PipelineStage: JobStage {
+    func body(_ context: JobContext) throws
+}
+
+extension PipelineStage {
+    func run(_ context: JobContext) throws {
+        do {
+            try body(context)
+        } catch {
+            NolaPipeline.runs.finish(context.job)
+            throw error
+        }
+    }
+}
+
 final class RunRegistry: @unchecked Sendable {
     private let lock = NSLock()
     private var runs: [Int64: PipelineRun] = [:]
@@ -88,10 +104,10 @@ func number(_ x: Int) -> JSONValue { .number(Double(x)) }
 // MARK: validate
 
 /// Parameters, model folders and (inference only) the earlier job's prompts, before any work.
-struct ValidateStage: JobStage {
+struct ValidateStage: PipelineStage {
     let name = "validate"
 
-    func run(_ context: JobContext) throws {
+    func body(_ context: JobContext) throws {
         var parameters: NolaParameters
         var json = context.parametersJSON
         var promptsFromJob: Int64?
@@ -164,10 +180,10 @@ struct ValidateStage: JobStage {
 
 // MARK: stage 1
 
-struct DescribeStage: JobStage {
+struct DescribeStage: PipelineStage {
     let name = "describe"
 
-    func run(_ context: JobContext) throws {
+    func body(_ context: JobContext) throws {
         let run = try NolaPipeline.runs.get(context)
         let start = Date()
         run.clip = try ModelCache.shared.clip(run.clipFolder)

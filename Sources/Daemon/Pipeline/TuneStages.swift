@@ -74,10 +74,10 @@ final class DecodedImages: @unchecked Sendable {
 
 // MARK: stage 3
 
-struct TuneStage: JobStage {
+struct TuneStage: PipelineStage {
     let name = "tune"
 
-    func run(_ context: JobContext) throws {
+    func body(_ context: JobContext) throws {
         let run = try NolaPipeline.runs.get(context)
         guard run.promptsFromJob == nil, let stage2 = run.stage2 else { return }
         let start = Date()
@@ -180,10 +180,10 @@ struct TuneStage: JobStage {
 
 // MARK: stage 4
 
-struct LabelStage: JobStage {
+struct LabelStage: PipelineStage {
     let name = "label"
 
-    func run(_ context: JobContext) throws {
+    func body(_ context: JobContext) throws {
         let run = try NolaPipeline.runs.get(context)
         defer { NolaPipeline.runs.finish(context.job) }
         let start = Date()
