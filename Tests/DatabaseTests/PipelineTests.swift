@@ -221,6 +221,27 @@ final class PipelineTests: DatabaseTestCase {
         XCTAssertEqual(try db.query("SELECT 1 FROM nola.labels WHERE job_id = $1", [id]).count, 19)
     }
 
+    func testSigterm_midPromptTuning_releasesTheJob_andTheNextDaemonResumes() throws {
+        let collection = try copyCollection()
+        let a = try startPipelineDaemon("pipe-a")
+        let id = try submit(collection, parameters: #"{"prompt_epochs": 150, "prompt_batch_size": 6, "alignment_epochs": 2, "min_k": 2}"#)
+        try waitUntil("prompt tuning passed epoch 3", timeout: 120, poll: 0.02) { try events(id, kind: "epoch").count >= 3 }
+        a.signal(SIGTERM)
+        XCTAssertEqual(a.waitExit(timeout: 15), 0, "the daemon exits cleanly after SIGTERM")
+        let released = try job(id)
+        XCTAssertEqual(try released.string("state"), "queued")
+        XCTAssertEqual(try released.int("attempts_used"), 0, "a release does not burn an attempt")
+        let saved = try db.query("SELECT epoch, step FROM nola.checkpoints WHERE job_id = $1", [id])
+        XCTAssertEqual(saved.count, 1)
+        let savedStep = try saved[0].int("step")
+        _ = try startPipelineDaemon("pipe-b")
+        try waitSucceeded(id, timeout: 240)
+        let resumed = try XCTUnwrap(try events(id, kind: "resumed").first)
+        XCTAssertEqual(resumed.metrics["step"] as? Int, savedStep, "resumed from the step saved at SIGTERM")
+        XCTAssertGreaterThanOrEqual(resumed.metrics["epoch"] as? Int ?? 0, 3)
+        XCTAssertEqual(try events(id, kind: "epoch").last?.metrics["epoch"] as? Int, 150)
+    }
+
     func testBadInputs_failWithMessagesNamingThem_andTheDaemonKeepsServing() throws {
         let collection = try copyCollection()
         let daemon = try startPipelineDaemon("pipe-a")
