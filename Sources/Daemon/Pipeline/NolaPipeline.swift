@@ -60,7 +60,8 @@ final class PipelineRun: @unchecked Sendable {
     let parameters: NolaParameters
     let parametersJSON: String
     let clipFolder: URL
-    let dinoFolder: URL
+    /// Nil for inference-only jobs.
+    let dinoFolder: URL?
     /// Inference only: the tuned prompts of an earlier job.
     let promptsFromJob: Int64?
     var clip: ModelCache.CLIPEntry!
@@ -80,7 +81,7 @@ final class PipelineRun: @unchecked Sendable {
     var tuned: PromptTuningState?
     var encoder: CLIPPromptEncoder?
 
-    init(job: JobRef, parameters: NolaParameters, parametersJSON: String, clipFolder: URL, dinoFolder: URL, promptsFromJob: Int64?) {
+    init(job: JobRef, parameters: NolaParameters, parametersJSON: String, clipFolder: URL, dinoFolder: URL?, promptsFromJob: Int64?) {
         self.job = job
         self.parameters = parameters
         self.parametersJSON = parametersJSON
@@ -128,22 +129,23 @@ struct ValidateStage: PipelineStage {
         let given = (try? JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any]) ?? [:]
         let clip = try modelFolder(context.config, configured: context.config.clipModel, parameter: given["clip_model"] as? String,
                                    fallback: parameters.clipModel, what: "CLIP")
-        let dino = try modelFolder(context.config, configured: context.config.dinoModel, parameter: given["dino_model"] as? String,
-                                   fallback: parameters.dinoModel, what: "DINO")
+        // Inference-only jobs need no DINO.
+        let dino = promptsFromJob != nil ? nil : try modelFolder(context.config, configured: context.config.dinoModel,
+                                                                 parameter: given["dino_model"] as? String, fallback: parameters.dinoModel, what: "DINO")
         if let id = promptsFromJob {
             let found = try context.withDatabase { try PipelineTables.prompts($0, jobID: id) }
             guard found != nil else { throw JobError.badInput("parameter 'prompts_from_job': job \(id) has no tuned prompts") }
         }
         // Record the folders actually used (the configuration may choose them).
         parameters.clipModel = clip.lastPathComponent
-        parameters.dinoModel = dino.lastPathComponent
+        if let dino { parameters.dinoModel = dino.lastPathComponent }
         let run = PipelineRun(job: context.job, parameters: parameters, parametersJSON: String(decoding: parameters.encodedJSON(), as: UTF8.self),
                               clipFolder: clip, dinoFolder: dino, promptsFromJob: promptsFromJob)
         NolaPipeline.runs.start(run)
         setThreads(context.config.threads)
         try context.recordEvent(stage: name, kind: "parameters", metrics: [
             "parameters": (try? JSONDecoder().decode(JSONValue.self, from: parameters.encodedJSON())) ?? .null,
-            "clip_model": .string(clip.path), "dino_model": .string(dino.path),
+            "clip_model": .string(clip.path), "dino_model": dino.map { .string($0.path) } ?? .null,
             "prompts_from_job": promptsFromJob.map { .number(Double($0)) } ?? .null,
             "threads": number(context.config.threads),
         ])

@@ -199,6 +199,9 @@ struct LabelStage: PipelineStage {
                 guard let shape = file.shape(of: PromptTuningState.promptsName), shape.count == 2 else {
                     throw JobError.badInput("tuned prompts of job \(source): no 2-D \(PromptTuningState.promptsName)")
                 }
+                if let hash = file.metadata["clip_weights_sha256"], hash != run.clip.identity.weightsSHA256 {
+                    throw JobError.badInput("tuned prompts of job \(source) belong to CLIP \(file.metadata["clip_model"] ?? "?") (weights \(hash.prefix(12))…), this job uses \(run.clip.identity.name) (weights \(run.clip.identity.weightsSHA256.prefix(12))…)")
+                }
                 let encoder = CLIPPromptEncoder(model: clip, promptCount: shape[0])
                 if let classes = file.metadata["classes"],
                    let names = try? JSONDecoder().decode([String].self, from: Data(classes.utf8)), names != context.classes {
