@@ -31,7 +31,7 @@ public protocol JobStage: Sendable {
 public enum JobStages {
     public static func standard(config: NoladConfig) -> [JobStage] {
         let discover = DiscoverImagesStage(delayPerImage: config.imageDelaySeconds)
-        return config.pipeline == "discover" ? [discover] : [discover] + NolaPipeline.stages(config: config)
+        return config.pipeline == "discover" ? [discover] : NolaPipeline.stages(config: config, discover: discover)
     }
 }
 

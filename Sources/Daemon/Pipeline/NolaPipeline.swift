@@ -5,8 +5,9 @@ import Method
 import Models
 import Queue
 
-/// The NoLA method as job stages (DESIGN.md, "The method"): after `discover`,
-///   validate     parameters (NolaParameters), model folders, an earlier job's prompts
+/// The NoLA method as job stages (DESIGN.md, "The method"):
+///   validate     parameters (NolaParameters), model folders, an earlier job's prompts — before any work
+///   discover     (the queue's stage) every image recorded in nola.images with its SHA-256
 ///   describe     stage 1: sentences per class (job / LLM with cache / templates) → zero-shot classifier
 ///   encode       CLIP and DINO features of every image's weak view (feature cache in PostgreSQL)
 ///   pseudolabel  stage 2: zero-shot labels, top-k pseudo-labels, alignment module, teacher labels
@@ -14,8 +15,8 @@ import Queue
 ///   label        stage 4: a label for every image, the tuned prompts blob, accuracy when folders name classes
 /// The stages of one job share a `PipelineRun` (held by `NolaPipeline.runs` for the job's attempt).
 public enum NolaPipeline {
-    public static func stages(config: NoladConfig) -> [JobStage] {
-        [ValidateStage(), DescribeStage(), EncodeStage(), PseudoLabelJobStage(), TuneStage(), LabelStage()]
+    public static func stages(config: NoladConfig, discover: JobStage) -> [JobStage] {
+        [ValidateStage(), discover, DescribeStage(), EncodeStage(), PseudoLabelJobStage(), TuneStage(), LabelStage()]
     }
 
     /// Per-job state between stages, by job id; an entry of an earlier attempt is replaced.
