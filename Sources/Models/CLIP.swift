@@ -278,9 +278,14 @@ extension CLIPModel {
     public func getTextFeatures(_ sequences: [[Int32]]) -> [Float] {
         let c = config.textConfig, d = c.hiddenSize
         var out = [Float](repeating: 0, count: sequences.count * projectionDim)
+        precondition(sequences.allSatisfy { !$0.isEmpty }, "an id sequence is empty (BOS … EOS expected)")
         let lengths = sequences.map { poolingPosition($0) + 1 }
-        for length in Set(lengths).sorted() {
-            let members = lengths.indices.filter { lengths[$0] == length }
+        // equal lengths share a batch, at most 128 sequences (bounds the activations: 128·77 tokens)
+        let batches = Set(lengths).sorted().flatMap { length in
+            let all = lengths.indices.filter { lengths[$0] == length }
+            return stride(from: 0, to: all.count, by: 128).map { (length, Array(all[$0..<min($0 + 128, all.count)])) }
+        }
+        for (length, members) in batches {
             precondition(length <= c.maxPositionEmbeddings, "sequence longer than max_position_embeddings")
             let b = members.count
             let x = Buffer(count: b * length * d)
