@@ -237,14 +237,30 @@ extension CLIPModel {
         imageFeatures(pixels: pixels, batch: b, prompts: nil, promptCount: 0, norms: CLIPVisionNorms(visionModel))
     }
 
+    /// imageFeatures with the batch split across threads (`batchParallel`).
+    func imageFeatures(pixels: UnsafePointer<Float>, batch b: Int, prompts: UnsafePointer<Float>?, promptCount p: Int,
+                       norms: CLIPVisionNorms) -> [Float] {
+        let c = config.visionConfig, image = c.numChannels * c.imageSize * c.imageSize, e = projectionDim
+        var out = [Float](repeating: 0, count: b * e)
+        out.withUnsafeMutableBufferPointer { o in
+            let o = o.baseAddress!
+            batchParallel(b) { r in
+                let part = imageFeaturesOneThread(pixels: pixels + r.lowerBound * image, batch: r.count, prompts: prompts,
+                                                  promptCount: p, norms: norms)
+                (o + r.lowerBound * e).update(from: part, count: part.count)
+            }
+        }
+        return out
+    }
+
     public func getImageFeatures(pixels: [Float], batch b: Int) -> [Float] {
         let c = config.visionConfig
         precondition(pixels.count == b * c.numChannels * c.imageSize * c.imageSize, "pixels must be (B,3,S,S)")
         return pixels.withUnsafeBufferPointer { getImageFeatures(pixels: $0.baseAddress!, batch: b) }
     }
 
-    func imageFeatures(pixels: UnsafePointer<Float>, batch b: Int, prompts: UnsafePointer<Float>?, promptCount p: Int,
-                       norms: CLIPVisionNorms) -> [Float] {
+    func imageFeaturesOneThread(pixels: UnsafePointer<Float>, batch b: Int, prompts: UnsafePointer<Float>?, promptCount p: Int,
+                                norms: CLIPVisionNorms) -> [Float] {
         let c = config.visionConfig, d = c.hiddenSize, last = c.numHiddenLayers - 1
         let x = visionHiddenStates(pixels: pixels, batch: b, prompts: prompts, promptCount: p, norms: norms,
                                    layerCount: last, tape: nil)
