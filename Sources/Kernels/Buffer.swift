@@ -47,6 +47,18 @@ public func parallelFor(_ n: Int, grain: Int = 1, _ body: (Range<Int>) -> Void) 
     }
 }
 
+/// Splits a batch of `b` items into `kernelThreads` parts run at the same time, each single-threaded
+/// (OpenBLAS and our loops): for batched inference this scales better than threading every GEMM.
+public func batchParallel(_ b: Int, _ body: (Range<Int>) -> Void) {
+    let chunks = min(kernelThreads, b)
+    if chunks <= 1 { if b > 0 { body(0..<b) }; return }
+    let saved = kernelThreads, blas = openblas_get_num_threads()
+    kernelThreads = 1
+    openblas_set_num_threads(1)
+    defer { kernelThreads = saved; openblas_set_num_threads(blas) }
+    DispatchQueue.concurrentPerform(iterations: chunks) { c in body((b * c / chunks)..<(b * (c + 1) / chunks)) }
+}
+
 // SIMD helpers: unaligned 8-wide loads and stores.
 @inline(__always) func load8(_ p: UnsafePointer<Float>) -> SIMD8<Float> {
     UnsafeRawPointer(p).loadUnaligned(as: SIMD8<Float>.self)

@@ -237,14 +237,30 @@ extension CLIPModel {
         imageFeatures(pixels: pixels, batch: b, prompts: nil, promptCount: 0, norms: CLIPVisionNorms(visionModel))
     }
 
+    /// imageFeatures with the batch split across threads (`batchParallel`).
+    func imageFeatures(pixels: UnsafePointer<Float>, batch b: Int, prompts: UnsafePointer<Float>?, promptCount p: Int,
+                       norms: CLIPVisionNorms) -> [Float] {
+        let c = config.visionConfig, image = c.numChannels * c.imageSize * c.imageSize, e = projectionDim
+        var out = [Float](repeating: 0, count: b * e)
+        out.withUnsafeMutableBufferPointer { o in
+            let o = o.baseAddress!
+            batchParallel(b) { r in
+                let part = imageFeaturesOneThread(pixels: pixels + r.lowerBound * image, batch: r.count, prompts: prompts,
+                                                  promptCount: p, norms: norms)
+                (o + r.lowerBound * e).update(from: part, count: part.count)
+            }
+        }
+        return out
+    }
+
     public func getImageFeatures(pixels: [Float], batch b: Int) -> [Float] {
         let c = config.visionConfig
         precondition(pixels.count == b * c.numChannels * c.imageSize * c.imageSize, "pixels must be (B,3,S,S)")
         return pixels.withUnsafeBufferPointer { getImageFeatures(pixels: $0.baseAddress!, batch: b) }
     }
 
-    func imageFeatures(pixels: UnsafePointer<Float>, batch b: Int, prompts: UnsafePointer<Float>?, promptCount p: Int,
-                       norms: CLIPVisionNorms) -> [Float] {
+    func imageFeaturesOneThread(pixels: UnsafePointer<Float>, batch b: Int, prompts: UnsafePointer<Float>?, promptCount p: Int,
+                                norms: CLIPVisionNorms) -> [Float] {
         let c = config.visionConfig, d = c.hiddenSize, last = c.numHiddenLayers - 1
         let x = visionHiddenStates(pixels: pixels, batch: b, prompts: prompts, promptCount: p, norms: norms,
                                    layerCount: last, tape: nil)
@@ -278,9 +294,14 @@ extension CLIPModel {
     public func getTextFeatures(_ sequences: [[Int32]]) -> [Float] {
         let c = config.textConfig, d = c.hiddenSize
         var out = [Float](repeating: 0, count: sequences.count * projectionDim)
+        precondition(sequences.allSatisfy { !$0.isEmpty }, "an id sequence is empty (BOS … EOS expected)")
         let lengths = sequences.map { poolingPosition($0) + 1 }
-        for length in Set(lengths).sorted() {
-            let members = lengths.indices.filter { lengths[$0] == length }
+        // equal lengths share a batch, at most 128 sequences (bounds the activations: 128·77 tokens)
+        let batches = Set(lengths).sorted().flatMap { length in
+            let all = lengths.indices.filter { lengths[$0] == length }
+            return stride(from: 0, to: all.count, by: 128).map { (length, Array(all[$0..<min($0 + 128, all.count)])) }
+        }
+        for (length, members) in batches {
             precondition(length <= c.maxPositionEmbeddings, "sequence longer than max_position_embeddings")
             let b = members.count
             let x = Buffer(count: b * length * d)

@@ -136,6 +136,19 @@ public final class ViTModel: @unchecked Sendable {
 
     /// The image embedding: the CLS token of the last hidden state after the final layernorm, (B,D).
     public func clsFeatures(pixels: UnsafePointer<Float>, batch b: Int, height h: Int, width w: Int) -> [Float] {
+        let d = config.hiddenSize, image = config.numChannels * h * w
+        var out = [Float](repeating: 0, count: b * d)
+        out.withUnsafeMutableBufferPointer { o in
+            let o = o.baseAddress!
+            batchParallel(b) { r in
+                let part = clsFeaturesOneThread(pixels: pixels + r.lowerBound * image, batch: r.count, height: h, width: w)
+                (o + r.lowerBound * d).update(from: part, count: part.count)
+            }
+        }
+        return out
+    }
+
+    func clsFeaturesOneThread(pixels: UnsafePointer<Float>, batch b: Int, height h: Int, width w: Int) -> [Float] {
         let c = config, d = c.hiddenSize
         let x = hiddenStates(pixels: pixels, batch: b, height: h, width: w, layerCount: layers.count - 1)
         let t = x.count / (b * d)
