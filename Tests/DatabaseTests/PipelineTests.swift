@@ -191,6 +191,15 @@ final class PipelineTests: DatabaseTestCase {
             WHERE a.job_id = $1 AND b.job_id = $2 AND a.label = b.label
             """, [first, second])
         XCTAssertEqual(try same[0].int("n"), 18)
+
+        // Same seed, same inputs: the same labels and confidences (training included).
+        let third = try submit(collection, parameters: #"{"prompt_epochs": 3, "prompt_batch_size": 8, "alignment_epochs": 5, "min_k": 2, "seed": 3}"#)
+        try waitSucceeded(third, timeout: 120)
+        let identical = try db.query("""
+            SELECT count(*) AS n FROM nola.labels a JOIN nola.labels b USING (path)
+            WHERE a.job_id = $1 AND b.job_id = $2 AND a.label = b.label AND a.confidence = b.confidence
+            """, [first, third])
+        XCTAssertEqual(try identical[0].int("n"), 18)
     }
 
     func testKill9_midPromptTuning_anotherDaemonResumesFromTheCheckpoint() throws {
