@@ -7,6 +7,9 @@ Writes Tests/ModelsTests/Fixtures/checkpoints/:
   good/pytorch_model.bin             torch.save(state_dict) to a file: inner folder "pytorch_model/"
   archive_prefix/pytorch_model.bin   torch.save to a BytesIO: inner folder "archive/" (as older files)
   zip64/pytorch_model.bin            the same entries repacked with ZIP64 records everywhere
+  proto4/pytorch_model.bin           torch.save(..., pickle_protocol=4)
+  sharded/, sharded_bin/             the state dict in two shards + model.safetensors.index.json /
+                                     pytorch_model.bin.index.json, as save_pretrained writes big models
   expected.json                      {name: {"shape": [...], "dtype": "...", "bits": [float32 bit patterns]}}
   bad/...                            broken files, each named after what is wrong (see BAD below)
 """
@@ -101,19 +104,21 @@ def zip_with(entries, compression=zipfile.ZIP_STORED):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression) as z:
         for name, data in entries:
-            z.writestr(name, data)
+            z.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), data, compress_type=compression)
     return buffer.getvalue()
 
 
 def main():
     shutil.rmtree(ROOT, ignore_errors=True)
-    for d in ["good", "archive_prefix", "zip64", "bad"]:
+    for d in ["good", "archive_prefix", "zip64", "proto4", "sharded", "sharded_bin", "bad"]:
         os.makedirs(os.path.join(ROOT, d))
     sd = state_dict()
 
     save_file({k: v.detach().contiguous().clone() for k, v in sd.items()},
               os.path.join(ROOT, "good", "model.safetensors"), metadata={"format": "pt", "note": "fixture"})
     torch.save(sd, os.path.join(ROOT, "good", "pytorch_model.bin"))
+    # Pickle protocol 4: FRAME, MEMOIZE, SHORT_BINUNICODE, STACK_GLOBAL instead of protocol 2's opcodes.
+    torch.save(sd, os.path.join(ROOT, "proto4", "pytorch_model.bin"), pickle_protocol=4)
     buffer = io.BytesIO()
     torch.save(sd, buffer)
     archive_bytes = buffer.getvalue()
@@ -127,6 +132,21 @@ def main():
     reloaded = torch.load(io.BytesIO(zip64), weights_only=True)
     assert all(torch.equal(reloaded[k], sd[k]) or k in ("half", "bf16_special") for k in sd)
     zipfile.ZipFile(io.BytesIO(zip64)).testzip()
+
+    # Shards as save_pretrained writes them for big models: two files and an index.
+    names = sorted(sd)
+    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+    for folder, ext, save in [("sharded", "safetensors", lambda part, path: save_file(part, path)),
+                              ("sharded_bin", "bin", lambda part, path: torch.save(part, path))]:
+        weight_map = {}
+        for i, part_names in enumerate(halves):
+            file = f"model-{i + 1:05d}-of-00002.{ext}" if ext == "safetensors" else f"pytorch_model-{i + 1:05d}-of-00002.bin"
+            part = {k: (sd[k].detach().contiguous().clone() if ext == "safetensors" else sd[k]) for k in part_names}
+            save(part, os.path.join(ROOT, folder, file))
+            weight_map.update({k: file for k in part_names})
+        index = "model.safetensors.index.json" if ext == "safetensors" else "pytorch_model.bin.index.json"
+        with open(os.path.join(ROOT, folder, index), "w") as f:
+            json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f, indent=1, sort_keys=True)
 
     expected = {}
     for k, v in sd.items():

@@ -3,7 +3,7 @@ import Foundation
 import Models
 
 /// `nolad tokenize --model DIR TEXT...`: CLIP token ids, one JSON object per text on stdout,
-/// `{"ids": [...], "text": ...}` with BOS and EOS, truncated to the context length, no padding.
+/// `{"text": ..., "ids": [...]}` with BOS and EOS, truncated to the context length, no padding.
 struct TokenizeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tokenize",
@@ -24,11 +24,6 @@ struct TokenizeCommand: ParsableCommand {
         guard !texts.isEmpty else { throw ValidationError("give at least one text") }
     }
 
-    struct Line: Encodable {
-        let text: String
-        let ids: [Int]
-    }
-
     func run() throws {
         let tokenizer: CLIPTokenizer
         do {
@@ -38,11 +33,13 @@ struct TokenizeCommand: ParsableCommand {
             throw ExitCode.failure
         }
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        encoder.outputFormatting = [.withoutEscapingSlashes]
         var output = Data()
         for text in texts {
-            output.append(try encoder.encode(Line(text: text, ids: tokenizer.encode(text, contextLength: contextLength))))
-            output.append(0x0A)
+            let ids = tokenizer.encode(text, contextLength: contextLength)
+            output.append(contentsOf: Array("{\"text\":".utf8))
+            output.append(try encoder.encode(text))
+            output.append(contentsOf: Array(",\"ids\":[\(ids.map(String.init).joined(separator: ","))]}\n".utf8))
         }
         FileHandle.standardOutput.write(output)
     }

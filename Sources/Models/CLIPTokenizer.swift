@@ -167,13 +167,29 @@ public final class CLIPTokenizer: @unchecked Sendable {
 
     /// Step 2: NFC, whitespace runs → " ", per-scalar lower case.
     func normalize(_ scalars: [Unicode.Scalar]) -> [Unicode.Scalar] {
-        var text = String.UnicodeScalarView()
-        text.append(contentsOf: scalars)
-        let nfc = String(text).precomposedStringWithCanonicalMapping
+        // Below U+0300 every scalar is NFC-stable and nothing composes with it (the first combining
+        // mark is U+0300), so the common case skips Foundation's normaliser.
+        var nfc = scalars
+        if scalars.contains(where: { $0.value >= 0x300 }) {
+            var text = String.UnicodeScalarView()
+            text.append(contentsOf: scalars)
+            nfc = Array(String(text).precomposedStringWithCanonicalMapping.unicodeScalars)
+        }
         var out: [Unicode.Scalar] = []
-        out.reserveCapacity(scalars.count)
+        out.reserveCapacity(nfc.count)
         var previousWasSpace = false
-        for scalar in nfc.unicodeScalars {
+        for scalar in nfc {
+            if scalar.value < 0x80 {
+                let v = scalar.value
+                if v == 0x20 || (v >= 0x09 && v <= 0x0D) {
+                    if !previousWasSpace { out.append(" ") }
+                    previousWasSpace = true
+                } else {
+                    out.append(v >= 0x41 && v <= 0x5A ? Unicode.Scalar(v + 0x20)! : scalar)
+                    previousWasSpace = false
+                }
+                continue
+            }
             if scalar.properties.isWhitespace {
                 if !previousWasSpace { out.append(" ") }
                 previousWasSpace = true
@@ -212,9 +228,9 @@ public final class CLIPTokenizer: @unchecked Sendable {
             } else if isNumber(c) {
                 pieces.append(s[i ..< i + 1])
                 i += 1
-            } else if !c.properties.isWhitespace {
+            } else if !isWhitespace(c) {
                 var j = i + 1
-                while j < s.count && !isLetter(s[j]) && !isNumber(s[j]) && !s[j].properties.isWhitespace { j += 1 }
+                while j < s.count && !isLetter(s[j]) && !isNumber(s[j]) && !isWhitespace(s[j]) { j += 1 }
                 pieces.append(s[i ..< j])
                 i = j
             } else {
@@ -290,6 +306,13 @@ private func contractionLength(_ s: [Unicode.Scalar], at i: Int) -> Int? {
         return i + 2 < s.count && s[i + 2] == "l" ? 3 : nil
     default: return nil
     }
+}
+
+/// \s: the White_Space property.
+@inline(__always)
+private func isWhitespace(_ c: Unicode.Scalar) -> Bool {
+    if c.value < 0x80 { return c.value == 0x20 || (c.value >= 0x09 && c.value <= 0x0D) }
+    return c.properties.isWhitespace
 }
 
 /// \p{L}: Lu, Ll, Lt, Lm, Lo.

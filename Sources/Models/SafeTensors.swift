@@ -120,6 +120,15 @@ final class MappedFile: @unchecked Sendable {
         return T(littleEndian: base!.loadUnaligned(fromByteOffset: offset, as: T.self))
     }
 
+    /// Tells the kernel the pages of `range` are not needed any more: a tensor copied out of the map
+    /// then no longer counts in the resident set twice (pages are re-read from the file if touched again).
+    func dropPages(_ range: Range<Int>) {
+        guard let base, !range.isEmpty else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let start = range.lowerBound / page * page
+        _ = madvise(UnsafeMutableRawPointer(mutating: base + start), range.upperBound - start, MADV_DONTNEED)
+    }
+
     func bytes(_ range: Range<Int>) -> UnsafeRawBufferPointer {
         precondition(range.lowerBound >= 0 && range.upperBound <= count)
         guard let base else { return UnsafeRawBufferPointer(start: nil, count: 0) }
@@ -247,10 +256,12 @@ public final class SafeTensorsFile: TensorSource, @unchecked Sendable {
         }
         let count = (entry.end - entry.begin) / encoding.byteCount
         let source = file.bytes(entry.begin..<entry.end)
-        return [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
+        let values = [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
             if count > 0 { decodeFloats(encoding, from: source.baseAddress!, count: count, into: buffer.baseAddress!) }
             initialized = count
         }
+        file.dropPages(entry.begin..<entry.end)
+        return values
     }
 }
 

@@ -327,8 +327,9 @@ public final class TorchCheckpointFile: TensorSource, @unchecked Sendable {
             let entry = prefix + "data/" + key
             guard archive.entries[entry] != nil else { throw bad("storage '\(key)' has no entry '\(entry)'") }
             let data = try archive.data(entry)
-            guard data.count >= count * type.elementSize else {
-                throw bad("storage '\(key)' holds \(data.count) bytes, \(count) elements of \(type.name) need \(count * type.elementSize)")
+            let (needed, overflow) = count.multipliedReportingOverflow(by: type.elementSize)
+            guard !overflow, data.count >= needed else {
+                throw bad("storage '\(key)' holds \(data.count) bytes, too few for \(count) elements of \(type.name)")
             }
             storages[key] = data
             return TorchStorage(type: type, key: key, count: count)
@@ -340,10 +341,22 @@ public final class TorchCheckpointFile: TensorSource, @unchecked Sendable {
         for (key, value) in dict.items {
             guard case .string(let name) = key else { throw bad("state dict key is a \(key.kind), not a string") }
             guard case .tensor(let tensor) = value else { throw bad("state dict entry '\(name)' is a \(value.kind), not a tensor") }
-            // The last element the view touches must lie inside its storage.
-            if !tensor.shape.contains(0) {
+            // The last element the view touches must lie inside its storage, and the element count
+            // must be allocatable (a stride-0 view could claim any size).
+            var elements = 1
+            for size in tensor.shape {
+                let (product, overflow) = elements.multipliedReportingOverflow(by: size)
+                guard !overflow, product <= 1 << 36 else { throw bad("tensor '\(name)' size \(tensor.shape) is too large") }
+                elements = product
+            }
+            if elements > 0 {
                 var last = tensor.offset
-                for (size, step) in zip(tensor.shape, tensor.stride) { last += (size - 1) * step }
+                for (size, step) in zip(tensor.shape, tensor.stride) {
+                    let (reach, overflow1) = (size - 1).multipliedReportingOverflow(by: step)
+                    let (sum, overflow2) = last.addingReportingOverflow(reach)
+                    guard !overflow1, !overflow2 else { throw bad("tensor '\(name)' stride \(tensor.stride) overflows") }
+                    last = sum
+                }
                 guard last < tensor.storage.count else {
                     throw bad("tensor '\(name)' (offset \(tensor.offset), size \(tensor.shape), stride \(tensor.stride)) reaches element \(last) of a storage of \(tensor.storage.count)")
                 }
@@ -366,7 +379,7 @@ public final class TorchCheckpointFile: TensorSource, @unchecked Sendable {
         guard let encoding = tensor.storage.type.encoding else {
             throw CheckpointError.unsupportedDType(name: name, dtype: tensor.storage.type.name)
         }
-        let base = storages[tensor.storage.key]!.baseAddress!
+        let storage = storages[tensor.storage.key]!
         let size = encoding.byteCount
         let count = tensor.shape.reduce(1, *)
         let rank = tensor.shape.count
@@ -376,9 +389,16 @@ public final class TorchCheckpointFile: TensorSource, @unchecked Sendable {
             if tensor.stride[d] != expected { contiguous = false }
             expected *= tensor.shape[d]
         }
+        defer {
+            if let start = storage.baseAddress, let mapStart = archive.file.base {
+                let offset = start - mapStart
+                archive.file.dropPages(offset ..< offset + storage.count)
+            }
+        }
         return [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
             defer { initialized = count }
             guard count > 0 else { return }
+            let base = storage.baseAddress!   // non-empty: init checked the view lies inside the storage
             let out = buffer.baseAddress!
             if contiguous {
                 decodeFloats(encoding, from: base + tensor.offset * size, count: count, into: out)

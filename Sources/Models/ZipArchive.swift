@@ -44,7 +44,7 @@ struct ZipArchive {
         // ZIP64: a locator right before the EOCD points at the zip64 end record.
         if eocd >= 20, file.loadLE(UInt32.self, at: eocd - 20) == 0x0706_4b50 {
             let record64 = file.loadLE(UInt64.self, at: eocd - 20 + 8)
-            guard record64 <= UInt64(size - 56), file.loadLE(UInt32.self, at: Int(record64)) == 0x0606_4b50 else {
+            guard size >= 56, record64 <= UInt64(size - 56), file.loadLE(UInt32.self, at: Int(record64)) == 0x0606_4b50 else {
                 throw bad("bad ZIP64 end of central directory locator")
             }
             let r = Int(record64)
@@ -103,7 +103,7 @@ struct ZipArchive {
                 e += 4 + length
             }
 
-            guard localOffset <= UInt64(size - 30), file.loadLE(UInt32.self, at: Int(localOffset)) == 0x0403_4b50 else {
+            guard size >= 30, localOffset <= UInt64(size - 30), file.loadLE(UInt32.self, at: Int(localOffset)) == 0x0403_4b50 else {
                 throw bad("entry '\(name)' has no local header at offset \(localOffset)")
             }
             let local = Int(localOffset)

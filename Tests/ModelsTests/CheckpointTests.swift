@@ -141,7 +141,7 @@ final class CheckpointTests: XCTestCase {
     // MARK: pytorch_model.bin
 
     func testTorchCheckpoint_readsStridedSharedAndHalfTensors_bitExactWithTorch() throws {
-        for folder in ["good", "archive_prefix", "zip64"] {
+        for folder in ["good", "archive_prefix", "zip64", "proto4"] {
             let source = try TorchCheckpointFile(path: path("\(folder)/pytorch_model.bin"))
             try assertMatchesFixture(source, label: "\(folder)/pytorch_model.bin")
         }
@@ -178,14 +178,64 @@ final class CheckpointTests: XCTestCase {
         }
     }
 
+    // MARK: corrupted files
+
+    /// Seeded corruptions of real files (truncation, flipped bytes, saturated words): every reader
+    /// call ends in a value or a CheckpointError, never a crash or another error type.
+    func testReaders_whenFilesAreCorruptedAtRandom_throwCheckpointErrorsOrRead_neverCrash() throws {
+        var rng = SplitMix64(seed: 7)
+        let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("nolad-corrupt-\(getpid())")
+        try FileManager.default.createDirectory(at: scratch, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: scratch) }
+        var opened = 0, refused = 0, readErrors = 0
+        for original in ["good/model.safetensors", "good/pytorch_model.bin", "zip64/pytorch_model.bin"] {
+            let bytes = [UInt8](try Data(contentsOf: checkpoints.appendingPathComponent(original)))
+            for trial in 0 ..< 150 {
+                var mutated = bytes
+                switch trial % 3 {
+                case 0:
+                    mutated.removeSubrange(Int(rng.next() % UInt64(bytes.count))...)
+                case 1:
+                    for _ in 0 ... rng.next() % 4 { mutated[Int(rng.next() % UInt64(bytes.count))] ^= UInt8(1 + rng.next() % 255) }
+                default:
+                    let at = Int(rng.next() % UInt64(bytes.count - 8))
+                    for k in 0 ..< 8 { mutated[at + k] = 0xFF }
+                }
+                let url = scratch.appendingPathComponent("\(trial)-" + original.replacingOccurrences(of: "/", with: "-"))
+                try Data(mutated).write(to: url)
+                do {
+                    let source: TensorSource = original.hasSuffix(".safetensors") ? try SafeTensorsFile(url: url) : try TorchCheckpointFile(url: url)
+                    opened += 1
+                    for name in source.tensorNames {
+                        do { _ = try source.floats(name) } catch is CheckpointError { readErrors += 1 }
+                    }
+                } catch is CheckpointError {
+                    refused += 1
+                }
+                try FileManager.default.removeItem(at: url)
+            }
+        }
+        print("corrupted files: \(refused) refused on open, \(opened) opened (\(readErrors) tensor reads refused)")
+        XCTAssertGreaterThan(refused, 150)
+    }
+
     // MARK: model folders
 
-    func testOpenCheckpoint_prefersSafeTensors_thenPytorchBin_elseNamesBothFiles() throws {
+    func testOpenCheckpoint_prefersSafeTensors_thenPytorchBin_elseNamesEveryFileLookedFor() throws {
         XCTAssertTrue(try openCheckpoint(folder: checkpoints.appendingPathComponent("good")) is SafeTensorsFile)
         XCTAssertTrue(try openCheckpoint(folder: checkpoints.appendingPathComponent("zip64")) is TorchCheckpointFile)
-        let empty = checkpoints.appendingPathComponent("bad/empty_folder")
-        assertThrows(.missingFile("\(empty.path)/model.safetensors or \(empty.path)/pytorch_model.bin")) {
-            _ = try openCheckpoint(folder: empty)
+        let empty = checkpoints.appendingPathComponent("bad/empty_folder").path
+        assertThrows(.missingFile("\(empty)/model.safetensors or \(empty)/model.safetensors.index.json or \(empty)/pytorch_model.bin or \(empty)/pytorch_model.bin.index.json")) {
+            _ = try openCheckpoint(folder: URL(fileURLWithPath: empty))
+        }
+    }
+
+    func testOpenCheckpoint_whenShardedWithIndex_readsEveryShard() throws {
+        for folder in ["sharded", "sharded_bin"] {
+            let source = try openCheckpoint(folder: checkpoints.appendingPathComponent(folder))
+            XCTAssertTrue(source is ShardedCheckpoint)
+            try assertMatchesFixture(source, label: folder)
+            assertThrows(.missingTensor("nope")) { _ = try source.floats("nope") }
         }
     }
 
@@ -193,5 +243,18 @@ final class CheckpointTests: XCTestCase {
         XCTAssertTrue(try readConfig(folder: checkpoints.appendingPathComponent("bad/empty_folder")).isEmpty)
         let good = checkpoints.appendingPathComponent("good")
         assertThrows(.missingFile(good.appendingPathComponent("config.json").path)) { _ = try readConfig(folder: good) }
+    }
+}
+
+/// A small seeded generator, so the corruptions are the same on every run.
+struct SplitMix64 {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
     }
 }
