@@ -4,8 +4,8 @@ Every image is 224x224 RGB: one main object of a class (its kind of shape) drawn
 procedurally with a random colour, fill texture, size, position and rotation, on
 a random background (solid, gradient, stripes, checks, dots, noise), with small
 clutter, optional occlusion, blur and pixel noise. Each image has a plain-English
-caption that names some of its attributes; about one caption in five does not
-name the shape at all and some use another word for it.
+caption that names some of its attributes; about one caption in ten does not
+name the shape at all and some use another word for it (donut, plus sign, coil...).
 
     generate_image(rng, cls) -> (PIL.Image, caption)
     python world/generate.py cache OUT.npy N SEED     # training cache (uint8 N x 224 x 224 x 3 + captions .json)
@@ -176,7 +176,7 @@ def clutter_mask(rng):
 
 
 def size_word(r):
-    return "small" if r < 45 else ("large" if r > 75 else None)
+    return "small" if r < 60 else ("large" if r > 85 else None)
 
 
 def position_word(cx, cy):
@@ -195,16 +195,18 @@ def generate_image(rng, cls):
     bg_kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     bg_name = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
     bg2 = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
-    img = texture(rng, bg_kind, jitter_colour(rng, COLOURS[bg_name]), jitter_colour(rng, COLOURS[bg2]))
+    c_bg = jitter_colour(rng, COLOURS[bg_name])
+    c_bg2 = c_bg + 0.35 * (jitter_colour(rng, COLOURS[bg2]) - c_bg)  # background patterns are low-contrast
+    img = texture(rng, bg_kind, c_bg, c_bg2)
 
     # clutter behind the object
-    for _ in range(rng.integers(0, 5)):
+    for _ in range(rng.integers(0, 4)):
         c = jitter_colour(rng, COLOURS[COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]], 40)
         m = clutter_mask(rng)[..., None]
         img = img * (1 - m) + c * m
 
     # the object
-    r = rng.uniform(32, 95)
+    r = rng.uniform(48, 100)
     margin = r * 0.7
     cx = rng.uniform(margin, SIZE - margin)
     cy = rng.uniform(margin, SIZE - margin)
@@ -254,10 +256,10 @@ def generate_image(rng, cls):
 
 def caption(rng, cls, col, fill, bg, bg_kind, r, cx, cy, occluded):
     noun = SYNONYMS[cls][rng.integers(len(SYNONYMS[cls]))]
-    if rng.random() < 0.2:  # the shape goes unnamed
+    if rng.random() < 0.1:  # the shape goes unnamed
         noun = ["shape", "object", "thing", "figure"][rng.integers(4)]
     adj = []
-    if rng.random() < 0.7:
+    if rng.random() < 0.4:
         adj.append(col)
     sw = size_word(r)
     if sw and rng.random() < 0.5:
@@ -267,7 +269,7 @@ def caption(rng, cls, col, fill, bg, bg_kind, r, cx, cy, occluded):
     head = " ".join(adj + [noun])
     article = "an" if head[0] in "aeiou" else "a"
     parts = [f"{article} {head}"]
-    if rng.random() < 0.5:
+    if rng.random() < 0.3:
         bgw = bg if bg_kind in ("plain", "gradient") or rng.random() < 0.5 else f"{bg_kind} {bg}"
         if rng.random() < 0.3:
             bgw = bg_kind if bg_kind != "plain" else bg

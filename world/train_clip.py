@@ -100,14 +100,15 @@ def main():
 
     images = np.load(cache, mmap_mode="r")
     n = images.shape[0]
-    model = CLIPModel(make_config())
+    resume = os.environ.get("RESUME")  # continue from a saved model folder (F16 weights, read back as F32)
+    model = CLIPModel.from_pretrained(resume, dtype=torch.float32) if resume else CLIPModel(make_config())
     model.train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "embedding" in name or name == "logit_scale" else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
-    base_lr, bs, warm = 1e-3, 256, 0.05
+    base_lr, bs, warm = float(os.environ.get("LR", "1e-3")), int(os.environ.get("BATCH", "64")), 0.03
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     step, epoch = 0, 0
@@ -141,11 +142,11 @@ def main():
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
         step += 1
-        if step % 10 == 0:
-            print(f"step {step} epoch {epoch} t {time.time() - t0:.0f}s lr {lr:.2e} loss {np.mean(losses[-10:]):.4f} "
+        if step % 25 == 0:
+            print(f"step {step} epoch {epoch} t {time.time() - t0:.0f}s lr {lr:.2e} loss {np.mean(losses[-25:]):.4f} "
                   f"scale {model.logit_scale.exp().item():.1f}", flush=True)
-    print(f"done: {step} steps, {step * bs} pairs, {time.time() - t0:.0f}s, final loss (last 20) "
-          f"{np.mean(losses[-20:]):.4f}", flush=True)
+    print(f"done: {step} steps, {step * bs} pairs, {time.time() - t0:.0f}s, final loss (last 50) "
+          f"{np.mean(losses[-50:]):.4f}", flush=True)
     model = model.half()
     model.save_pretrained(out_dir)
     proc = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)  # CLIP's, as NoLA feeds DINO
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-GLOBAL, LOCAL_SIZE, LOCAL = 112, 48, 4
-OUT_DIM = 1024
+GLOBAL, LOCAL_SIZE = 112, 48
+LOCAL = int(os.environ.get("LOCAL", "2"))
+OUT_DIM = int(os.environ.get("OUT_DIM", "512"))
 
 
 class Head(nn.Module):
@@ -132,6 +133,16 @@ def main():
     s_head, t_head = Head(128), Head(128)
     teacher.load_state_dict(student.state_dict())
     t_head.load_state_dict(s_head.state_dict())
+    resume = os.environ.get("RESUME")
+    center = torch.zeros(1, OUT_DIM)
+    if resume:  # continue a run from its full checkpoint (student, teacher, heads, centre)
+        ck = torch.load(resume)
+        student.load_state_dict(ck["student"])
+        teacher.load_state_dict(ck["teacher"])
+        t_head.load_state_dict(ck["t_head"])
+        s_head.load_state_dict(ck.get("s_head", ck["t_head"]))
+        center = ck.get("center", None)
+        print(f"resumed from {resume}", flush=True)
     for p in list(teacher.parameters()) + list(t_head.parameters()):
         p.requires_grad_(False)
     params = list(student.named_parameters()) + [("head." + k, v) for k, v in s_head.named_parameters()]
@@ -139,8 +150,8 @@ def main():
     no_decay = [p for k, p in params if not (p.ndim >= 2 and "embeddings" not in k)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.04}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=5e-4)
-    base_lr, bs, warm = 5e-4, 64, 0.08
-    center = torch.zeros(1, OUT_DIM)
+    base_lr, bs, warm = float(os.environ.get("LR", "5e-4")), int(os.environ.get("BATCH", "32")), 0.04
+    mom0 = float(os.environ.get("MOM0", "0.99"))
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     step, epoch, pos = 0, 0, 0
@@ -154,7 +165,7 @@ def main():
         lr = max(lr, 1e-6)
         for grp in opt.param_groups:
             grp["lr"] = lr
-        mom = 1 - (1 - 0.99) * 0.5 * (1 + math.cos(math.pi * frac))
+        mom = 1 - (1 - mom0) * 0.5 * (1 + math.cos(math.pi * frac))
         if pos + bs > n:
             perm = torch.randperm(n, generator=g)
             pos, epoch = 0, epoch + 1
@@ -167,6 +178,8 @@ def main():
         s_global = student(pixel_values=torch.cat(views[:2]), interpolate_pos_encoding=True).last_hidden_state[:, 0]
         s_local = student(pixel_values=torch.cat(views[2:]), interpolate_pos_encoding=True).last_hidden_state[:, 0]
         s_out = list(s_head(s_global).chunk(2)) + list(s_head(s_local).chunk(LOCAL))
+        if center is None:
+            center = torch.cat(t_out).mean(0, keepdim=True)
         loss = dino_loss(s_out, t_out, center)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -181,14 +194,14 @@ def main():
             center = 0.9 * center + 0.1 * torch.cat(t_out).mean(0, keepdim=True)
         losses.append(loss.item())
         step += 1
-        if step % 10 == 0:
+        if step % 25 == 0:
             with torch.no_grad():
                 ent = -(F.softmax((torch.cat(t_out) - center) / 0.04, -1) *
                         F.log_softmax((torch.cat(t_out) - center) / 0.04, -1)).sum(-1).mean()
             print(f"step {step} epoch {epoch} t {time.time() - t0:.0f}s lr {lr:.2e} mom {mom:.4f} "
-                  f"loss {np.mean(losses[-10:]):.4f} teacher-entropy {ent:.3f}", flush=True)
-    print(f"done: {step} steps, {step * bs} images, {time.time() - t0:.0f}s, final loss (last 20) "
-          f"{np.mean(losses[-20:]):.4f}", flush=True)
+                  f"loss {np.mean(losses[-25:]):.4f} teacher-entropy {ent:.3f}", flush=True)
+    print(f"done: {step} steps, {step * bs} images, {time.time() - t0:.0f}s, final loss (last 50) "
+          f"{np.mean(losses[-50:]):.4f}", flush=True)
 
     # save the teacher (as DINO releases) at 224 px: interpolate the 7x7 position grid to 14x14
     final = ViTModel(make_config(224), add_pooling_layer=False)
@@ -202,8 +215,8 @@ def main():
     final.load_state_dict(sd)
     final = final.half()
     final.save_pretrained(out_dir)
-    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "t_head": t_head.state_dict()},
-               "/tmp/world/dino_full.pt")
+    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "t_head": t_head.state_dict(),
+                "s_head": s_head.state_dict(), "center": center}, os.environ.get("FULL_OUT", "/tmp/world/dino_full.pt"))
     ViTImageProcessor(size={"height": 224, "width": 224}, resample=3, image_mean=MEAN.flatten().tolist(),
                       image_std=STD.flatten().tolist()).save_pretrained(out_dir)
 
