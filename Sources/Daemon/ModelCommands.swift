@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Imaging
 import Kernels
 import Models
 
@@ -123,17 +124,40 @@ struct EmbedImage: ParsableCommand {
         commandName: "embed-image",
         abstract: "Image embeddings as JSON Lines: CLIP get_image_features, or the DINO/DINOv2 final-norm CLS token.",
         discussion: """
-        Until image decoding lands, each FILE is a raw tensor: little-endian float32, shape (3,S,S) channel-major, \
-        already preprocessed for the model (S = image_size; DINOv2 any multiple of patch_size).
+        Each FILE is a JPEG or PNG (recognised by content), decoded as Pillow does and given the model's standard \
+        view: CLIP — shorter side to image_size (bicubic), centre crop, CLIP mean/std; DINO/DINOv2 — shorter side \
+        to 256/224 of image_size, centre crop, ImageNet mean/std (`--view clip` gives DINO CLIP's view, as NoLA \
+        feeds it). A FILE ending in .f32 is a raw, already preprocessed tensor instead: little-endian float32, \
+        shape (3,S,S) channel-major.
         """)
+
+    enum View: String, ExpressibleByArgument { case standard, clip, dino }
 
     @Option(help: "Hugging Face model folder (config.json + model.safetensors or pytorch_model.bin).") var model: String
     @Option(help: "Threads for OpenBLAS and our kernels.") var threads = 2
-    @Argument(help: "Raw float32 (3,S,S) files.") var files: [String]
+    @Option(help: "Preprocessing: standard (the model's own), clip or dino.") var view: View = .standard
+    @Argument(help: "JPEG/PNG files, or raw float32 (3,S,S) .f32 tensors.") var files: [String]
 
     func validate() throws {
         guard !files.isEmpty else { throw ValidationError("give at least one file") }
         guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
+    }
+
+    /// The weak view this model gets for a decoded image.
+    func viewConfig(_ encoder: ImageEncoder) -> WeakViewConfig {
+        let size = encoder.imageSize
+        let dinoStyle: Bool
+        switch (view, encoder) {
+        case (.clip, _): dinoStyle = false
+        case (.dino, _): dinoStyle = true
+        case (.standard, .clip): dinoStyle = false
+        case (.standard, .vit): dinoStyle = true
+        }
+        if dinoStyle {
+            return WeakViewConfig(resize: Int((Double(size) * 256 / 224).rounded()), crop: size,
+                                  mean: WeakViewConfig.imagenetMean, std: WeakViewConfig.imagenetStd)
+        }
+        return WeakViewConfig(resize: size, crop: size, mean: WeakViewConfig.clipMean, std: WeakViewConfig.clipStd)
     }
 
     func run() throws {
@@ -143,7 +167,14 @@ struct EmbedImage: ParsableCommand {
         var failed = 0
         for file in files {
             do {
-                let (pixels, size) = try readRawImage(file)
+                let pixels: [Float], size: Int
+                if file.hasSuffix(".f32") {
+                    (pixels, size) = try readRawImage(file)
+                } else {
+                    let config = viewConfig(encoder)
+                    pixels = weakView(try decodeImage(at: URL(fileURLWithPath: file), options: DecodeOptions()), config: config)
+                    size = config.crop
+                }
                 guard encoder.accepts(size: size) else {
                     throw ModelCommandError(description: "\(file): image is \(size)×\(size), the model needs \(encoder.sizeRule)")
                 }

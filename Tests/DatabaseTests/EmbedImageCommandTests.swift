@@ -1,0 +1,44 @@
+import Foundation
+import XCTest
+
+/// `nolad embed-image` on real JPEGs with the bundled demo models (Demo/models), against transformers
+/// on torchvision's preprocessing of Pillow's decoded image (reference/make_cli_fixtures.py).
+final class EmbedImageCommandTests: XCTestCase {
+    struct Case: Decodable { let model: String; let file: String; let view: String; let embedding: [Float] }
+    struct Fixture: Decodable { let cases: [Case] }
+
+    let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    func testEmbedImage_onDemoJPEGs_matchesTransformers() throws {
+        let data = try Data(contentsOf: pipelineFixtures.appendingPathComponent("embed_image.json"))
+        let fixture = try JSONDecoder().decode(Fixture.self, from: data)
+        XCTAssertEqual(fixture.cases.count, 6)
+        for c in fixture.cases {
+            let (status, output) = try runProgram(try noladExecutable(), [
+                "embed-image", "--threads", "1", "--view", c.view,
+                "--model", repository.appendingPathComponent(c.model).path,
+                repository.appendingPathComponent(c.file).path,
+            ])
+            XCTAssertEqual(status, 0, output)
+            let line = try XCTUnwrap(output.split(separator: "\n").first { $0.hasPrefix("{") }, output)
+            let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
+            let embedding = try XCTUnwrap(object["embedding"] as? [Double]).map(Float.init)
+            XCTAssertEqual(embedding.count, c.embedding.count)
+            let scale = c.embedding.map(abs).max() ?? 1
+            let maxError = zip(embedding, c.embedding).map { abs($0 - $1) }.max() ?? .infinity
+            print("embed-image \(c.model) \(c.file) view \(c.view): max abs error \(maxError) (output scale \(scale), tolerance \(1e-4 * scale))")
+            XCTAssertLessThanOrEqual(maxError, 1e-4 * scale, "\(c.model) \(c.file) \(c.view)")
+        }
+    }
+
+    func testEmbedImage_onCorruptFile_failsNamingIt() throws {
+        let bad = NSTemporaryDirectory() + "nolad-not-an-image-\(UUID().uuidString).jpg"
+        try Data("plain text".utf8).write(to: URL(fileURLWithPath: bad))
+        defer { try? FileManager.default.removeItem(atPath: bad) }
+        let (status, output) = try runProgram(try noladExecutable(), [
+            "embed-image", "--model", repository.appendingPathComponent("Demo/models/tiny-clip").path, bad,
+        ])
+        XCTAssertNotEqual(status, 0)
+        XCTAssertTrue(output.contains(bad), output)
+    }
+}

@@ -1,0 +1,51 @@
+"""Reference embeddings for `nolad embed-image` on real JPEGs with the bundled demo models.
+
+Run from the repository root with the reference environment (torch, transformers, torchvision, Pillow):
+    python reference/make_cli_fixtures.py
+Writes Tests/DatabaseTests/Fixtures/embed_image.json: for each (model, file, view) the embedding that
+transformers returns on torchvision's preprocessing of Pillow's decoded image.
+"""
+import json
+import torch
+from PIL import Image
+from torchvision import transforms
+from transformers import CLIPModel, ViTModel
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FILES = ["Demo/collection/star/000.jpg", "Demo/collection/spiral/001.jpg"]
+
+
+def view(resize, crop, mean, std):
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(crop),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def main():
+    torch.set_grad_enabled(False)
+    clip = CLIPModel.from_pretrained("Demo/models/tiny-clip", torch_dtype=torch.float32).eval()
+    dino = ViTModel.from_pretrained("Demo/models/tiny-dino", torch_dtype=torch.float32, add_pooling_layer=False).eval()
+    cases = []
+    for f in FILES:
+        image = Image.open(f).convert("RGB")
+        x = view(224, 224, CLIP_MEAN, CLIP_STD)(image)[None]
+        out = clip.get_image_features(pixel_values=x)
+        out = out.pooler_output if hasattr(out, "pooler_output") else out
+        cases.append({"model": "Demo/models/tiny-clip", "file": f, "view": "standard", "embedding": out[0].tolist()})
+        x = view(256, 224, IMAGENET_MEAN, IMAGENET_STD)(image)[None]
+        cls = dino(pixel_values=x).last_hidden_state[0, 0]
+        cases.append({"model": "Demo/models/tiny-dino", "file": f, "view": "standard", "embedding": cls.tolist()})
+        x = view(224, 224, CLIP_MEAN, CLIP_STD)(image)[None]
+        cls = dino(pixel_values=x).last_hidden_state[0, 0]
+        cases.append({"model": "Demo/models/tiny-dino", "file": f, "view": "clip", "embedding": cls.tolist()})
+    with open("Tests/DatabaseTests/Fixtures/embed_image.json", "w") as fh:
+        json.dump({"cases": cases}, fh)
+    print(f"wrote {len(cases)} cases")
+
+
+if __name__ == "__main__":
+    main()
