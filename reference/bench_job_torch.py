@@ -16,6 +16,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2 as T
 from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+import os
+import sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import clip_image_embeds  # noqa: E402
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
@@ -36,15 +40,6 @@ def synthetic_image(i):
     """Same pixels as nolad bench-job: 320x240, (7x + 13y + 29c + 31i) mod 256."""
     y, x, c = np.mgrid[0:240, 0:320, 0:3]
     return Image.fromarray(((7 * x + 13 * y + 29 * c + 31 * i) % 256).astype(np.uint8))
-
-
-def image_embeds(clip, x, prompts=None):
-    vm = clip.vision_model
-    h = vm.pre_layrnorm(vm.embeddings(x))
-    if prompts is not None:
-        h = torch.cat([h[:, :1], prompts.expand(h.shape[0], -1, -1), h[:, 1:]], dim=1)
-    h = vm.encoder(inputs_embeds=h).last_hidden_state
-    return clip.visual_projection(vm.post_layernorm(h[:, 0]))
 
 
 def main():
@@ -85,7 +80,7 @@ def main():
         feats, dfeat = [], []
         for b in range(0, N, 16):
             x = torch.stack([WEAK(im) for im in images[b:b + 16]])
-            feats.append(image_embeds(clip, x))
+            feats.append(clip_image_embeds(clip, x))
             dfeat.append(dino(pixel_values=x).last_hidden_state[:, 0])
         feats, dfeat = torch.cat(feats), torch.cat(dfeat)
     timings.append(("2a weak views + CLIP + DINO features", time.time() - t))
@@ -143,7 +138,7 @@ def main():
             for m in range(0, len(bidx), a.micro_batch):
                 j = bidx[m:m + a.micro_batch]
                 x = torch.stack([STRONG(images[i]) for i in j.tolist()])
-                logits = head(image_embeds(clip, x, prompts))
+                logits = head(clip_image_embeds(clip, x, prompts))
                 loss = F.cross_entropy(logits, teacher[j], label_smoothing=0.1) * len(j) / len(bidx)
                 loss.backward()
             opt.step()
@@ -155,7 +150,7 @@ def main():
         out = []
         for b in range(0, N, 16):
             x = torch.stack([WEAK(im) for im in images[b:b + 16]])
-            out.append(head(image_embeds(clip, x, prompts)).argmax(1))
+            out.append(head(clip_image_embeds(clip, x, prompts)).argmax(1))
         labels = torch.cat(out)
     timings.append(("4 labels (prompted CLIP on weak views)", time.time() - t))
     total = time.time() - t_all

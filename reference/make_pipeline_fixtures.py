@@ -19,24 +19,15 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
+import sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import byte_alphabet  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Tests", "DatabaseTests", "Fixtures")
 
 
-def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
 def tokenizer_files(folder):
-    units = list(bytes_to_unicode().values())
+    units = list(byte_alphabet().values())
     merges = [("a", "t</w>"), ("o", "f</w>"), ("p", "h"), ("ph", "o"), ("t", "o</w>"), ("pho", "to</w>")]
     vocab = units + [u + "</w>" for u in units] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
     with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:

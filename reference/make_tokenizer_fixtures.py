@@ -25,26 +25,18 @@ import random
 
 import open_clip
 from transformers import CLIPTokenizer
+import sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import byte_alphabet  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "Tests", "ModelsTests", "Fixtures", "tokenizer")
 BPE = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
 
 
-def bytes_to_unicode():
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    mapping = {b: chr(b) for b in printable}
-    n = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + n)
-            n += 1
-    return mapping
-
-
 def build_files():
     lines = gzip.open(BPE).read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]
-    symbols = list(bytes_to_unicode().values())
+    symbols = list(byte_alphabet().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     assert len(vocab) == 49408 and len(set(vocab)) == 49408

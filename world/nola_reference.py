@@ -29,6 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2 as T
+import sys
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
+from common import clip_image_embeds  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -83,16 +86,6 @@ def class_vectors(clip, tok, classes, descriptions):
     return torch.stack(vecs)  # C x P
 
 
-def image_embeds(clip, x, prompts=None):
-    """Projected CLIP image embedding (unnormalised); prompts (1 x 16 x width) go after CLS after pre-LN."""
-    vm = clip.vision_model
-    h = vm.pre_layrnorm(vm.embeddings(x))
-    if prompts is not None:
-        h = torch.cat([h[:, :1], prompts.expand(h.shape[0], -1, -1), h[:, 1:]], dim=1)
-    h = vm.encoder(inputs_embeds=h).last_hidden_state
-    return clip.visual_projection(vm.post_layernorm(h[:, 0]))
-
-
 def pseudo_labels(probs, k):
     """Per class the k most confident images predicted as that class (top-1; a class with no top-1
     image falls back to its top-2, then top-3 predictions); an image is kept once."""
@@ -143,7 +136,7 @@ def main():
     t = time.time()
     with torch.no_grad():
         W = class_vectors(clip, tok, classes, descriptions)
-        feats = torch.cat([image_embeds(clip, weak[i:i + 128]) for i in range(0, N, 128)])
+        feats = torch.cat([clip_image_embeds(clip, weak[i:i + 128]) for i in range(0, N, 128)])
         logits = clip.logit_scale.exp() * F.normalize(feats, dim=-1) @ W.t()
         probs = logits.softmax(-1)
     zs = probs.argmax(1)
@@ -226,7 +219,7 @@ def main():
                 for m0 in range(0, len(batch), args.micro):
                     j = batch[m0:m0 + args.micro]
                     x = torch.stack([STRONG(images[i]) for i in j.tolist()])
-                    out = image_embeds(clip, x, prompts) @ head.t()
+                    out = clip_image_embeds(clip, x, prompts) @ head.t()
                     loss = crit(out, teacher[j]) * len(j) / len(batch)
                     loss.backward()
                     tot += loss.item()
@@ -235,7 +228,7 @@ def main():
                 losses.append(tot)
         clip.eval()
         with torch.no_grad():
-            out = torch.cat([image_embeds(clip, weak[i:i + 128], prompts) @ head.t() for i in range(0, N, 128)])
+            out = torch.cat([clip_image_embeds(clip, weak[i:i + 128], prompts) @ head.t() for i in range(0, N, 128)])
         final = out.argmax(1)
         conf = out.softmax(-1).max(1).values
         results["final"][str(E)] = {"acc": (final == labels).float().mean().item(), "steps": steps,

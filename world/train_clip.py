@@ -18,23 +18,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
+from common import byte_alphabet  # noqa: E402
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 CONTEXT = 32  # training pads/truncates captions to this many tokens (positions stay 77 in the model)
-
-
-def bytes_to_unicode():
-    """GPT-2/CLIP byte -> printable unicode character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
 
 
 def write_bpe_files(out_dir):
@@ -43,7 +32,7 @@ def write_bpe_files(out_dir):
     path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
     lines = gzip.open(path).read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]  # line 0 is the "#version" header
-    units = list(bytes_to_unicode().values())
+    units = list(byte_alphabet().values())
     vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     assert len(vocab) == 49408, len(vocab)
