@@ -30,6 +30,16 @@ STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 GLOBAL, LOCAL_SIZE = 112, 48
 LOCAL = int(os.environ.get("LOCAL", "2"))
 OUT_DIM = int(os.environ.get("OUT_DIM", "512"))
+TT = float(os.environ.get("TT", "0.04"))  # teacher temperature (sharpening)
+TS = float(os.environ.get("TS", "0.1"))  # student temperature
+CENTER_M = float(os.environ.get("CENTER_M", "0.9"))  # centre EMA momentum
+G_SCALE = tuple(float(v) for v in os.environ.get("G_SCALE", "0.35,1.0").split(","))
+L_SCALE = tuple(float(v) for v in os.environ.get("L_SCALE", "0.05,0.35").split(","))
+BLUR_P = float(os.environ.get("BLUR_P", "0.3"))  # probability of blurring a view
+BLUR_SIGMA = tuple(float(v) for v in os.environ.get("BLUR_SIGMA", "1.0,1.0").split(","))  # px at crop size
+GRAY_P = float(os.environ.get("GRAY_P", "0.2"))
+EVAL_EVERY = float(os.environ.get("EVAL_EVERY", "0"))  # seconds; 0 = no periodic evaluation
+EVAL_DIR = os.environ.get("EVAL_DIR", "Demo/collection")
 
 
 class Head(nn.Module):
@@ -57,7 +67,7 @@ def crops(batch, g):
     B, _, H, W = x.shape
     views = []
     for v in range(2 + LOCAL):
-        size, lo, hi = (GLOBAL, 0.35, 1.0) if v < 2 else (LOCAL_SIZE, 0.05, 0.35)
+        size, (lo, hi) = (GLOBAL, G_SCALE) if v < 2 else (LOCAL_SIZE, L_SCALE)
         out = torch.empty(B, 3, size, size)
         for b in range(B):
             area = H * W * (lo + (hi - lo) * torch.rand(1, generator=g).item())
@@ -91,13 +101,19 @@ def colour_augment(x, g, solarize):
     gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
     sat = 1 + (r(B) * 0.8 - 0.4).view(B, 1, 1, 1) * on
     x = ((x - gray) * sat + gray).clamp(0, 1)
-    gmask = (r(B) < 0.2).float().view(B, 1, 1, 1)
+    gmask = (r(B) < GRAY_P).float().view(B, 1, 1, 1)
     gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
     x = x * (1 - gmask) + gray * gmask
-    bmask = (r(B) < 0.3).float().view(B, 1, 1, 1)
-    k = torch.tensor([1, 4, 6, 4, 1], dtype=torch.float32)
-    k = (k[:, None] * k[None, :]) / 256
-    blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k.expand(3, 1, 5, 5).contiguous(), groups=3)
+    # Gaussian blur with a per-view sigma: a strong blur removes stripes, dots and pixel noise
+    # (nuisance textures shared by all crops of an image) and keeps the object's silhouette
+    bmask = (r(B) < BLUR_P).float().view(B, 1, 1, 1)
+    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * r(1).item()
+    rad = max(1, int(math.ceil(2.5 * sigma)))
+    k = torch.exp(-0.5 * (torch.arange(-rad, rad + 1, dtype=torch.float32) / sigma) ** 2)
+    k = k / k.sum()
+    xp = F.pad(x, (rad, rad, rad, rad), mode="replicate")
+    blurred = F.conv2d(xp, k.view(1, 1, 1, -1).expand(3, 1, 1, -1).contiguous(), groups=3)
+    blurred = F.conv2d(blurred, k.view(1, 1, -1, 1).expand(3, 1, -1, 1).contiguous(), groups=3)
     x = x * (1 - bmask) + blurred * bmask
     if solarize:
         smask = (r(B) < 0.2).float().view(B, 1, 1, 1)
@@ -105,7 +121,38 @@ def colour_augment(x, g, solarize):
     return x
 
 
-def dino_loss(student_out, teacher_out, center, ts=0.1, tt=0.04):
+def load_eval(root, size):
+    """Evaluation only (never used for training): the labelled demo collection, resized to size px."""
+    from PIL import Image
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    xs, ys = [], []
+    for c, name in enumerate(classes):
+        for f in sorted(os.listdir(os.path.join(root, name))):
+            img = Image.open(os.path.join(root, name, f)).convert("RGB").resize((size, size), Image.BICUBIC)
+            xs.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0)
+            ys.append(c)
+    return (torch.stack(xs)[:, :] - MEAN) / STD, torch.tensor(ys)
+
+
+@torch.no_grad()
+def feature_quality(model, x, y, k=10):
+    """Diagnostics with true labels (evaluation only): nearest-class-centroid accuracy and
+    leave-one-out k-NN accuracy (cosine) of the CLS features."""
+    f = torch.cat([model(pixel_values=x[i:i + 96], interpolate_pos_encoding=True).last_hidden_state[:, 0]
+                   for i in range(0, len(x), 96)])
+    f = F.normalize(f - f.mean(0, keepdim=True), dim=-1)
+    C = int(y.max()) + 1
+    cent = F.normalize(torch.stack([f[y == c].mean(0) for c in range(C)]), dim=-1)
+    centroid = ((f @ cent.t()).argmax(1) == y).float().mean().item()
+    sim = f @ f.t()
+    sim.fill_diagonal_(-2)
+    nn_idx = sim.topk(k, dim=1).indices
+    votes = F.one_hot(y[nn_idx], C).sum(1)
+    knn = (votes.argmax(1) == y).float().mean().item()
+    return centroid, knn
+
+
+def dino_loss(student_out, teacher_out, center, ts=TS, tt=TT):
     """student_out: list over views of B x K; teacher_out: list of 2 (global views) of B x K."""
     t = [F.softmax((o - center) / tt, dim=-1) for o in teacher_out]
     s = [F.log_softmax(o / ts, dim=-1) for o in student_out]
@@ -157,7 +204,14 @@ def main():
     step, epoch, pos = 0, 0, 0
     perm = torch.randperm(n, generator=g)
     losses = []
+    ev = load_eval(EVAL_DIR, GLOBAL) if EVAL_EVERY > 0 else None
+    next_eval = 0.0
     while True:
+        if ev is not None and time.time() - t0 >= next_eval:
+            cq, kq = feature_quality(teacher, *ev)
+            print(f"eval step {step} t {time.time() - t0:.0f}s teacher CLS @{GLOBAL}px: centroid {cq:.3f} "
+                  f"kNN10 {kq:.3f}", flush=True)
+            next_eval += EVAL_EVERY
         frac = (time.time() - t0) / budget
         if frac >= 1:
             break
@@ -191,15 +245,20 @@ def main():
             for ps, pt in zip(list(student.parameters()) + list(s_head.parameters()),
                               list(teacher.parameters()) + list(t_head.parameters())):
                 pt.mul_(mom).add_(ps.detach(), alpha=1 - mom)
-            center = 0.9 * center + 0.1 * torch.cat(t_out).mean(0, keepdim=True)
+            center = CENTER_M * center + (1 - CENTER_M) * torch.cat(t_out).mean(0, keepdim=True)
         losses.append(loss.item())
         step += 1
         if step % 25 == 0:
-            with torch.no_grad():
-                ent = -(F.softmax((torch.cat(t_out) - center) / 0.04, -1) *
-                        F.log_softmax((torch.cat(t_out) - center) / 0.04, -1)).sum(-1).mean()
+            with torch.no_grad():  # per-image teacher entropy, and entropy of the batch-mean teacher distribution
+                q = F.softmax((torch.cat(t_out) - center) / TT, -1)
+                ent = -(q * q.clamp_min(1e-12).log()).sum(-1).mean()
+                qm = q.mean(0)
+                ment = -(qm * qm.clamp_min(1e-12).log()).sum()
             print(f"step {step} epoch {epoch} t {time.time() - t0:.0f}s lr {lr:.2e} mom {mom:.4f} "
-                  f"loss {np.mean(losses[-25:]):.4f} teacher-entropy {ent:.3f}", flush=True)
+                  f"loss {np.mean(losses[-25:]):.4f} teacher-entropy {ent:.3f} marginal {ment:.3f}", flush=True)
+    if ev is not None:
+        cq, kq = feature_quality(teacher, *ev)
+        print(f"eval final step {step} teacher CLS @{GLOBAL}px: centroid {cq:.3f} kNN10 {kq:.3f}", flush=True)
     print(f"done: {step} steps, {step * bs} images, {time.time() - t0:.0f}s, final loss (last 50) "
           f"{np.mean(losses[-50:]):.4f}", flush=True)
 
