@@ -85,7 +85,7 @@ final class LayerActivations {
 func encoderLayerForward(_ layer: EncoderLayer, _ x: UnsafeMutablePointer<Float>, _ a: LayerActivations,
                          heads: Int, activation: Activation, causal: Bool,
                          norm1: LayerNorm? = nil, norm2: LayerNorm? = nil) {
-    let n = a.b * a.t, d = layer.d, inter = layer.intermediate
+    let n = a.b * a.t, d = layer.d
     if a.keepsInputs { a.input.data.update(from: x, count: n * d) }
     (norm1 ?? layer.norm1).forward(a.ln1.data, mean: a.mean1.data, rstd: a.rstd1.data, x, n: n)
     layer.qkv.forward(a.qkv.data, a.ln1.data, n: n)
@@ -94,13 +94,21 @@ func encoderLayerForward(_ layer: EncoderLayer, _ x: UnsafeMutablePointer<Float>
     if let s = layer.scale1 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: n, c: d) }
     residualForward(x, x, a.proj.data, count: n * d)
     if a.keepsInputs { a.mid.data.update(from: x, count: n * d) }
-    (norm2 ?? layer.norm2).forward(a.ln2.data, mean: a.mean2.data, rstd: a.rstd2.data, x, n: n)
+    mlpForward(layer, x, a, n: n, activation: activation, norm2: norm2)
+    residualForward(x, x, a.proj.data, count: n * d)
+}
+
+/// The MLP half of a layer on n rows: a.proj (n,D) = scale2 · fc2(act(fc1(norm2(input)))), input (n,D);
+/// shared by the full layer and the row-only last layer.
+private func mlpForward(_ layer: EncoderLayer, _ input: UnsafePointer<Float>, _ a: LayerActivations, n: Int,
+                        activation: Activation, norm2: LayerNorm?) {
+    let d = layer.d, inter = layer.intermediate
+    (norm2 ?? layer.norm2).forward(a.ln2.data, mean: a.mean2.data, rstd: a.rstd2.data, input, n: n)
     let hidden = a.keepsInputs ? a.act.data : a.fc1.data
     linearForward(a.fc1.data, a.ln2.data, layer.fc1.weight.data, nil, n: n, inFeatures: d, outFeatures: inter)
     biasActivationForward(hidden, a.fc1.data, layer.fc1.bias!.data, n: n, c: inter, activation)
     layer.fc2.forward(a.proj.data, hidden, n: n)
     if let s = layer.scale2 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: n, c: d) }
-    residualForward(x, x, a.proj.data, count: n * d)
 }
 
 /// The last layer when only one output row per sequence is used (CLS row 0, or a text's EOS row t−1):
@@ -109,7 +117,7 @@ func encoderLayerForward(_ layer: EncoderLayer, _ x: UnsafeMutablePointer<Float>
 func encoderLayerForwardRow(_ layer: EncoderLayer, _ x: UnsafePointer<Float>, row: Int, _ a: LayerActivations,
                             heads: Int, activation: Activation, causal: Bool,
                             norm1: LayerNorm? = nil, norm2: LayerNorm? = nil) -> Buffer {
-    let b = a.b, t = a.t, n = b * t, d = layer.d, inter = layer.intermediate
+    let b = a.b, t = a.t, n = b * t, d = layer.d
     let y = Buffer(count: b * d), midBuffer = a.keepsInputs ? a.mid : Buffer(count: b * d)
     let mid = midBuffer.data
     if a.keepsInputs { a.input.data.update(from: x, count: n * d) }
@@ -119,12 +127,7 @@ func encoderLayerForwardRow(_ layer: EncoderLayer, _ x: UnsafePointer<Float>, ro
     layer.out.forward(a.proj.data, a.att.data, n: b)
     if let s = layer.scale1 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: b, c: d) }
     for bi in 0..<b { residualForward(mid + bi * d, x + (bi * t + row) * d, a.proj.data + bi * d, count: d) }
-    (norm2 ?? layer.norm2).forward(a.ln2.data, mean: a.mean2.data, rstd: a.rstd2.data, mid, n: b)
-    let hidden = a.keepsInputs ? a.act.data : a.fc1.data
-    linearForward(a.fc1.data, a.ln2.data, layer.fc1.weight.data, nil, n: b, inFeatures: d, outFeatures: inter)
-    biasActivationForward(hidden, a.fc1.data, layer.fc1.bias!.data, n: b, c: inter, activation)
-    layer.fc2.forward(a.proj.data, hidden, n: b)
-    if let s = layer.scale2 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: b, c: d) }
+    mlpForward(layer, mid, a, n: b, activation: activation, norm2: norm2)
     residualForward(y.data, mid, a.proj.data, count: b * d)
     withExtendedLifetime(midBuffer) {}
     return y
