@@ -8,10 +8,9 @@ public struct NolaParameters: Equatable, Sendable {
     /// Prompt-tuning epochs when the job does not say (the reference runs 50). Sized so a 1,000-image,
     /// 10-class job at ViT-B/32 + DINO ViT-B/16 finishes in about an hour on 2 cores: an epoch is
     /// ⌊N/512⌋ logical batches of 512 strong views (the last partial batch is dropped, as the reference's
-    /// loader does), i.e. 512 images for N = 1,000; a prompted ViT-B/32 forward+backward costs ≈ 17 GFLOP
-    /// per image ≈ 0.18 s on 2 idle cores (0.73 s measured at load 9 on this 2-core machine), so ≈ 92 s per
-    /// epoch; the other stages (CLIP + DINO features of 1,000 weak views, labelling) take ≈ 5 min.
-    /// 30 epochs ≈ 46 + 5 min. Re-derive from the whole-job benchmark when it exists.
+    /// loader does), i.e. 512 images for N = 1,000. `nolad bench-job` on 2 idle cores (README, "Whole-job
+    /// benchmark") measures ≈ 0.21 s per image-step of prompt tuning, ≈ 0.36 s per image for the CLIP + DINO
+    /// features and ≈ 0.08 s per image for the labels: ≈ 107 s an epoch, 30 epochs ≈ 53 min + 7.5 min.
     public static let defaultPromptEpochs = 30
 
     // Run
