@@ -70,6 +70,24 @@ final class FakeLLMServer: @unchecked Sendable {
     }
 }
 
+extension DatabaseTestCase {
+    func events(_ id: Int64, kind: String? = nil) throws -> [(stage: String, kind: String, attempt: Int, metrics: [String: Any])] {
+        let rows = try db.query("SELECT coalesce(stage, '') AS stage, kind, attempt, metrics::text AS m FROM nola.events WHERE job_id = $1 ORDER BY id", [id])
+        return try rows.rows.compactMap { row in
+            let k = try row.string("kind")
+            if let kind, k != kind { return nil }
+            let metrics = try JSONSerialization.jsonObject(with: Data(try row.string("m").utf8)) as? [String: Any] ?? [:]
+            return (try row.string("stage"), k, try row.int("attempt"), metrics)
+        }
+    }
+
+    func waitSucceeded(_ id: Int64, timeout: Double) throws {
+        let row = try waitState(id, ["succeeded", "failed", "cancelled"], timeout: timeout)
+        let error = try row.optionalString("error") ?? ""
+        XCTAssertEqual(try row.string("state"), "succeeded", "job \(id): \(error)")
+    }
+}
+
 final class PipelineTests: DatabaseTestCase {
     static let classes = ["red ball", "green leaf", "blue sky"]
 
@@ -92,22 +110,6 @@ final class PipelineTests: DatabaseTestCase {
             INSERT INTO nola.jobs (collection, classes, parameters, descriptions, max_attempts) VALUES ($1, $2, $3::jsonb, $4::jsonb, 3) RETURNING id
             """, [collection, Self.classes, parameters, descriptions])
         return Int64(try rows[0].int("id"))
-    }
-
-    func events(_ id: Int64, kind: String? = nil) throws -> [(stage: String, kind: String, attempt: Int, metrics: [String: Any])] {
-        let rows = try db.query("SELECT coalesce(stage, '') AS stage, kind, attempt, metrics::text AS m FROM nola.events WHERE job_id = $1 ORDER BY id", [id])
-        return try rows.rows.compactMap { row in
-            let k = try row.string("kind")
-            if let kind, k != kind { return nil }
-            let metrics = try JSONSerialization.jsonObject(with: Data(try row.string("m").utf8)) as? [String: Any] ?? [:]
-            return (try row.string("stage"), k, try row.int("attempt"), metrics)
-        }
-    }
-
-    func waitSucceeded(_ id: Int64, timeout: Double) throws {
-        let row = try waitState(id, ["succeeded", "failed", "cancelled"], timeout: timeout)
-        let error = try row.optionalString("error") ?? ""
-        XCTAssertEqual(try row.string("state"), "succeeded", "job \(id): \(error)")
     }
 
     func testLabellingJob_runsToCompletion_withLLMDescriptionsCachedAcrossTwoJobs() throws {

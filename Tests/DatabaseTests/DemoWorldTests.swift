@@ -1,0 +1,54 @@
+import Foundation
+import XCTest
+
+/// The bundled demo world (Demo/: tiny CLIP and DINO trained on world/generate.py's shapes, 8 × 60 held-out
+/// images, CuPL-style descriptions) labelled through the daemon and the database, as `scripts/demo` does.
+final class DemoWorldTests: DatabaseTestCase {
+    static let demo = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Demo")
+
+    /// Zero-shot accuracy of the committed tiny CLIP with Demo/descriptions.json and nolad's 9 templates on
+    /// the 480 demo images, as measured by `scripts/demo` (31.9 %): 153 images. The zero-shot stage does not
+    /// depend on the seed, so a change here means the models, the descriptions or the classifier changed.
+    static let zeroShotCorrect = 153
+
+    /// The bundled models reload and label the whole demo collection through the daemon and the database.
+    /// The final labels do not beat zero-shot with these models (world/RECIPE.md, "Why the demo shows no
+    /// gain"), so this test does not assert a gain.
+    func testDemoJob_withTheBundledModels_labelsEveryImage_andReportsEachStage() throws {
+        let collection = root + "/collection"
+        try FileManager.default.copyItem(atPath: Self.demo.appendingPathComponent("collection").path, toPath: collection)
+        let classes = try FileManager.default.contentsOfDirectory(atPath: collection).sorted()
+        XCTAssertEqual(classes.count, 8)
+        let descriptions = try String(contentsOf: Self.demo.appendingPathComponent("descriptions.json"), encoding: .utf8)
+        _ = try startDaemon("demo", settings: ["pipeline": "nola", "model_root": Self.demo.appendingPathComponent("models").path,
+                                               "clip_model": "tiny-clip", "dino_model": "tiny-dino", "threads": "2"])
+        let started = Date()
+        let rows = try db.query("""
+            INSERT INTO nola.jobs (collection, classes, descriptions, parameters) VALUES ($1, $2, $3::jsonb, $4::jsonb) RETURNING id
+            """, [collection, classes, descriptions, #"{"prompt_epochs": 3, "seed": 7777}"#])
+        let id = Int64(try rows[0].int("id"))
+        try waitSucceeded(id, timeout: 600)
+        let seconds = Date().timeIntervalSince(started)
+
+        let labelled = try db.query("SELECT count(*) AS n FROM nola.labels WHERE job_id = $1 AND label IS NOT NULL", [id])
+        XCTAssertEqual(try labelled[0].int("n"), 480, "every image has a label")
+        let all = try events(id)
+        let stage2 = try XCTUnwrap(all.first { $0.stage == "pseudolabel" && $0.kind == "metrics" })
+        let final = try XCTUnwrap(all.first { $0.stage == "label" && $0.kind == "metrics" })
+        let zeroShot = try XCTUnwrap(stage2.metrics["accuracy_zero_shot"] as? Double)
+        let pseudo = try XCTUnwrap(stage2.metrics["accuracy_pseudo_labels"] as? Double)
+        let alignment = try XCTUnwrap(stage2.metrics["accuracy_alignment_module"] as? Double)
+        let tuned = try XCTUnwrap(final.metrics["accuracy_final"] as? Double)
+        print(String(format: "demo world: job %lld, 480 images, 3 epochs, %.0f s: zero-shot %.1f %%, pseudo-labels %.1f %%, "
+                     + "alignment module %.1f %%, final %.1f %%", id, seconds, 100 * zeroShot, 100 * pseudo, 100 * alignment, 100 * tuned))
+        XCTAssertEqual(zeroShot * 480, Double(Self.zeroShotCorrect), accuracy: 1.01, "zero-shot images correct, ±1")
+        for (name, value) in [("pseudo-labels", pseudo), ("alignment module", alignment), ("final", tuned)] {
+            XCTAssertTrue(value > 0 && value < 1, "\(name) accuracy \(value)")
+        }
+        let zeroShotRows = try db.query("""
+            SELECT count(*) AS n FROM nola.labels WHERE job_id = $1 AND zero_shot_label = split_part(path, '/', 1)
+            """, [id])
+        XCTAssertEqual(try zeroShotRows[0].int("n"), Int((zeroShot * 480).rounded()), "the label rows agree with the reported accuracy")
+    }
+}
