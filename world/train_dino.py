@@ -5,14 +5,23 @@
 Self-distillation as in DINO (Caron et al. 2021): a student and an EMA teacher share
 the architecture plus a projection head (MLP -> L2 norm -> weight-normalised prototypes);
 the teacher sees the 2 global crops, the student all crops (2 global + LOCAL local);
-teacher outputs are centred (EMA centre) and sharpened (low temperature); the loss is the
+teacher outputs are centred and sharpened (low temperature); the loss is the
 cross-entropy between teacher and student distributions over different views.
 
-To fit a CPU budget the network trains at low resolution: global crops 112 px (7x7 patches),
-local crops 48 px (3x3 patches), with the position embeddings interpolated bicubically.
-At save time the 7x7 position grid is interpolated to 14x14 so the saved model takes
-224 px images (config image_size 224). The head is discarded at save time.
-Schedules (lr, teacher momentum) follow wall time, as in train_clip.py.
+Centring (CENTERING): "sk" (default) is DINOv2's Sinkhorn-Knopp centring of the teacher's
+sharpened outputs over the batch (3 iterations): every prototype gets an equal share of the
+batch, so neither the uniform nor the one-prototype collapse of the EMA centre can happen at
+small batch sizes; "ema" is DINO v1's running centre (momentum CENTER_M). KOLEO > 0 adds
+DINOv2's KoLeo regulariser on the student's CLS features of the global crops.
+
+The saved model takes 224 px input at patch 32 (7x7 patches). To spend the CPU budget on the
+network rather than on pixels, training runs on the same 7x7 grid at half resolution: images
+are 2x2-averaged to 112 px once, global crops are 112 px at patch 16, local crops 48 px (3x3
+patches, position embeddings interpolated). A patch-16 embedding of the 2x2-averaged image is
+exactly a patch-32 embedding of the full image whose kernel repeats each weight over a 2x2 block
+at a quarter of its value, so the saved model is that patch-32 model: the same function, applied
+to the pipeline's 224 px weak view. Crops are cut for the whole batch at once by an affine grid
+(bilinear). The head is discarded at save time. Schedules (lr, teacher momentum) follow wall time, as in train_clip.py.
 """
 
 import math
@@ -27,17 +36,23 @@ import torch.nn.functional as F
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)  # CLIP's, as NoLA feeds DINO
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-GLOBAL, LOCAL_SIZE = 112, 48
-LOCAL = int(os.environ.get("LOCAL", "2"))
-OUT_DIM = int(os.environ.get("OUT_DIM", "512"))
-TT = float(os.environ.get("TT", "0.04"))  # teacher temperature (sharpening)
+PATCH = int(os.environ.get("PATCH", "32"))  # patch size of the saved model, at 224 px
+GLOBAL, LOCAL_SIZE, TRAIN_PATCH = 112, 48, PATCH // 2  # training runs at half resolution, see the header
+WIDTH = int(os.environ.get("WIDTH", "128"))
+DEPTH = int(os.environ.get("DEPTH", "4"))
+LOCAL = int(os.environ.get("LOCAL", "4"))
+OUT_DIM = int(os.environ.get("OUT_DIM", "128"))
+CENTERING = os.environ.get("CENTERING", "sk")
+KOLEO = float(os.environ.get("KOLEO", "0.1"))
+TT = float(os.environ.get("TT", "0.03"))  # teacher temperature (sharpening)
 TS = float(os.environ.get("TS", "0.1"))  # student temperature
-CENTER_M = float(os.environ.get("CENTER_M", "0.9"))  # centre EMA momentum
-G_SCALE = tuple(float(v) for v in os.environ.get("G_SCALE", "0.35,1.0").split(","))
-L_SCALE = tuple(float(v) for v in os.environ.get("L_SCALE", "0.05,0.35").split(","))
-BLUR_P = float(os.environ.get("BLUR_P", "0.3"))  # probability of blurring a view
-BLUR_SIGMA = tuple(float(v) for v in os.environ.get("BLUR_SIGMA", "1.0,1.0").split(","))  # px at crop size
+CENTER_M = float(os.environ.get("CENTER_M", "0.9"))  # centre EMA momentum (CENTERING=ema)
+G_SCALE = tuple(float(v) for v in os.environ.get("G_SCALE", "0.3,1.0").split(","))
+L_SCALE = tuple(float(v) for v in os.environ.get("L_SCALE", "0.05,0.3").split(","))
+BLUR_P = float(os.environ.get("BLUR_P", "0.4"))  # probability of blurring a view
+BLUR_SIGMA = tuple(float(v) for v in os.environ.get("BLUR_SIGMA", "0.5,2.0").split(","))  # px at crop size
 GRAY_P = float(os.environ.get("GRAY_P", "0.2"))
+ROT = float(os.environ.get("ROT", "180"))  # crops are rotated by an angle uniform in +-ROT degrees
 EVAL_EVERY = float(os.environ.get("EVAL_EVERY", "0"))  # seconds; 0 = no periodic evaluation
 EVAL_DIR = os.environ.get("EVAL_DIR", "Demo/collection")
 
@@ -54,32 +69,38 @@ class Head(nn.Module):
         return F.linear(x, F.normalize(self.proto, dim=-1))
 
 
-def make_config(image_size):
+def make_config(image_size, patch=PATCH):
     from transformers import ViTConfig
-    return ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                     image_size=image_size, patch_size=16, qkv_bias=True, layer_norm_eps=1e-6,
+    return ViTConfig(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=WIDTH // 32,
+                     intermediate_size=4 * WIDTH, image_size=image_size, patch_size=patch, qkv_bias=True, layer_norm_eps=1e-6,
                      hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def crops(batch, g):
-    """batch: uint8 B x H x W x 3 numpy -> list of 2 global + LOCAL local float tensors (normalised)."""
+    """batch: uint8 B x H x W x 3 numpy -> list of 2 global + LOCAL local float tensors (normalised).
+    Random resized crops (area scale in G_SCALE / L_SCALE of the image, aspect 3/4..4/3, flip p=0.5,
+    rotation within +-ROT degrees; the world's shapes come at any angle) cut for the whole batch by one
+    affine grid per view, bilinear, border pixels repeated where a rotated crop leaves the image."""
     x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0
-    B, _, H, W = x.shape
+    B = x.shape[0]
+    r = lambda *s: torch.rand(*s, generator=g)
     views = []
     for v in range(2 + LOCAL):
         size, (lo, hi) = (GLOBAL, G_SCALE) if v < 2 else (LOCAL_SIZE, L_SCALE)
-        out = torch.empty(B, 3, size, size)
-        for b in range(B):
-            area = H * W * (lo + (hi - lo) * torch.rand(1, generator=g).item())
-            ar = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(1, generator=g).item())
-            w = int(min(W, round(math.sqrt(area * ar))))
-            h = int(min(H, round(math.sqrt(area / ar))))
-            i = int(torch.randint(0, H - h + 1, (1,), generator=g))
-            j = int(torch.randint(0, W - w + 1, (1,), generator=g))
-            c = x[b:b + 1, :, i:i + h, j:j + w]
-            if torch.rand(1, generator=g).item() < 0.5:
-                c = c.flip(-1)
-            out[b] = F.interpolate(c, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        area = lo + (hi - lo) * r(B)
+        ar = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * r(B))
+        w = torch.sqrt(area * ar).clamp(max=1.0)  # crop width and height as fractions of the image
+        h = torch.sqrt(area / ar).clamp(max=1.0)
+        cx = (1 - w) * (2 * r(B) - 1)  # crop centre in [-1, 1] grid coordinates, crop inside the image
+        cy = (1 - h) * (2 * r(B) - 1)
+        flip = torch.where(r(B) < 0.5, -1.0, 1.0)
+        a = math.radians(ROT) * (2 * r(B) - 1)
+        cos, sin = torch.cos(a), torch.sin(a)
+        theta = torch.zeros(B, 2, 3)  # output grid -> input: scale by the crop size, rotate, flip, shift
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = w * flip * cos, -w * sin, cx
+        theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = h * flip * sin, h * cos, cy
+        grid = F.affine_grid(theta, (B, 3, size, size), align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         views.append(colour_augment(out, g, solarize=(v == 1)))
     return [(v - MEAN) / STD for v in views]
 
@@ -105,20 +126,42 @@ def colour_augment(x, g, solarize):
     gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
     x = x * (1 - gmask) + gray * gmask
     # Gaussian blur with a per-view sigma: a strong blur removes stripes, dots and pixel noise
-    # (nuisance textures shared by all crops of an image) and keeps the object's silhouette
-    bmask = (r(B) < BLUR_P).float().view(B, 1, 1, 1)
+    # (nuisance textures shared by all crops of an image) and keeps the object's silhouette.
+    # Computed for the chosen images only.
+    chosen = (r(B) < BLUR_P).nonzero().flatten()
     sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * r(1).item()
-    rad = max(1, int(math.ceil(2.5 * sigma)))
-    k = torch.exp(-0.5 * (torch.arange(-rad, rad + 1, dtype=torch.float32) / sigma) ** 2)
-    k = k / k.sum()
-    xp = F.pad(x, (rad, rad, rad, rad), mode="replicate")
-    blurred = F.conv2d(xp, k.view(1, 1, 1, -1).expand(3, 1, 1, -1).contiguous(), groups=3)
-    blurred = F.conv2d(blurred, k.view(1, 1, -1, 1).expand(3, 1, -1, 1).contiguous(), groups=3)
-    x = x * (1 - bmask) + blurred * bmask
+    if len(chosen):
+        rad = max(1, int(math.ceil(2.5 * sigma)))
+        k = torch.exp(-0.5 * (torch.arange(-rad, rad + 1, dtype=torch.float32) / sigma) ** 2)
+        k = k / k.sum()
+        sub = x[chosen]
+        n, c, h, w = sub.shape
+        rows = F.conv1d(F.pad(sub.reshape(n * c * h, 1, w), (rad, rad), mode="replicate"), k.view(1, 1, -1))
+        cols = rows.reshape(n, c, h, w).transpose(2, 3).reshape(n * c * w, 1, h)
+        cols = F.conv1d(F.pad(cols, (rad, rad), mode="replicate"), k.view(1, 1, -1))
+        x = x.clone()
+        x[chosen] = cols.reshape(n, c, w, h).transpose(2, 3)
     if solarize:
         smask = (r(B) < 0.2).float().view(B, 1, 1, 1)
         x = x * (1 - smask) + torch.where(x > 0.5, 1 - x, x) * smask
     return x
+
+
+def halve(images, chunk=1000):
+    """uint8 N x 224 x 224 x 3 -> N x 112 x 112 x 3, each output pixel the mean of a 2x2 block."""
+    out = np.empty((images.shape[0], images.shape[1] // 2, images.shape[2] // 2, 3), np.uint8)
+    for i in range(0, len(images), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(images[i:i + chunk])).permute(0, 3, 1, 2).float()
+        out[i:i + chunk] = F.avg_pool2d(x, 2).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def to_full_resolution(state):
+    """The half-resolution patch-16 state dict -> the patch-32 state dict at 224 px (see the header)."""
+    sd = dict(state)
+    w = sd["embeddings.patch_embeddings.projection.weight"]  # (D, 3, 16, 16)
+    sd["embeddings.patch_embeddings.projection.weight"] = w.repeat_interleave(2, 2).repeat_interleave(2, 3) / 4
+    return sd
 
 
 def load_eval(root, size):
@@ -138,7 +181,7 @@ def load_eval(root, size):
 def feature_quality(model, x, y, k=10):
     """Diagnostics with true labels (evaluation only): nearest-class-centroid accuracy and
     leave-one-out k-NN accuracy (cosine) of the CLS features."""
-    f = torch.cat([model(pixel_values=x[i:i + 96], interpolate_pos_encoding=True).last_hidden_state[:, 0]
+    f = torch.cat([model(pixel_values=x[i:i + 96]).last_hidden_state[:, 0]
                    for i in range(0, len(x), 96)])
     f = F.normalize(f - f.mean(0, keepdim=True), dim=-1)
     C = int(y.max()) + 1
@@ -152,18 +195,46 @@ def feature_quality(model, x, y, k=10):
     return centroid, knn
 
 
-def dino_loss(student_out, teacher_out, center, ts=TS, tt=TT):
-    """student_out: list over views of B x K; teacher_out: list of 2 (global views) of B x K."""
-    t = [F.softmax((o - center) / tt, dim=-1) for o in teacher_out]
+def teacher_targets(teacher_out, center, tt=TT):
+    """teacher_out: list of 2 (global views) of B x K -> list of 2 target distributions B x K."""
+    if CENTERING == "ema":
+        return [F.softmax((o - center) / tt, dim=-1) for o in teacher_out]
+    # Sinkhorn-Knopp over both global views together: rows (images) sum to 1, columns (prototypes)
+    # to 2B/K, starting from the sharpened scores
+    logits = torch.cat(teacher_out) / tt
+    q = torch.exp(logits - logits.max()).t()  # K x 2B
+    q /= q.sum()
+    k, n = q.shape
+    for _ in range(3):
+        q /= q.sum(1, keepdim=True)
+        q /= k
+        q /= q.sum(0, keepdim=True)
+        q /= n
+    return list((q * n).t().chunk(2))
+
+
+def dino_loss(student_out, targets, ts=TS):
+    """student_out: list over views of B x K; targets: list of 2 (global views) of B x K."""
     s = [F.log_softmax(o / ts, dim=-1) for o in student_out]
     total, n = 0.0, 0
-    for iq, q in enumerate(t):
+    for iq, q in enumerate(targets):
         for v, lp in enumerate(s):
             if v == iq:
                 continue
             total = total + (-(q * lp).sum(-1)).mean()
             n += 1
     return total / n
+
+
+def koleo_loss(x, eps=1e-8):
+    """Kozachenko-Leonenko entropy estimate (DINOv2): minus the mean log distance of each
+    L2-normalised feature to its nearest neighbour in the batch."""
+    x = F.normalize(x, dim=-1)
+    dots = x @ x.t()
+    dots.fill_diagonal_(-2.0)
+    nn_idx = dots.argmax(1)
+    d = (x - x[nn_idx]).norm(dim=-1)
+    return -torch.log(d + eps).mean()
 
 
 def main():
@@ -175,9 +246,12 @@ def main():
 
     images = np.load(cache, mmap_mode="r")
     n = images.shape[0]
-    student = ViTModel(make_config(GLOBAL), add_pooling_layer=False)
-    teacher = ViTModel(make_config(GLOBAL), add_pooling_layer=False)
-    s_head, t_head = Head(128), Head(128)
+    print(f"{n} images; model width {WIDTH}, depth {DEPTH}, {OUT_DIM} prototypes, centring {CENTERING}, "
+          f"TT {TT}, TS {TS}, KoLeo {KOLEO}, {LOCAL} local crops", flush=True)
+    images = halve(images)
+    student = ViTModel(make_config(GLOBAL, TRAIN_PATCH), add_pooling_layer=False)
+    teacher = ViTModel(make_config(GLOBAL, TRAIN_PATCH), add_pooling_layer=False)
+    s_head, t_head = Head(WIDTH), Head(WIDTH)
     teacher.load_state_dict(student.state_dict())
     t_head.load_state_dict(s_head.state_dict())
     resume = os.environ.get("RESUME")
@@ -204,7 +278,10 @@ def main():
     step, epoch, pos = 0, 0, 0
     perm = torch.randperm(n, generator=g)
     losses = []
-    ev = load_eval(EVAL_DIR, GLOBAL) if EVAL_EVERY > 0 else None
+    ev = None
+    if EVAL_EVERY > 0:
+        x224, y = load_eval(EVAL_DIR, 224)
+        ev = (F.avg_pool2d(x224, 2), y)  # the same 2x2 average as the training images (normalisation is linear)
     next_eval = 0.0
     while True:
         if ev is not None and time.time() - t0 >= next_eval:
@@ -227,14 +304,18 @@ def main():
         pos += bs
         views = crops(np.stack([images[i] for i in idx]), g)
         with torch.no_grad():
-            t_feats = teacher(pixel_values=torch.cat(views[:2]), interpolate_pos_encoding=True).last_hidden_state[:, 0]
+            t_feats = teacher(pixel_values=torch.cat(views[:2])).last_hidden_state[:, 0]
             t_out = t_head(t_feats).chunk(2)
-        s_global = student(pixel_values=torch.cat(views[:2]), interpolate_pos_encoding=True).last_hidden_state[:, 0]
+        s_global = student(pixel_values=torch.cat(views[:2])).last_hidden_state[:, 0]
         s_local = student(pixel_values=torch.cat(views[2:]), interpolate_pos_encoding=True).last_hidden_state[:, 0]
         s_out = list(s_head(s_global).chunk(2)) + list(s_head(s_local).chunk(LOCAL))
         if center is None:
             center = torch.cat(t_out).mean(0, keepdim=True)
-        loss = dino_loss(s_out, t_out, center)
+        with torch.no_grad():
+            targets = teacher_targets(t_out, center)
+        loss = dino_loss(s_out, targets)
+        if KOLEO > 0:
+            loss = loss + KOLEO * sum(koleo_loss(c) for c in s_global.chunk(2)) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if frac < 0.05:  # freeze the prototypes at the start, as DINO does for its last layer
@@ -250,7 +331,7 @@ def main():
         step += 1
         if step % 25 == 0:
             with torch.no_grad():  # per-image teacher entropy, and entropy of the batch-mean teacher distribution
-                q = F.softmax((torch.cat(t_out) - center) / TT, -1)
+                q = torch.cat(targets)
                 ent = -(q * q.clamp_min(1e-12).log()).sum(-1).mean()
                 qm = q.mean(0)
                 ment = -(qm * qm.clamp_min(1e-12).log()).sum()
@@ -262,16 +343,12 @@ def main():
     print(f"done: {step} steps, {step * bs} images, {time.time() - t0:.0f}s, final loss (last 50) "
           f"{np.mean(losses[-50:]):.4f}", flush=True)
 
-    # save the teacher (as DINO releases) at 224 px: interpolate the 7x7 position grid to 14x14
+    # save the teacher (as DINO releases)
     final = ViTModel(make_config(224), add_pooling_layer=False)
-    sd = teacher.state_dict()
-    pe = sd["embeddings.position_embeddings"]
-    cls_pe, grid = pe[:, :1], pe[:, 1:]
-    side = int(math.sqrt(grid.shape[1]))
-    grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(14, 14), mode="bicubic", align_corners=False)
-    sd["embeddings.position_embeddings"] = torch.cat([cls_pe, grid.permute(0, 2, 3, 1).reshape(1, 196, -1)], 1)
-    final.load_state_dict(sd)
+    final.load_state_dict(to_full_resolution(teacher.state_dict()))
+    if ev is not None:
+        cq, kq = feature_quality(final, *load_eval(EVAL_DIR, 224))
+        print(f"saved model at 224 px / patch {PATCH}: centroid {cq:.3f} kNN10 {kq:.3f}", flush=True)
     final = final.half()
     final.save_pretrained(out_dir)
     torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "t_head": t_head.state_dict(),
