@@ -19,7 +19,6 @@ import os
 import sys
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
@@ -40,18 +39,7 @@ def text_classifier(clip, tok, classes, sentences):
 
 
 def alignment_accuracy(feats, idx, pl, labels, C, seed=0):
-    torch.manual_seed(seed)
-    mlp = nn.Sequential(nn.Linear(feats.shape[1], 256), nn.ReLU(), nn.Linear(256, C))
-    opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(50):
-        perm = torch.randperm(len(idx), generator=g)
-        for b in range(0, len(idx), 32):
-            j = perm[b:b + 32]
-            loss = F.cross_entropy(mlp(feats[idx[j]]), pl[j])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    mlp = R.train_alignment(feats, idx, pl, C, seed)
     with torch.no_grad():
         return (mlp(feats).argmax(1) == labels).float().mean().item()
 

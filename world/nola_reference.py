@@ -106,6 +106,24 @@ def pseudo_labels(probs, k):
     return torch.tensor(sel_idx), torch.tensor(sel_lab)
 
 
+def train_alignment(feats, idx, pl, C, seed):
+    """The alignment module: MLP D -> 256 -> ReLU -> C on feats[idx] with pseudo-labels pl, Adam 1e-3,
+    cross-entropy, batch 32, 50 epochs."""
+    torch.manual_seed(seed)
+    mlp = nn.Sequential(nn.Linear(feats.shape[1], 256), nn.ReLU(), nn.Linear(256, C))
+    opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    for ep in range(50):
+        perm = torch.randperm(len(idx), generator=g)
+        for b in range(0, len(idx), 32):
+            j = perm[b:b + 32]
+            loss = F.cross_entropy(mlp(feats[idx[j]]), pl[j])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return mlp
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", default="2,5,10")
@@ -153,18 +171,7 @@ def main():
     results["pseudo_label_acc"] = (pl == labels[idx]).float().mean().item()
     with torch.no_grad():
         dfeat = torch.cat([dino(pixel_values=weak[i:i + 64]).last_hidden_state[:, 0] for i in range(0, N, 64)])
-    torch.manual_seed(args.seed)
-    mlp = nn.Sequential(nn.Linear(dfeat.shape[1], 256), nn.ReLU(), nn.Linear(256, C))
-    opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(args.seed)
-    for ep in range(50):
-        perm = torch.randperm(len(idx), generator=g)
-        for b in range(0, len(idx), 32):
-            j = perm[b:b + 32]
-            loss = F.cross_entropy(mlp(dfeat[idx[j]]), pl[j])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    mlp = train_alignment(dfeat, idx, pl, C, args.seed)
     with torch.no_grad():
         teacher = mlp(dfeat).argmax(1)
     results["alignment_acc"] = (teacher == labels).float().mean().item()
