@@ -290,30 +290,33 @@ def caption(rng, cls, col, fill, bg, bg_kind, r, cx, cy, occluded):
     return text + "."
 
 
-def make_cache(path, n, seed):
+def make_cache(path, n, seed, classes=None, generate=None):
+    """classes / generate: another world's CLASSES and generate_image (default: this world's)."""
+    classes, generate = classes or CLASSES, generate or generate_image
     rng = np.random.default_rng(seed)
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, SIZE, SIZE, 3))
     caps, labels = [], []
     for i in range(n):
-        cls = CLASSES[i % len(CLASSES)]
-        im, cap = generate_image(rng, cls)
+        cls = classes[i % len(classes)]
+        im, cap = generate(rng, cls)
         arr[i] = np.asarray(im)
         caps.append(cap)
-        labels.append(i % len(CLASSES))
+        labels.append(i % len(classes))
         if i % 2000 == 0:
             print(i, cap, flush=True)
     arr.flush()
     with open(path.replace(".npy", ".json"), "w") as f:
-        json.dump({"captions": caps, "labels": labels, "classes": CLASSES, "seed": seed}, f)
+        json.dump({"captions": caps, "labels": labels, "classes": classes, "seed": seed}, f)
 
 
-def make_collection(root, per_class, seed):
+def make_collection(root, per_class, seed, classes=None, generate=None):
+    classes, generate = classes or CLASSES, generate or generate_image
     rng = np.random.default_rng(seed)
-    for cls in CLASSES:
+    for cls in classes:
         os.makedirs(os.path.join(root, cls), exist_ok=True)
     for i in range(per_class):
-        for cls in CLASSES:
-            im, _ = generate_image(rng, cls)
+        for cls in classes:
+            im, _ = generate(rng, cls)
             im.save(os.path.join(root, cls, f"{i:03d}.jpg"), quality=85)
 
 

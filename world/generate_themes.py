@@ -356,37 +356,11 @@ def caption(rng, cls, shape, fill, col1, col2, bg, r, cx, cy, occluded):
     return text + "."
 
 
-def make_cache(path, n, seed):
-    rng = np.random.default_rng(seed)
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, SIZE, SIZE, 3))
-    caps, labels = [], []
-    for i in range(n):
-        cls = CLASSES[i % len(CLASSES)]
-        im, cap = generate_image(rng, cls)
-        arr[i] = np.asarray(im)
-        caps.append(cap)
-        labels.append(i % len(CLASSES))
-        if i % 2000 == 0:
-            print(i, cap, flush=True)
-    arr.flush()
-    with open(path.replace(".npy", ".json"), "w") as f:
-        json.dump({"captions": caps, "labels": labels, "classes": CLASSES, "seed": seed}, f)
-
-
-def make_collection(root, per_class, seed):
-    rng = np.random.default_rng(seed)
-    for cls in CLASSES:
-        os.makedirs(os.path.join(root, cls), exist_ok=True)
-    for i in range(per_class):
-        for cls in CLASSES:
-            im, _ = generate_image(rng, cls)
-            im.save(os.path.join(root, cls, f"{i:03d}.jpg"), quality=85)
-
-
 if __name__ == "__main__":
+    import generate as base  # the cache / collection writers are the shape world's, given this world
     if sys.argv[1] == "cache":
-        make_cache(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        base.make_cache(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), CLASSES, generate_image)
     elif sys.argv[1] == "collection":
-        make_collection(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        base.make_collection(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), CLASSES, generate_image)
     else:
-        sys.exit("usage: generate.py cache OUT.npy N SEED | collection DIR PER_CLASS SEED")
+        sys.exit("usage: generate_themes.py cache OUT.npy N SEED | collection DIR PER_CLASS SEED")
