@@ -1,11 +1,11 @@
 """The NoLA stages in PyTorch on the demo world (reference figures for nolad's pipeline).
 
-    python world/nola_reference.py [--epochs 2,5,10] [--seed 0] [--out world/reference_results.json]
+    python world/nola_reference.py [--epochs 2,5,10] [--seed 0] [--min-k 16] [--k-fraction 0.2] [--out world/reference_results.json]
 
 Follows docs in shared DESIGN.md:
  1. class vectors: templates + Demo/descriptions.json sentences, CLIP text encoder, L2-normalised,
     mean per class, re-normalised; zero-shot = argmax of logit_scale * cosine on the weak view.
- 2. pseudo-labels: per class the k = max(16, floor(0.2 N / C)) most confident top-1 images
+ 2. pseudo-labels: per class the k = max(min_k, floor(k_fraction N / C)) most confident top-1 images
     (top-2, then top-3 for a class with none), duplicates dropped; MLP D -> 256 -> ReLU -> C on the
     DINO CLS features of the weak view (CLIP normalisation), Adam 1e-3, CE, batch 32, 50 epochs.
  3. prompt tuning: 16 prompts inserted after CLS after CLIP's pre-LayerNorm; trained: prompts, every
@@ -36,7 +36,10 @@ from common import clip_image_embeds  # noqa: E402
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
-TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a picture of a {}.", "a {}.", "there is a {}."]
+# nolad's built-in templates (Sources/Method/Descriptions.swift, PromptTemplates.all), so both build the same classifier
+TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.", "a cropped photo of the {}.",
+             "a bright photo of a {}.", "a photo of the large {}.", "a photo of the small {}.", "itap of a {}.",
+             "art of the {}."]
 N_PROMPTS = 16
 
 
@@ -52,15 +55,18 @@ def weak_view(img):
     return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
 
-STRONG = T.Compose([
-    T.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-    T.RandomHorizontalFlip(),
-    T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-    T.RandomPerspective(0.2, p=0.5),
-    T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0)),
-    T.ToImage(), T.ToDtype(torch.float32, scale=True),
-    T.Normalize(MEAN, STD),
-])
+def strong_view(colour_jitter=True):
+    """NoLA's strong view; colour_jitter=False drops the ColorJitter (nolad's job parameter colour_jitter)."""
+    jitter = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)] if colour_jitter else []
+    return T.Compose([
+        T.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        *jitter,
+        T.RandomPerspective(0.2, p=0.5),
+        T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0)),
+        T.ToImage(), T.ToDtype(torch.float32, scale=True),
+        T.Normalize(MEAN, STD),
+    ])
 
 
 def load_collection(root):
@@ -77,7 +83,7 @@ def load_collection(root):
 def class_vectors(clip, tok, classes, descriptions):
     vecs = []
     for c in classes:
-        sentences = [t.format(c) for t in TEMPLATES] + descriptions.get(c, [])
+        sentences = descriptions.get(c, []) + [t.format(c.replace("_", " ")) for t in TEMPLATES]
         ids = tok(sentences, padding=True, return_tensors="pt")
         e = clip.get_text_features(**ids)
         e = e.pooler_output if hasattr(e, "pooler_output") else e
@@ -127,6 +133,9 @@ def train_alignment(feats, idx, pl, C, seed):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", default="2,5,10")
+    ap.add_argument("--min-k", type=int, default=16)  # nolad job parameters min_k and k_fraction
+    ap.add_argument("--k-fraction", type=float, default=0.2)
+    ap.add_argument("--no-colour-jitter", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clip", default=os.path.join(ROOT, "Demo/models/tiny-clip"))
     ap.add_argument("--dino", default=os.path.join(ROOT, "Demo/models/tiny-dino"))
@@ -135,6 +144,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "world/reference_results.json"))
     ap.add_argument("--micro", type=int, default=64)
     args = ap.parse_args()
+    strong = strong_view(colour_jitter=not args.no_colour_jitter)
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     from transformers import CLIPModel, CLIPTokenizer, ViTModel
 
@@ -149,6 +159,7 @@ def main():
     images = [Image.open(p).convert("RGB") for p in paths]
     weak = torch.stack([weak_view(im) for im in images])
     results.update(classes=classes, images=N)
+    results.update(min_k=args.min_k, k_fraction=args.k_fraction, colour_jitter=not args.no_colour_jitter)
 
     # 1. zero-shot
     t = time.time()
@@ -164,7 +175,7 @@ def main():
 
     # 2. pseudo-labels and the alignment module
     t = time.time()
-    k = max(16, math.floor(0.2 * N / C))
+    k = max(args.min_k, math.floor(args.k_fraction * N / C))
     idx, pl = pseudo_labels(probs, k)
     results["k"] = k
     results["pseudo_labels"] = len(idx)
@@ -225,7 +236,7 @@ def main():
                 tot = 0.0
                 for m0 in range(0, len(batch), args.micro):
                     j = batch[m0:m0 + args.micro]
-                    x = torch.stack([STRONG(images[i]) for i in j.tolist()])
+                    x = torch.stack([strong(images[i]) for i in j.tolist()])
                     out = clip_image_embeds(clip, x, prompts) @ head.t()
                     loss = crit(out, teacher[j]) * len(j) / len(batch)
                     loss.backward()

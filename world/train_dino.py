@@ -52,6 +52,7 @@ L_SCALE = tuple(float(v) for v in os.environ.get("L_SCALE", "0.05,0.3").split(",
 BLUR_P = float(os.environ.get("BLUR_P", "0.4"))  # probability of blurring a view
 BLUR_SIGMA = tuple(float(v) for v in os.environ.get("BLUR_SIGMA", "0.5,2.0").split(","))  # px at crop size
 GRAY_P = float(os.environ.get("GRAY_P", "0.2"))
+JITTER = float(os.environ.get("JITTER", "0.4"))  # brightness/contrast/saturation factors uniform in 1 +- JITTER
 COLOUR_PERM = os.environ.get("COLOUR_PERM", "1") == "1"  # random channel permutation of every view
 ROT = float(os.environ.get("ROT", "180"))  # crops are rotated by an angle uniform in +-ROT degrees
 EVAL_EVERY = float(os.environ.get("EVAL_EVERY", "0"))  # seconds; 0 = no periodic evaluation
@@ -109,7 +110,7 @@ def crops(batch, g):
 def colour_augment(x, g, solarize):
     """Colour augmentation: random channel permutation (COLOUR_PERM=1 only: it makes the features
     colour-blind, which the shape worlds v1-v2 wanted and the colour-theme world must not have),
-    brightness/contrast/saturation jitter (p=0.8), grayscale (GRAY_P), blur (BLUR_P),
+    brightness/contrast/saturation jitter (p=0.8, strength JITTER), grayscale (GRAY_P), blur (BLUR_P),
     solarisation (p=0.2, second global view only)."""
     B = x.shape[0]
     r = lambda *s: torch.rand(*s, generator=g)
@@ -117,13 +118,13 @@ def colour_augment(x, g, solarize):
         perm = torch.stack([torch.randperm(3, generator=g) for _ in range(B)])
         x = torch.gather(x, 1, perm.view(B, 3, 1, 1).expand_as(x))
     on = (r(B) < 0.8).float().view(B, 1, 1, 1)
-    bright = 1 + (r(B) * 0.8 - 0.4).view(B, 1, 1, 1) * on
+    bright = 1 + (r(B) * 2 - 1).mul(JITTER).view(B, 1, 1, 1) * on
     x = (x * bright).clamp(0, 1)
     mean = x.mean((1, 2, 3), keepdim=True)
-    contrast = 1 + (r(B) * 0.8 - 0.4).view(B, 1, 1, 1) * on
+    contrast = 1 + (r(B) * 2 - 1).mul(JITTER).view(B, 1, 1, 1) * on
     x = ((x - mean) * contrast + mean).clamp(0, 1)
     gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-    sat = 1 + (r(B) * 0.8 - 0.4).view(B, 1, 1, 1) * on
+    sat = 1 + (r(B) * 2 - 1).mul(JITTER).view(B, 1, 1, 1) * on
     x = ((x - gray) * sat + gray).clamp(0, 1)
     gmask = (r(B) < GRAY_P).float().view(B, 1, 1, 1)
     gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
