@@ -34,6 +34,9 @@ public struct NolaParameters: Equatable, Sendable {
     public var promptMicroBatchSize: Int? = nil
     public var promptCount = 16
     public var labelSmoothing = 0.1
+    /// The strong view's two ColorJitters (brightness/contrast/saturation 0.4, hue 0.1). Off for classes that
+    /// are told apart by colour or lightness, which the jitter would teach the student to ignore.
+    public var colourJitter = true
     // Models: folder names under the configured model root (Hugging Face layout).
     public var clipModel = "clip-vit-base-patch32"
     public var dinoModel = "dino-vitb16"
@@ -55,6 +58,7 @@ public struct NolaParameters: Equatable, Sendable {
         case promptMicroBatchSize = "prompt_micro_batch_size"
         case promptCount = "prompt_count"
         case labelSmoothing = "label_smoothing"
+        case colourJitter = "colour_jitter"
         case clipModel = "clip_model"
         case dinoModel = "dino_model"
     }
@@ -145,6 +149,11 @@ public struct NolaParameters: Equatable, Sendable {
             let v = try number(0...1)
             guard v < 1 else { throw MethodError(.badParameter, key.rawValue, "must be below 1") }
             labelSmoothing = v
+        case .colourJitter:
+            guard case .bool(let v) = value else {
+                throw MethodError(.badParameter, key.rawValue, "expected true or false, found \(value.typeName)")
+            }
+            colourJitter = v
         case .clipModel: clipModel = try folder()
         case .dinoModel: dinoModel = try folder()
         }
@@ -168,6 +177,7 @@ public struct NolaParameters: Equatable, Sendable {
             Key.promptBatchSize.rawValue: promptBatchSize,
             Key.promptCount.rawValue: promptCount,
             Key.labelSmoothing.rawValue: labelSmoothing,
+            Key.colourJitter.rawValue: colourJitter,
             Key.clipModel.rawValue: clipModel,
             Key.dinoModel.rawValue: dinoModel,
         ]

@@ -25,7 +25,7 @@ final class ParametersTests: XCTestCase {
         XCTAssertEqual(p.alignmentBatchSize, 32); XCTAssertEqual(p.alignmentHiddenSize, 256)
         XCTAssertEqual(p.promptLearningRate, 0.004); XCTAssertEqual(p.promptWeightDecay, 0.01)
         XCTAssertEqual(p.promptBatchSize, 512); XCTAssertEqual(p.promptCount, 16); XCTAssertEqual(p.labelSmoothing, 0.1)
-        XCTAssertNil(p.promptMicroBatchSize); XCTAssertTrue(p.templates)
+        XCTAssertNil(p.promptMicroBatchSize); XCTAssertTrue(p.templates); XCTAssertTrue(p.colourJitter)
         XCTAssertEqual(p.clipModel, "clip-vit-base-patch32"); XCTAssertEqual(p.dinoModel, "dino-vitb16")
     }
 
@@ -34,15 +34,15 @@ final class ParametersTests: XCTestCase {
         {"seed": 3, "templates": false, "min_k": 8, "k_fraction": 0.5, "alignment_epochs": 5, "alignment_lr": 0.01,
          "alignment_batch_size": 16, "alignment_hidden_size": 64, "prompt_epochs": 2, "prompt_lr": 1,
          "prompt_weight_decay": 0, "prompt_batch_size": 64, "prompt_micro_batch_size": 8, "prompt_count": 4,
-         "label_smoothing": 0, "clip_model": "clip-b16", "dino_model": "dino-s16"}
+         "label_smoothing": 0, "colour_jitter": false, "clip_model": "clip-b16", "dino_model": "dino-s16"}
         """)
         XCTAssertEqual(p.seed, 3); XCTAssertFalse(p.templates); XCTAssertEqual(p.minK, 8); XCTAssertEqual(p.kFraction, 0.5)
         XCTAssertEqual(p.alignmentEpochs, 5); XCTAssertEqual(p.alignmentLearningRate, 0.01); XCTAssertEqual(p.alignmentBatchSize, 16)
         XCTAssertEqual(p.alignmentHiddenSize, 64); XCTAssertEqual(p.promptEpochs, 2); XCTAssertEqual(p.promptLearningRate, 1)
         XCTAssertEqual(p.promptWeightDecay, 0); XCTAssertEqual(p.promptBatchSize, 64); XCTAssertEqual(p.promptMicroBatchSize, 8)
-        XCTAssertEqual(p.promptCount, 4); XCTAssertEqual(p.labelSmoothing, 0)
+        XCTAssertEqual(p.promptCount, 4); XCTAssertEqual(p.labelSmoothing, 0); XCTAssertFalse(p.colourJitter)
         XCTAssertEqual(p.clipModel, "clip-b16"); XCTAssertEqual(p.dinoModel, "dino-s16")
-        XCTAssertEqual(Set(NolaParameters.Key.allCases.map(\.rawValue)).count, 17)
+        XCTAssertEqual(Set(NolaParameters.Key.allCases.map(\.rawValue)).count, 18)
     }
 
     func testDecode_whenBadInput_namesTheKeyAndReason() {
@@ -57,6 +57,7 @@ final class ParametersTests: XCTestCase {
         expectError(#"{"k_fraction": 1.5}"#, key: "k_fraction", reason: "outside")
         expectError(#"{"label_smoothing": 1}"#, key: "label_smoothing", reason: "below 1")
         expectError(#"{"templates": 1}"#, key: "templates", reason: "expected true or false")
+        expectError(#"{"colour_jitter": "no"}"#, key: "colour_jitter", reason: "expected true or false")
         expectError(#"{"seed": -4}"#, key: "seed", reason: "non-negative")
         expectError(#"{"clip_model": "../etc"}"#, key: "clip_model", reason: "not a plain folder name")
         expectError(#"{"dino_model": 7}"#, key: "dino_model", reason: "expected a string")

@@ -113,6 +113,10 @@ struct TuneStage: PipelineStage {
         let decoded = DecodedImages(urls: (0..<n).map { run.url(context, readableIndex: $0) }, threads: context.config.threads)
         var strong = StrongViewConfig()
         strong.size = run.imageSize
+        if !p.colourJitter {
+            strong.jitterProbability = 0
+            strong.secondJitter = nil
+        }
         let perBatch = min(p.promptBatchSize, n)
         let batchesPerEpoch = promptBatches(order: Array(0..<n), batchSize: p.promptBatchSize).count
         let total = max(1, p.promptEpochs * batchesPerEpoch * perBatch)
