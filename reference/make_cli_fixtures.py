@@ -13,7 +13,7 @@ from transformers import CLIPModel, ViTModel
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-FILES = ["Demo/collection/star/000.jpg", "Demo/collection/spiral/001.jpg"]
+FILES = ["Demo/collection/sunset/000.jpg", "Demo/collection/night/001.jpg"]
 
 
 def view(resize, crop, mean, std):
