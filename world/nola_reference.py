@@ -1,6 +1,6 @@
 """The NoLA stages in PyTorch on the demo world (reference figures for nolad's pipeline).
 
-    python world/nola_reference.py [--epochs 2,5,10] [--seed 0] [--min-k 16] [--k-fraction 0.2] [--out world/reference_results.json]
+    python world/nola_reference.py [--epochs 2,5,10] [--seed 0] [--min-k 16] [--k-fraction 0.2] [--no-colour-jitter] [--out world/reference_results.json]
 
 Follows docs in shared DESIGN.md:
  1. class vectors: templates + Demo/descriptions.json sentences, CLIP text encoder, L2-normalised,
