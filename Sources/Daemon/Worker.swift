@@ -14,7 +14,6 @@ public final class Worker: @unchecked Sendable {
     private let lock = NSLock()
     private var shutdownRequested = false
     private var running: [Int64: RunningJob] = [:]
-    private var cancelSignals: Set<Int64> = []
 
     final class RunningJob: @unchecked Sendable {
         let claimed: ClaimedJob
@@ -84,6 +83,7 @@ public final class Worker: @unchecked Sendable {
         var draining = false
         var drainDeadline = Date.distantFuture
         var claimWanted = true
+        var cancelCheckWanted = false
         var lastStatus = ""
         var failures = 0
 
@@ -156,16 +156,19 @@ public final class Worker: @unchecked Sendable {
                         switch n.channel {
                         case "nola_jobs": claimWanted = true
                         case "nola_cancel":
-                            if let id = Int64(n.payload), let job = lock.withLock({ running[id] }) {
-                                logger.info("cancel requested", metadata: ["job": "\(id)"])
-                                interrupt(job) { $0.cancelRequested() }
-                            }
+                            // Anyone who can connect may NOTIFY any channel, so the payload is never
+                            // trusted: the notification only makes the loop read the jobs' own flags.
+                            cancelCheckWanted = true
                         default: break
                         }
                     }
                 } catch {
                     logger.warning("lost the database connection", metadata: ["error": "\(error)"])
                 }
+            }
+            if cancelCheckWanted && control.isConnected {
+                cancelCheckWanted = false
+                checkCancelRequests(control)
             }
             if Date().timeIntervalSince(lastHeartbeat) >= config.pollSeconds { claimWanted = true }
         }
@@ -206,6 +209,23 @@ public final class Worker: @unchecked Sendable {
             }
         }
         try control.run { try JobStore.workerHeartbeat($0, id: id, currentJobs: jobs.map(\.claimed.ref.id)) }
+    }
+
+    /// Interrupts every running job of ours whose `cancel_requested` flag is set. The flag is set only
+    /// by `nola.cancel` (or by a role allowed to update jobs), never by a notification.
+    private func checkCancelRequests(_ control: Database) {
+        let refs = snapshot().filter { job in !lock.withLock { job.finished } }.map(\.claimed.ref)
+        guard !refs.isEmpty else { return }
+        do {
+            let ids = try control.run { try JobStore.cancelRequested($0, refs) }
+            for id in ids {
+                guard let job = lock.withLock({ running[id] }) else { continue }
+                logger.info("cancel requested", metadata: ["job": "\(id)"])
+                interrupt(job) { $0.cancelRequested() }
+            }
+        } catch {
+            logger.warning("could not read cancel requests; the next heartbeat reads them", metadata: ["error": "\(error)"])
+        }
     }
 
     private func reapFinished() {

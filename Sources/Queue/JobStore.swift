@@ -155,6 +155,17 @@ public enum JobStore {
         return .renewed(cancelRequested: try rows[0].bool("cancel_requested"))
     }
 
+    /// The ids among `jobs` (all of one worker) that are still ours and whose cancel was requested.
+    public static func cancelRequested(_ c: PostgresConnection, _ jobs: [JobRef]) throws -> [Int64] {
+        guard let worker = jobs.first?.worker else { return [] }
+        let rows = try c.query("""
+            SELECT j.id FROM nola.jobs j
+            JOIN unnest($2::bigint[], $3::int[]) AS mine (id, attempt) ON mine.id = j.id AND mine.attempt = j.attempt
+            WHERE j.state = 'running' AND j.worker = $1 AND j.cancel_requested
+            """, [worker, jobs.map { String($0.id) }, jobs.map { String($0.attempt) }])
+        return try rows.rows.map { Int64(try $0.int("id")) }
+    }
+
     /// Requeues (or fails, when out of attempts; or cancels, when a cancel was pending) every running
     /// job whose lease expired, closing its attempt as `lost`. Returns the ids handled.
     @discardableResult

@@ -284,6 +284,26 @@ final class DaemonTests: DatabaseTestCase {
         XCTAssertEqual(try db.query("SELECT nola.cancel($1)::text AS s", [id])[0].string("s"), "cancelled", "cancelling again is harmless")
     }
 
+    func testForgedCancelNotification_fromARoleWithNoGrants_isIgnored() throws {
+        // Anyone who can connect may NOTIFY any channel; the daemon must act only on the job's own flag.
+        let user = "outsider_\(dbname)"
+        try db.query("DROP ROLE IF EXISTS \(user)")
+        try db.query("CREATE ROLE \(user) LOGIN")
+        defer { _ = try? db.query("DROP ROLE \(user)") }
+        let id = try submit(try makeCollection("forged", images: 30))
+        let d = try startDaemon("f", settings: ["image_delay_seconds": "0.05"])
+        try waitUntil("job is running", timeout: 10) { (try job(id).optionalInt("stage_done") ?? 0) >= 2 }
+        let c = try PostgresConnection(conninfo: conninfo.replacingOccurrences(of: "user=postgres", with: "user=\(user)"))
+        defer { c.close() }
+        XCTAssertThrowsError(try c.query("SELECT nola.cancel($1)", [id]), "the outsider has no grant on schema nola")
+        for _ in 0..<3 { try c.query("SELECT pg_notify('nola_cancel', $1)", [String(id)]) }
+        let row = try waitState(id, ["cancelled", "succeeded", "failed"], timeout: 20)
+        XCTAssertEqual(try row.string("state"), "succeeded", d.log)
+        XCTAssertFalse(try row.bool("cancel_requested"))
+        XCTAssertEqual(try db.query("SELECT outcome FROM nola.attempts WHERE job_id = $1", [id])[0].string("outcome"), "succeeded")
+        XCTAssertFalse(d.log.contains("cancel requested"), d.log)
+    }
+
     func testSigterm_releasesRunningJob_withoutBurningAnAttempt() throws {
         let id = try submit(try makeCollection("term", images: 100), maxAttempts: 1)
         let d = try startDaemon("leaving", settings: ["image_delay_seconds": "0.1"])
