@@ -42,4 +42,35 @@ enum JSONValue: Decodable, Equatable {
         case .object: return "an object"
         }
     }
+
+    /// The value as JSON text in PostgreSQL's jsonb style (`[1, 2]`, `{"a": 1}`), so refusals show what
+    /// the user wrote (`got "7"`, `got -3`) in the same words as the database's.
+    var jsonText: String {
+        switch self {
+        case .null: return "null"
+        case .bool(let b): return b ? "true" : "false"
+        case .integer(let i): return String(i)
+        case .number(let d): return d == d.rounded() && abs(d) < 1e15 ? String(Int64(d)) : "\(d)"
+        case .string(let s): return JSONValue.quote(s)
+        case .array(let a): return "[" + a.map(\.jsonText).joined(separator: ", ") + "]"
+        case .object(let o):
+            return "{" + o.keys.sorted().map { JSONValue.quote($0) + ": " + o[$0]!.jsonText }.joined(separator: ", ") + "}"
+        }
+    }
+
+    private static func quote(_ s: String) -> String {
+        var out = "\""
+        for u in s.unicodeScalars {
+            switch u {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case _ where u.value < 0x20: out += String(format: "\\u%04x", u.value)
+            default: out.unicodeScalars.append(u)
+            }
+        }
+        return out + "\""
+    }
 }

@@ -72,90 +72,54 @@ public struct NolaParameters: Equatable, Sendable {
 
     /// Decodes the job's parameters JSON object (empty data or `null` = all defaults).
     public init(json data: Data) throws {
+        self = try JobParameters(json: data, daemonKeys: false).method
+    }
+
+    fileprivate init(object: [String: JSONValue], daemonKeys: Bool) throws {
         self.init()
-        if data.allSatisfy({ $0 == 0x20 || $0 == 0x0A || $0 == 0x0D || $0 == 0x09 }) { return }
-        let value = try JSONValue.parse(data, code: .badParameter, subject: "parameters")
-        if case .null = value { return }
-        guard case .object(let object) = value else {
-            throw MethodError(.badParameter, "parameters", "expected a JSON object, found \(value.typeName)")
-        }
         for name in object.keys.sorted() {
+            if daemonKeys && name == ParameterSpec.promptsFromJob.name { continue }
             guard let key = Key(rawValue: name) else {
-                let known = Key.allCases.map(\.rawValue).joined(separator: ", ")
-                throw MethodError(.badParameter, name, "unknown parameter (known: \(known))")
+                let known = ParameterSpec.all.map(\.name).filter { daemonKeys || $0 != ParameterSpec.promptsFromJob.name }
+                throw MethodError(.badParameter, name, "unknown parameter (known: \(known.joined(separator: ", ")))")
             }
-            try set(key, object[name]!)
+            guard let value = object[name] else { continue }
+            try set(key, value)
         }
     }
 
     private mutating func set(_ key: Key, _ value: JSONValue) throws {
-        func integer(_ range: ClosedRange<Int>) throws -> Int {
-            guard case .integer(let v) = value else {
-                throw MethodError(.badParameter, key.rawValue, "expected an integer, found \(value.typeName)")
-            }
-            guard range.contains(v) else {
-                throw MethodError(.badParameter, key.rawValue, "\(v) is outside \(range.lowerBound)...\(range.upperBound)")
-            }
-            return v
-        }
-        func number(_ range: ClosedRange<Double>, open lower: Bool = false) throws -> Double {
-            let v: Double
+        if let refusal = key.spec.refusal(value) { throw MethodError(.badParameter, key.rawValue, refusal) }
+        // The spec has checked type and range; the switch only stores.
+        func int() -> Int { if case .integer(let v) = value { return v } else { return 0 } }
+        func double() -> Double {
             switch value {
-            case .integer(let i): v = Double(i)
-            case .number(let d): v = d
-            default: throw MethodError(.badParameter, key.rawValue, "expected a number, found \(value.typeName)")
+            case .integer(let v): return Double(v)
+            case .number(let v): return v
+            default: return 0
             }
-            guard v.isFinite, range.contains(v), !(lower && v == range.lowerBound) else {
-                let bound = lower ? "(\(range.lowerBound)" : "[\(range.lowerBound)"
-                throw MethodError(.badParameter, key.rawValue, "\(v) is outside \(bound), \(range.upperBound)]")
-            }
-            return v
         }
-        func folder() throws -> String {
-            guard case .string(let s) = value else {
-                throw MethodError(.badParameter, key.rawValue, "expected a string, found \(value.typeName)")
-            }
-            // A folder name under the model root, never a path: no separators, no "..", no hidden names.
-            guard !s.isEmpty, s.count <= 200, !s.contains("/"), !s.contains("\0"), !s.hasPrefix(".") else {
-                throw MethodError(.badParameter, key.rawValue, "'\(s)' is not a plain folder name")
-            }
-            return s
-        }
+        func bool() -> Bool { if case .bool(let v) = value { return v } else { return false } }
+        func string() -> String { if case .string(let v) = value { return v } else { return "" } }
         switch key {
-        case .seed:
-            guard case .integer(let v) = value, v >= 0 else {
-                throw MethodError(.badParameter, key.rawValue, "expected a non-negative integer, found \(value.typeName == "an integer" ? "a negative one" : value.typeName)")
-            }
-            seed = UInt64(v)
-        case .templates:
-            guard case .bool(let v) = value else {
-                throw MethodError(.badParameter, key.rawValue, "expected true or false, found \(value.typeName)")
-            }
-            templates = v
-        case .minK: minK = try integer(1...1_000_000)
-        case .kFraction: kFraction = try number(0...1)
-        case .alignmentEpochs: alignmentEpochs = try integer(0...10_000)
-        case .alignmentLearningRate: alignmentLearningRate = try number(0...1, open: true)
-        case .alignmentBatchSize: alignmentBatchSize = try integer(1...1_000_000)
-        case .alignmentHiddenSize: alignmentHiddenSize = try integer(1...65_536)
-        case .promptEpochs: promptEpochs = try integer(0...10_000)
-        case .promptLearningRate: promptLearningRate = try number(0...1, open: true)
-        case .promptWeightDecay: promptWeightDecay = try number(0...1)
-        case .promptBatchSize: promptBatchSize = try integer(1...1_000_000)
-        case .promptMicroBatchSize:
-            if case .null = value { promptMicroBatchSize = nil } else { promptMicroBatchSize = try integer(1...1_000_000) }
-        case .promptCount: promptCount = try integer(1...1024)
-        case .labelSmoothing:
-            let v = try number(0...1)
-            guard v < 1 else { throw MethodError(.badParameter, key.rawValue, "must be below 1") }
-            labelSmoothing = v
-        case .colourJitter:
-            guard case .bool(let v) = value else {
-                throw MethodError(.badParameter, key.rawValue, "expected true or false, found \(value.typeName)")
-            }
-            colourJitter = v
-        case .clipModel: clipModel = try folder()
-        case .dinoModel: dinoModel = try folder()
+        case .seed: seed = UInt64(int())
+        case .templates: templates = bool()
+        case .minK: minK = int()
+        case .kFraction: kFraction = double()
+        case .alignmentEpochs: alignmentEpochs = int()
+        case .alignmentLearningRate: alignmentLearningRate = double()
+        case .alignmentBatchSize: alignmentBatchSize = int()
+        case .alignmentHiddenSize: alignmentHiddenSize = int()
+        case .promptEpochs: promptEpochs = int()
+        case .promptLearningRate: promptLearningRate = double()
+        case .promptWeightDecay: promptWeightDecay = double()
+        case .promptBatchSize: promptBatchSize = int()
+        case .promptMicroBatchSize: promptMicroBatchSize = value == .null ? nil : int()
+        case .promptCount: promptCount = int()
+        case .labelSmoothing: labelSmoothing = double()
+        case .colourJitter: colourJitter = bool()
+        case .clipModel: clipModel = string()
+        case .dinoModel: dinoModel = string()
         }
     }
 
@@ -183,5 +147,34 @@ public struct NolaParameters: Equatable, Sendable {
         ]
         object[Key.promptMicroBatchSize.rawValue] = promptMicroBatchSize.map { $0 as Any } ?? NSNull()
         return try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+    }
+}
+
+/// A job's `parameters` column as the pipeline reads it: the method's parameters, the keys the job set
+/// itself, and the daemon's own `prompts_from_job` (an earlier job whose tuned prompts label this one).
+public struct JobParameters: Equatable, Sendable {
+    public var method = NolaParameters()
+    public var given: Set<String> = []
+    public var promptsFromJob: Int64?
+
+    public init(json data: Data) throws {
+        try self.init(json: data, daemonKeys: true)
+    }
+
+    init(json data: Data, daemonKeys: Bool) throws {
+        if data.allSatisfy({ $0 == 0x20 || $0 == 0x0A || $0 == 0x0D || $0 == 0x09 }) { return }
+        let value = try JSONValue.parse(data, code: .badParameter, subject: "parameters")
+        if case .null = value { return }
+        guard case .object(let object) = value else {
+            throw MethodError(.badParameter, "parameters", "must be a JSON object, got \(value.jsonText)")
+        }
+        method = try NolaParameters(object: object, daemonKeys: daemonKeys)
+        given = Set(object.keys)
+        if daemonKeys, let value = object[ParameterSpec.promptsFromJob.name] {
+            if let refusal = ParameterSpec.promptsFromJob.refusal(value) {
+                throw MethodError(.badParameter, ParameterSpec.promptsFromJob.name, refusal)
+            }
+            if case .integer(let id) = value { promptsFromJob = Int64(id) }
+        }
     }
 }

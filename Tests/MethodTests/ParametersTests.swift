@@ -45,22 +45,38 @@ final class ParametersTests: XCTestCase {
         XCTAssertEqual(Set(NolaParameters.Key.allCases.map(\.rawValue)).count, 18)
     }
 
-    func testDecode_whenBadInput_namesTheKeyAndReason() {
-        expectError("[1]", key: "parameters", reason: "expected a JSON object")
+    func testDecode_whenBadInput_namesTheKeyTheAllowedValuesAndTheValueAsWritten() {
+        expectError("[1]", key: "parameters", reason: "must be a JSON object, got [1]")
         expectError("{oops", key: "parameters", reason: "not valid JSON")
-        expectError(#"{"epochs": 3}"#, key: "epochs", reason: "unknown parameter")
-        expectError(#"{"prompt_epochs": "3"}"#, key: "prompt_epochs", reason: "expected an integer, found a string")
-        expectError(#"{"prompt_epochs": 2.5}"#, key: "prompt_epochs", reason: "expected an integer, found a number")
-        expectError(#"{"prompt_epochs": -1}"#, key: "prompt_epochs", reason: "outside")
-        expectError(#"{"prompt_count": true}"#, key: "prompt_count", reason: "found a boolean")
-        expectError(#"{"prompt_lr": 0}"#, key: "prompt_lr", reason: "outside")
-        expectError(#"{"k_fraction": 1.5}"#, key: "k_fraction", reason: "outside")
-        expectError(#"{"label_smoothing": 1}"#, key: "label_smoothing", reason: "below 1")
-        expectError(#"{"templates": 1}"#, key: "templates", reason: "expected true or false")
-        expectError(#"{"colour_jitter": "no"}"#, key: "colour_jitter", reason: "expected true or false")
-        expectError(#"{"seed": -4}"#, key: "seed", reason: "non-negative")
-        expectError(#"{"clip_model": "../etc"}"#, key: "clip_model", reason: "not a plain folder name")
-        expectError(#"{"dino_model": 7}"#, key: "dino_model", reason: "expected a string")
+        expectError(#"{"epochs": 3}"#, key: "epochs", reason: "unknown parameter (known: seed, templates, min_k")
+        expectError(#"{"prompt_epochs": "3"}"#, key: "prompt_epochs", reason: #"must be an integer from 0 to 10000, got "3""#)
+        expectError(#"{"prompt_epochs": 2.5}"#, key: "prompt_epochs", reason: "must be an integer from 0 to 10000, got 2.5")
+        expectError(#"{"prompt_epochs": -1}"#, key: "prompt_epochs", reason: "got -1")
+        expectError(#"{"prompt_count": true}"#, key: "prompt_count", reason: "must be an integer from 1 to 1024, got true")
+        expectError(#"{"prompt_lr": 0}"#, key: "prompt_lr", reason: "must be a number greater than 0 and at most 1, got 0")
+        expectError(#"{"k_fraction": 1.5}"#, key: "k_fraction", reason: "must be a number from 0 to 1, got 1.5")
+        expectError(#"{"label_smoothing": 1}"#, key: "label_smoothing", reason: "must be a number at least 0 and below 1, got 1")
+        expectError(#"{"templates": 1}"#, key: "templates", reason: "must be true or false, got 1")
+        expectError(#"{"colour_jitter": "no"}"#, key: "colour_jitter", reason: #"must be true or false, got "no""#)
+        expectError(#"{"seed": -4}"#, key: "seed", reason: "must be an integer at least 0, got -4")
+        expectError(#"{"clip_model": "../etc"}"#, key: "clip_model", reason: #"must be a plain folder name (no '/', not starting with '.'), got "../etc""#)
+        expectError(#"{"dino_model": 7}"#, key: "dino_model", reason: "got 7")
+        expectError(#"{"prompt_micro_batch_size": 0}"#, key: "prompt_micro_batch_size", reason: "from 1 to 1000000, or null, got 0")
+        expectError(#"{"min_k": [1, {"a": "x\ny"}]}"#, key: "min_k", reason: #"got [1, {"a": "x\ny"}]"#)
+        // prompts_from_job is the daemon's: NolaParameters alone does not know it, JobParameters does.
+        expectError(#"{"prompts_from_job": 3}"#, key: "prompts_from_job", reason: "unknown parameter")
+        XCTAssertThrowsError(try JobParameters(json: Data(#"{"prompts_from_job": -3}"#.utf8))) { error in
+            XCTAssertEqual("\(error)", "parameter 'prompts_from_job': must be an integer at least 1, got -3")
+        }
+    }
+
+    func testJobParameters_takesPromptsFromJobAndRemembersWhichKeysWereGiven() throws {
+        let job = try JobParameters(json: Data(#"{"prompts_from_job": 12, "clip_model": "clip-b16", "prompt_micro_batch_size": null}"#.utf8))
+        XCTAssertEqual(job.promptsFromJob, 12)
+        XCTAssertEqual(job.given, ["prompts_from_job", "clip_model", "prompt_micro_batch_size"])
+        XCTAssertEqual(job.method.clipModel, "clip-b16")
+        XCTAssertNil(job.method.promptMicroBatchSize)
+        XCTAssertEqual(try JobParameters(json: Data()).method, NolaParameters())
     }
 
     func testEncode_thenDecode_roundTrips() throws {

@@ -110,29 +110,24 @@ struct ValidateStage: PipelineStage {
     let name = "validate"
 
     func body(_ context: JobContext) throws {
-        var parameters: NolaParameters
-        var json = context.parametersJSON
-        var promptsFromJob: Int64?
-        // `prompts_from_job` belongs to the daemon, not to the method: take it out before NolaParameters.
-        if case .object(var object)? = try? JSONDecoder().decode(JSONValue.self, from: Data(json.utf8)),
-           let value = object.removeValue(forKey: "prompts_from_job") {
-            guard case .number(let d) = value, let id = Int64(exactly: d), id > 0 else {
-                throw JobError.badInput("parameter 'prompts_from_job': expected the id of an earlier job, found \(value)")
-            }
-            promptsFromJob = id
-            json = String(decoding: try JSONEncoder().encode(JSONValue.object(object)), as: UTF8.self)
-        }
+        let job: JobParameters
         do {
-            parameters = try NolaParameters(json: Data(json.utf8))
+            job = try JobParameters(json: Data(context.parametersJSON.utf8))
         } catch let error as MethodError {
             throw JobError.badInput("\(error)")
         }
-        let given = (try? JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any]) ?? [:]
-        let clip = try modelFolder(context.config, configured: context.config.clipModel, parameter: given["clip_model"] as? String,
+        var parameters = job.method
+        let promptsFromJob = job.promptsFromJob
+        let chosen: [String: String?] = [
+            "clip_model": job.given.contains("clip_model") ? parameters.clipModel : nil,
+            "dino_model": job.given.contains("dino_model") ? parameters.dinoModel : nil,
+        ]
+        let given = chosen.compactMapValues { $0 }
+        let clip = try modelFolder(context.config, configured: context.config.clipModel, parameter: given["clip_model"],
                                    fallback: parameters.clipModel, what: "CLIP")
         // Inference-only jobs need no DINO.
         let dino = promptsFromJob != nil ? nil : try modelFolder(context.config, configured: context.config.dinoModel,
-                                                                 parameter: given["dino_model"] as? String, fallback: parameters.dinoModel, what: "DINO")
+                                                                 parameter: given["dino_model"], fallback: parameters.dinoModel, what: "DINO")
         if let id = promptsFromJob {
             let found = try context.withDatabase { try PipelineTables.prompts($0, jobID: id) }
             guard found != nil else { throw JobError.badInput("parameter 'prompts_from_job': job \(id) has no tuned prompts") }
