@@ -268,6 +268,30 @@ final class DaemonTests: DatabaseTestCase {
         XCTAssertEqual(try waitState(next, ["succeeded", "failed"], timeout: 15).string("state"), "succeeded")
     }
 
+    /// While PostgreSQL is down, an idle daemon used to try about 90 times a second and log every
+    /// twentieth try. Now it backs off (0.1 s doubling to 5 s, jittered), logs once when the outage
+    /// begins and once on recovery with the number of failed tries.
+    func testPostgresDown_idleDaemonBacksOff_andLogsOncePerOutage() throws {
+        let d = try startDaemon("patient")
+        db.close()
+        try cluster.serverTool("pg_ctl", ["-D", cluster.dataDir, "-m", "fast", "-w", "-t", "30", "stop"])
+        Thread.sleep(forTimeInterval: 8)
+        try cluster.start()
+        db = try PostgresConnection(conninfo: conninfo)
+        try waitUntil("the daemon logs its recovery", timeout: 20) { d.log.contains("database available again") }
+        let log = d.log
+        XCTAssertEqual(log.components(separatedBy: "database unavailable;").count - 1, 1, log)
+        XCTAssertEqual(log.components(separatedBy: "database available again").count - 1, 1, log)
+        let line = log.split(separator: "\n").first { $0.contains("database available again") }!
+        let tries = Int(line.split(separator: " ").first { $0.hasPrefix("failed_tries=") }!.dropFirst("failed_tries=".count))!
+        print("failed reconnect tries during an 8 s outage: \(tries)")
+        XCTAssertGreaterThanOrEqual(tries, 3, "it kept trying")
+        XCTAssertLessThanOrEqual(tries, 15, "0.1 s doubling to 5 s allows about 8 tries in 8 s, not hundreds")
+        XCTAssertTrue(d.process.isRunning)
+        let next = try submit(try makeCollection("after-outage", images: 2))
+        XCTAssertEqual(try waitState(next, ["succeeded", "failed"], timeout: 20).string("state"), "succeeded")
+    }
+
     func testCancelRunningJob_stopsWithinSeconds() throws {
         let id = try submit(try makeCollection("cancel", images: 100))
         _ = try startDaemon("c", settings: ["image_delay_seconds": "0.1"])
