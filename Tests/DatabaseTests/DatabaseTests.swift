@@ -223,6 +223,20 @@ final class DaemonTests: DatabaseTestCase {
         print("jobs per daemon: \(split.values)")
     }
 
+    /// A heartbeat renewing a lease while the job's thread writes `succeeded` used to find the row gone
+    /// and log "lease lost" after a normal success. With a heartbeat every 20 ms the race is frequent.
+    func testHeartbeatRacingTheFinalWrite_logsNoLeaseLoss() throws {
+        let collection = try makeCollection("race", images: 1)
+        var ids: [Int64] = []
+        for _ in 0..<40 { ids.append(try submit(collection)) }
+        let d = try startDaemon("racer", settings: ["concurrency": "4", "heartbeat_seconds": "0.02"])
+        try waitUntil("all 40 jobs ended", timeout: 90, poll: 0.1) {
+            try db.query("SELECT count(*) AS n FROM nola.jobs WHERE state IN ('queued', 'running')")[0].int("n") == 0
+        }
+        XCTAssertEqual(try db.query("SELECT count(*) AS n FROM nola.jobs WHERE state = 'succeeded'")[0].int("n"), 40)
+        XCTAssertFalse(d.log.contains("lease lost"), d.log)
+    }
+
     func testKill9MidJob_anotherDaemonResumesAfterLeaseExpires_attemptsShowBoth() throws {
         let id = try submit(try makeCollection("slow", images: 30), maxAttempts: 3)
         let a = try startDaemon("doomed", settings: ["image_delay_seconds": "0.1"])
