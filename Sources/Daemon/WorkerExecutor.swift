@@ -62,15 +62,23 @@ extension Worker {
                 jobLogger.warning("job abandoned: it is no longer ours")
             default:
                 if written {
-                    jobLogger.info("job finished", metadata: ["outcome": "\(action.outcome?.rawValue ?? "none")", "action": "\(action)"])
+                    var meta: Logger.Metadata = ["outcome": "\(action.outcome?.rawValue ?? "none")"]
+                    switch action {
+                    case .markFailed(let message, _): meta["error"] = "\(message)"
+                    case .scheduleRetry(let delay, let message):
+                        meta["error"] = "\(message)"
+                        meta["retry_in_s"] = "\((delay * 10).rounded() / 10)"
+                    default: break
+                    }
+                    jobLogger.info("job finished", metadata: meta)
                 } else {
-                    jobLogger.warning("job was no longer ours; outcome not written", metadata: ["action": "\(action)"])
+                    jobLogger.warning("job was no longer ours; outcome not written", metadata: ["outcome": "\(action.outcome?.rawValue ?? "none")"])
                 }
             }
             return written ? action.outcome : nil
         } catch {
             jobLogger.error("could not record the job's outcome; its lease will expire and it will be rescued",
-                            metadata: ["action": "\(action)", "error": "\(error)"])
+                            metadata: ["outcome": "\(action.outcome?.rawValue ?? "none")", "error": "\(error)"])
             return nil
         }
     }
