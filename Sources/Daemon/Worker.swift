@@ -2,37 +2,29 @@ import Foundation
 import Logging
 import Queue
 
-/// The `serve` service: one main loop (claims, leases, rescue, notifications, systemd) on a control
-/// connection, and one thread with its own connection per running job.
+/// The `serve` service. The main loop, on one control connection, feeds events to `WorkerLoop` (the
+/// loop's decisions, tested without a database) and performs the steps it answers: the heartbeat
+/// (lease renewal, cancel flags, timeouts, worker row), the rescuer (expired leases of any worker),
+/// the producer (claims on notification or poll) and systemd. The executor (WorkerExecutor.swift) runs
+/// each job on its own thread with its own connection.
 public final class Worker: @unchecked Sendable {
     public let config: NoladConfig
     public let stages: [JobStage]
     public let id: String
     let logger: Logger
+    /// Called at the points metrics need; no-op by default.
+    public let observer: WorkerObserver
 
-    private let wake = WakePipe()
-    private let lock = NSLock()
+    let wake = WakePipe()
+    let lock = NSLock()
     private var shutdownRequested = false
-    private var running: [Int64: RunningJob] = [:]
+    var running: [Int64: RunningJob] = [:]
 
-    final class RunningJob: @unchecked Sendable {
-        let claimed: ClaimedJob
-        let started = Date()
-        var lifecycle: JobLifecycle
-        var context: JobContext?
-        var finished = false
-        var stage = "starting"
-        var done = 0, total = 0
-        init(_ claimed: ClaimedJob, lifecycle: JobLifecycle) {
-            self.claimed = claimed
-            self.lifecycle = lifecycle
-        }
-    }
-
-    public init(config: NoladConfig, stages: [JobStage], logger: Logger) {
+    public init(config: NoladConfig, stages: [JobStage], logger: Logger, observer: WorkerObserver = NoWorkerObserver()) {
         self.config = config
         self.stages = stages
         self.logger = logger
+        self.observer = observer
         let host = ProcessInfo.processInfo.hostName
         let name = config.workerName.isEmpty ? host : config.workerName
         let boot = String(UInt32.random(in: 0...UInt32.max), radix: 16)
@@ -57,120 +49,56 @@ public final class Worker: @unchecked Sendable {
         Systemd.status("connecting to the database")
 
         // Connect (retrying while the server is unavailable), then check the schema.
-        while true {
-            do {
-                try control.run(retryFor: .infinity) { c in
-                    try Migrator.checkSchema(c)
-                    try JobStore.registerWorker(c, id: id, name: config.workerName.isEmpty ? ProcessInfo.processInfo.hostName : config.workerName,
-                                                host: ProcessInfo.processInfo.hostName, pid: Int(getpid()), version: noladVersion)
-                }
-                break
-            } catch let error as DatabaseError where error.code == .schemaMismatch {
-                throw NoladError(.schema, error.message)
-            } catch {
-                if isShuttingDown { return }
-                throw error
+        do {
+            try control.run(retryFor: .infinity) { c in
+                try Migrator.checkSchema(c)
+                try JobStore.registerWorker(c, id: id, name: config.workerName.isEmpty ? ProcessInfo.processInfo.hostName : config.workerName,
+                                            host: ProcessInfo.processInfo.hostName, pid: Int(getpid()), version: noladVersion)
             }
+        } catch let error as DatabaseError where error.code == .schemaMismatch {
+            throw NoladError(.schema, error.message)
+        } catch {
+            if isShuttingDown { return }
+            throw error
         }
         try control.listen("nola_jobs")
         try control.listen("nola_cancel")
         Systemd.ready(status: "idle, waiting for jobs")
         logger.info("ready", metadata: ["worker": "\(id)"])
 
-        let watchdog = Systemd.watchdogInterval
-        var lastWatchdog = Date.distantPast
-        var lastHeartbeat = Date()
-        var draining = false
-        var drainDeadline = Date.distantFuture
-        var claimWanted = true
-        var cancelCheckWanted = false
+        var loop = WorkerLoop(settings: .init(
+            heartbeatSeconds: config.heartbeatSeconds, pollSeconds: config.pollSeconds,
+            watchdogSeconds: Systemd.watchdogInterval, concurrency: config.concurrency,
+            shutdownTimeoutSeconds: config.shutdownTimeoutSeconds), now: Date())
         var lastStatus = ""
-        var failures = 0
 
         while true {
-            let now = Date()
-            if let watchdog, now.timeIntervalSince(lastWatchdog) >= watchdog {
-                Systemd.watchdog()
-                lastWatchdog = now
+            observer.loopTurned()
+            if isShuttingDown { loop.shutdown() }
+            if reapEnded() { loop.jobEnded() }
+            var done = false
+            while let step = loop.next(now: Date(), runningJobs: snapshot().count) {
+                if perform(step, &loop, control, roots: roots) { done = true; break }
             }
-            if isShuttingDown && !draining {
-                draining = true
-                drainDeadline = now.addingTimeInterval(config.shutdownTimeoutSeconds)
-                Systemd.stopping(status: "stopping: releasing running jobs")
-                logger.info("shutting down: no more claims; running jobs stop at their next checkpoint")
-                for job in snapshot() { interrupt(job) { $0.shutdownRequested() } }
-            }
-            reapFinished()
-            let jobs = snapshot()
-            if draining && jobs.isEmpty { break }
-            if draining && now >= drainDeadline {
-                logger.warning("shutdown timeout reached; releasing jobs that did not stop in time")
-                for job in jobs {
-                    _ = try? control.run(retryFor: 1) { try JobStore.finish($0, job.claimed.ref, .release) }
-                }
-                break
-            }
+            if done { break }
 
-            do {
-                // Leases, cancellations, timeouts and the worker row, every heartbeat.
-                if now.timeIntervalSince(lastHeartbeat) >= config.heartbeatSeconds || control.connectCount == 0 || !control.isConnected {
-                    try heartbeat(control, jobs)
-                    try control.run { try JobStore.rescueExpired($0, rescuer: id) }
-                    lastHeartbeat = now
-                    claimWanted = true
-                }
-                // Claims.
-                while !draining && claimWanted && snapshot().count < config.concurrency {
-                    guard let claimed = try control.run({ try JobStore.claim($0, worker: id, leaseSeconds: config.leaseSeconds) }) else {
-                        claimWanted = false
-                        break
-                    }
-                    start(claimed, roots: roots)
-                }
-                failures = 0
-            } catch {
-                failures += 1
-                if failures == 1 || failures % 20 == 0 {
-                    logger.warning("database unavailable in the main loop", metadata: ["error": "\(error)"])
-                }
-                Systemd.status("database unavailable, retrying: \(error)")
-                lastStatus = ""
-                control.close()
-            }
-
-            let status = statusLine()
+            let status = loop.isDatabaseDown ? "database unavailable, retrying" : statusLine()
             if status != lastStatus {
                 Systemd.status(status)
                 lastStatus = status
             }
 
-            // Sleep until a notification, a wake-up, the next heartbeat or the poll interval.
-            var timeout = min(config.pollSeconds, max(0.01, config.heartbeatSeconds - Date().timeIntervalSince(lastHeartbeat)))
-            if let watchdog { timeout = min(timeout, watchdog) }
-            if failures > 0 { timeout = min(timeout, min(2, 0.1 * pow(2, Double(min(failures, 5))))) }
-            if draining { timeout = min(timeout, 0.1) }
-            waitReadable(control.isConnected ? control.socket : -1, wake: wake, timeout: timeout)
+            // Sleep until a notification, a wake-up (signal, job end) or the loop's next deadline.
+            waitReadable(control.isConnected ? control.socket : -1, wake: wake, timeout: loop.sleepTimeout(now: Date()))
             if control.isConnected {
                 do {
-                    for n in try control.readNotifications() {
-                        switch n.channel {
-                        case "nola_jobs": claimWanted = true
-                        case "nola_cancel":
-                            // Anyone who can connect may NOTIFY any channel, so the payload is never
-                            // trusted: the notification only makes the loop read the jobs' own flags.
-                            cancelCheckWanted = true
-                        default: break
-                        }
-                    }
+                    // Only the channel is passed on: a payload is never trusted (anyone who can
+                    // connect may NOTIFY any channel), a notification only makes the loop look.
+                    for n in try control.readNotifications() { loop.notified(channel: n.channel) }
                 } catch {
-                    logger.warning("lost the database connection", metadata: ["error": "\(error)"])
+                    report(loop.databaseFailed(now: Date(), unit: Double.random(in: 0..<1)), error: error)
                 }
             }
-            if cancelCheckWanted && control.isConnected {
-                cancelCheckWanted = false
-                checkCancelRequests(control)
-            }
-            if Date().timeIntervalSince(lastHeartbeat) >= config.pollSeconds { claimWanted = true }
         }
 
         _ = try? control.run(retryFor: 1) { try JobStore.workerStopped($0, id: id) }
@@ -179,58 +107,134 @@ public final class Worker: @unchecked Sendable {
         logger.info("stopped", metadata: ["worker": "\(id)"])
     }
 
-    // MARK: main-loop helpers
-
-    private func snapshot() -> [RunningJob] {
-        lock.withLock { Array(running.values) }
-    }
-
-    private func interrupt(_ job: RunningJob, _ event: (inout JobLifecycle) -> JobLifecycle.Action) {
-        let action: JobLifecycle.Action = lock.withLock { job.finished ? .none : event(&job.lifecycle) }
-        if case .interrupt(let reason) = action {
-            job.context?.requestStop(reason)
-            logger.info("stopping job at its next checkpoint", metadata: ["job": "\(job.claimed.ref.id)", "reason": "\(reason)"])
+    /// Performs one step of the loop and reports its outcome; returns true when the loop must end.
+    private func perform(_ step: WorkerLoop.Step, _ loop: inout WorkerLoop, _ control: Database, roots: [String]) -> Bool {
+        switch step {
+        case .pingWatchdog:
+            Systemd.watchdog()
+            return false
+        case .beginDrain:
+            Systemd.stopping(status: "stopping: releasing running jobs")
+            logger.info("shutting down: no more claims; running jobs stop at their next checkpoint")
+            for job in snapshot() { interrupt(job) { $0.shutdownRequested() } }
+            return false
+        case .stop:
+            return true
+        case .releaseRemainingAndStop:
+            logger.warning("shutdown timeout reached; releasing jobs that did not stop in time")
+            for job in snapshot() {
+                do {
+                    try control.run(retryFor: 1) { try JobStore.finish($0, job.claimed.ref, .release) }
+                } catch {
+                    logger.error("could not release the job; its lease will expire and it will be rescued",
+                                 metadata: ["job": "\(job.claimed.ref.id)", "error": "\(error)"])
+                }
+            }
+            return true
+        case .heartbeat, .checkCancelRequests, .claim:
+            do {
+                var found = true
+                switch step {
+                case .heartbeat:
+                    try heartbeat(control, snapshot())
+                    try rescue(control)
+                case .checkCancelRequests:
+                    try checkCancelRequests(control)
+                default:
+                    found = try produce(control, roots: roots)
+                }
+                report(loop.succeeded(step, now: Date(), found: found), error: nil)
+            } catch {
+                control.close()
+                report(loop.databaseFailed(now: Date(), unit: Double.random(in: 0..<1)), error: error)
+            }
+            return false
         }
     }
 
+    private func report(_ report: WorkerLoop.Report?, error: Error?) {
+        switch report {
+        case .outageBegan?:
+            logger.warning("database unavailable; retrying with backoff (logged again on recovery)",
+                           metadata: ["error": "\(error.map { "\($0)" } ?? "")"])
+            Systemd.status("database unavailable, retrying")
+            observer.databaseUnavailable()
+        case .recovered(let tries, let seconds)?:
+            logger.info("database available again", metadata: ["failed_tries": "\(tries)", "outage_s": "\(formatSeconds(seconds))"])
+            observer.databaseReconnected(tries: tries, seconds: seconds)
+        case nil:
+            break
+        }
+    }
+
+    // MARK: steps
+
+    func snapshot() -> [RunningJob] {
+        lock.withLock { Array(running.values) }
+    }
+
+    /// Feeds an event to the job's lifecycle and carries out the action it answers (only
+    /// `.interrupt` can come from these events). Logs by the action, so an event that changes nothing
+    /// (say, a lease found gone after the job's own final write) logs nothing.
+    private func interrupt(_ job: RunningJob, _ event: (inout JobLifecycle) -> JobLifecycle.Action) {
+        let action: JobLifecycle.Action = lock.withLock { job.ended ? .none : event(&job.lifecycle) }
+        guard case .interrupt(let reason) = action else { return }
+        job.context?.requestStop(reason)
+        let meta: Logger.Metadata = ["job": "\(job.claimed.ref.id)", "reason": "\(reason)"]
+        if reason == .leaseLost {
+            logger.warning("lease lost: another worker or the rescuer took the job", metadata: meta)
+            observer.leaseRenewalFailed(job.claimed.ref)
+        } else {
+            logger.info("stopping job at its next checkpoint", metadata: meta)
+        }
+    }
+
+    /// Renews the leases of the jobs still running (reading their cancel flags), checks timeouts and
+    /// updates the worker row.
     private func heartbeat(_ control: Database, _ jobs: [RunningJob]) throws {
-        for job in jobs where !lock.withLock({ job.finished }) {
+        for job in jobs where lock.withLock({ !job.ended && job.lifecycle.wantsLeaseRenewal }) {
             let renewal = try control.run { try JobStore.renewLease($0, job.claimed.ref, leaseSeconds: config.leaseSeconds) }
-            switch renewal {
-            case .lost:
-                logger.warning("lease lost: another worker or the rescuer took the job", metadata: ["job": "\(job.claimed.ref.id)"])
-                interrupt(job) { $0.leaseLost() }
-            case .renewed(let cancel):
-                if cancel { interrupt(job) { $0.cancelRequested() } }
-            }
+            interrupt(job) { $0.renewal(renewal) }
             let elapsed = Date().timeIntervalSince(job.started)
-            if elapsed > job.claimed.timeoutSeconds {
-                interrupt(job) { $0.timeoutReached(seconds: job.claimed.timeoutSeconds) }
-            }
+            interrupt(job) { $0.elapsed(elapsed, timeout: job.claimed.timeoutSeconds) }
         }
         try control.run { try JobStore.workerHeartbeat($0, id: id, currentJobs: jobs.map(\.claimed.ref.id)) }
     }
 
+    /// The rescuer: requeues (or fails, or cancels) running jobs of any worker whose lease expired.
+    private func rescue(_ control: Database) throws {
+        let ids = try control.run { try JobStore.rescueExpired($0, rescuer: id) }
+        if !ids.isEmpty { logger.info("rescued jobs whose lease expired", metadata: ["jobs": "\(ids)"]) }
+    }
+
+    /// The producer: claims one job and starts it; false when none was waiting.
+    private func produce(_ control: Database, roots: [String]) throws -> Bool {
+        guard let claimed = try control.run({ try JobStore.claim($0, worker: id, leaseSeconds: config.leaseSeconds) }) else {
+            return false
+        }
+        start(claimed, roots: roots)
+        return true
+    }
+
     /// Interrupts every running job of ours whose `cancel_requested` flag is set. The flag is set only
     /// by `nola.cancel` (or by a role allowed to update jobs), never by a notification.
-    private func checkCancelRequests(_ control: Database) {
-        let refs = snapshot().filter { job in !lock.withLock { job.finished } }.map(\.claimed.ref)
+    private func checkCancelRequests(_ control: Database) throws {
+        let refs = snapshot().filter { job in lock.withLock { !job.ended && job.lifecycle.wantsLeaseRenewal } }.map(\.claimed.ref)
         guard !refs.isEmpty else { return }
-        do {
-            let ids = try control.run { try JobStore.cancelRequested($0, refs) }
-            for id in ids {
-                guard let job = lock.withLock({ running[id] }) else { continue }
-                logger.info("cancel requested", metadata: ["job": "\(id)"])
-                interrupt(job) { $0.cancelRequested() }
-            }
-        } catch {
-            logger.warning("could not read cancel requests; the next heartbeat reads them", metadata: ["error": "\(error)"])
+        let ids = try control.run { try JobStore.cancelRequested($0, refs) }
+        for id in ids {
+            guard let job = lock.withLock({ running[id] }) else { continue }
+            logger.info("cancel requested", metadata: ["job": "\(id)"])
+            interrupt(job) { $0.cancelRequested() }
         }
     }
 
-    private func reapFinished() {
+    /// Forgets jobs whose threads ended; true when any did.
+    private func reapEnded() -> Bool {
         lock.withLock {
-            for (id, job) in running where job.finished { running[id] = nil }
+            let ended = running.filter { $0.value.ended }.map(\.key)
+            for id in ended { running[id] = nil }
+            return !ended.isEmpty
         }
     }
 
@@ -241,96 +245,5 @@ public final class Worker: @unchecked Sendable {
         return jobs.sorted { $0.claimed.ref.id < $1.claimed.ref.id }.map { job in
             lock.withLock { "job \(job.claimed.ref.id) attempt \(job.claimed.ref.attempt): \(job.stage) \(job.done)/\(job.total)" }
         }.joined(separator: "; ")
-    }
-
-    // MARK: job threads
-
-    private func start(_ claimed: ClaimedJob, roots: [String]) {
-        let retry = RetryPolicy(base: config.retryBaseSeconds, maximum: 600, jitter: 0.2)
-        let job = RunningJob(claimed, lifecycle: JobLifecycle(attemptsUsed: claimed.attemptsUsed, maxAttempts: claimed.maxAttempts, retry: retry))
-        lock.withLock { running[claimed.ref.id] = job }
-        logger.info("claimed job", metadata: ["job": "\(claimed.ref.id)", "attempt": "\(claimed.ref.attempt)",
-                                              "collection": "\(claimed.collection)"])
-        let thread = Thread { [self] in
-            execute(job, roots: roots)
-            lock.withLock { job.finished = true }
-            wake.wake()
-        }
-        thread.name = "job-\(claimed.ref.id)"
-        thread.stackSize = 8 << 20
-        thread.start()
-    }
-
-    private func execute(_ job: RunningJob, roots: [String]) {
-        let ref = job.claimed.ref
-        var jobLogger = logger
-        jobLogger[metadataKey: "job"] = "\(ref.id)"
-        let database = Database(conninfo: config.conninfo, logger: jobLogger)
-        defer { database.close() }
-        let result = runStages(job, roots: roots, database: database, logger: jobLogger)
-
-        let unit = Double.random(in: 0..<1)
-        let action: JobLifecycle.Action = lock.withLock {
-            if case .stopped(let reason) = result.stoppedBy, job.lifecycle.stopReason == nil {
-                // A stage saw the job was no longer ours before the main loop did.
-                _ = reason == .leaseLost ? job.lifecycle.leaseLost() : job.lifecycle.cancelRequested()
-            }
-            return job.lifecycle.executionFinished(result.result, unit: unit)
-        }
-        do {
-            let written = try database.run(retryFor: max(10, config.leaseSeconds)) { try JobStore.finish($0, ref, action) }
-            switch action {
-            case .abandon:
-                jobLogger.warning("job abandoned: it is no longer ours")
-            default:
-                if written {
-                    jobLogger.info("job finished", metadata: ["action": "\(action)"])
-                } else {
-                    jobLogger.warning("job was no longer ours; outcome not written", metadata: ["action": "\(action)"])
-                }
-            }
-        } catch {
-            jobLogger.error("could not record the job's outcome; its lease will expire and it will be rescued",
-                            metadata: ["action": "\(action)", "error": "\(error)"])
-        }
-    }
-
-    private func runStages(_ job: RunningJob, roots: [String], database: Database, logger: Logger)
-        -> (result: ExecutionResult, stoppedBy: JobError?) {
-        let claimed = job.claimed
-        let ref = claimed.ref
-        do {
-            let collection = try CollectionAccess.resolve(claimed.collection, roots: config.collectionRoots)
-            let context = JobContext(
-                job: ref, collection: collection, roots: roots.map { URL(fileURLWithPath: $0) }, classes: claimed.classes,
-                descriptionsJSON: claimed.descriptionsJSON, parametersJSON: claimed.parametersJSON, config: config,
-                database: database, logger: logger,
-                onProgress: { [weak self, job] stage, done, total in
-                    self?.lock.withLock { job.stage = stage; job.done = done; job.total = total }
-                })
-            let pending: StopReason? = lock.withLock {
-                job.context = context
-                return job.lifecycle.stopReason
-            }
-            if let pending { context.requestStop(pending) }
-            for (index, stage) in stages.enumerated() {
-                try context.checkCancelled()
-                lock.withLock { job.stage = stage.name; job.done = 0; job.total = 0 }
-                try context.write { try JobStore.startStage($0, ref, stage: stage.name, index: index, count: self.stages.count) }
-                logger.info("stage started", metadata: ["stage": "\(stage.name)"])
-                try stage.run(context)
-            }
-            return (.succeeded, nil)
-        } catch let error as JobError {
-            switch error {
-            case .badInput(let message): return (.permanentFailure(message), nil)
-            case .transient(let message): return (.transientFailure(message), nil)
-            case .stopped: return (.stopped, error)
-            }
-        } catch let error as DatabaseError {
-            return (error.isTransient ? .transientFailure("\(error)") : .permanentFailure("\(error)"), nil)
-        } catch {
-            return (.transientFailure("\(error)"), nil)
-        }
     }
 }

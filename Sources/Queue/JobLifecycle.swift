@@ -21,7 +21,30 @@ public enum ExecutionResult: Sendable, Equatable {
     case stopped
 }
 
-/// Exponential backoff with jitter for retried jobs.
+/// How one attempt ended, as recorded in `nola.attempts.outcome` (the raw values are the SQL ones).
+public enum AttemptOutcome: String, Sendable, Equatable, CaseIterable {
+    case succeeded
+    case failed
+    /// Failed because the job ran past its `timeout`.
+    case timedOut = "timed_out"
+    /// Failed transiently; the job is queued again after a backoff.
+    case retry
+    case cancelled
+    /// Given back at shutdown without burning the attempt.
+    case released
+    /// The lease expired (written by the rescuer, never by the worker that ran it).
+    case lost
+}
+
+/// Why a job is marked failed.
+public enum FailureKind: Sendable, Equatable {
+    /// Bad input, or a transient error on the last attempt.
+    case error
+    /// The job ran past its `timeout`.
+    case timedOut
+}
+
+/// Exponential backoff with jitter (retried jobs; the main loop's reconnects).
 public struct RetryPolicy: Sendable, Equatable {
     public var base: Double
     public var maximum: Double
@@ -53,8 +76,8 @@ public struct JobLifecycle: Sendable {
         case interrupt(StopReason)
         /// Guarded update to `succeeded`.
         case markSucceeded
-        /// Guarded update to `failed` with this message (no retry).
-        case markFailed(String)
+        /// Guarded update to `failed` with this message (no retry); `kind` says which attempt outcome.
+        case markFailed(String, kind: FailureKind = .error)
         /// Guarded update back to `queued`, to run again after `delay` seconds.
         case scheduleRetry(delay: Double, error: String)
         /// Guarded update to `cancelled`.
@@ -63,6 +86,18 @@ public struct JobLifecycle: Sendable {
         case release
         /// The job is no longer ours; forget it without writing.
         case abandon
+
+        /// The attempt outcome this action writes; nil for actions that write nothing.
+        public var outcome: AttemptOutcome? {
+            switch self {
+            case .none, .interrupt, .abandon: return nil
+            case .markSucceeded: return .succeeded
+            case .markFailed(_, let kind): return kind == .timedOut ? .timedOut : .failed
+            case .scheduleRetry: return .retry
+            case .markCancelled: return .cancelled
+            case .release: return .released
+            }
+        }
     }
 
     private enum State: Sendable, Equatable {
@@ -96,6 +131,24 @@ public struct JobLifecycle: Sendable {
     public mutating func shutdownRequested() -> Action { requestStop(.shutdown) }
     public mutating func timeoutReached(seconds: Double) -> Action { requestStop(.timedOut(seconds: seconds)) }
     public mutating func leaseLost() -> Action { requestStop(.leaseLost) }
+
+    /// Whether the lease still needs renewing: false once the stages returned (the final write is
+    /// under way or done, so a renewal finding the job gone is expected, not a loss).
+    public var wantsLeaseRenewal: Bool { state != .finished }
+
+    /// What a lease renewal found. A renewal that finds the job gone after the stages returned is the
+    /// heartbeat racing the job's own final write: `.none`, and the worker logs nothing.
+    public mutating func renewal(_ result: LeaseRenewal) -> Action {
+        switch result {
+        case .lost: return leaseLost()
+        case .renewed(let cancel): return cancel ? cancelRequested() : .none
+        }
+    }
+
+    /// The heartbeat saw the job running for `elapsed` seconds.
+    public mutating func elapsed(_ elapsed: Double, timeout: Double) -> Action {
+        elapsed > timeout ? timeoutReached(seconds: timeout) : .none
+    }
 
     private mutating func requestStop(_ reason: StopReason) -> Action {
         switch state {
@@ -135,7 +188,7 @@ public struct JobLifecycle: Sendable {
             switch reason {
             case .cancelled?: return .markCancelled
             case .shutdown?: return .release
-            case .timedOut(let s)?: return .markFailed(Self.timeoutMessage(s))
+            case .timedOut(let s)?: return .markFailed(Self.timeoutMessage(s), kind: .timedOut)
             case .leaseLost?, nil: break
             }
             if attemptsUsed >= maxAttempts {
@@ -146,7 +199,7 @@ public struct JobLifecycle: Sendable {
             switch reason {
             case .cancelled?: return .markCancelled
             case .shutdown?: return .release
-            case .timedOut(let s)?: return .markFailed(Self.timeoutMessage(s))
+            case .timedOut(let s)?: return .markFailed(Self.timeoutMessage(s), kind: .timedOut)
             case .leaseLost?: return .abandon
             case nil: preconditionFailure("a stage stopped although no stop was requested")
             }

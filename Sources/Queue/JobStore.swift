@@ -250,40 +250,39 @@ public enum JobStore {
     @discardableResult
     public static func finish(_ c: PostgresConnection, _ job: JobRef, _ action: JobLifecycle.Action) throws -> Bool {
         let p: [PostgresBindable?] = [job.id, job.worker, job.attempt]
-        let update: String, extra: [PostgresBindable?], outcome: String, attemptError: String?, kind: String
+        guard let outcome = action.outcome else { return false }
+        let update: String, extra: [PostgresBindable?], attemptError: String?, kind: String
         switch action {
         case .none, .interrupt, .abandon:
             return false
         case .markSucceeded:
             update = "state = 'succeeded', finished_at = now(), lease_expires_at = NULL, error = NULL"
-            extra = []; outcome = "succeeded"; attemptError = nil; kind = "succeeded"
-        case .markFailed(let message):
+            extra = []; attemptError = nil; kind = "succeeded"
+        case .markFailed(let message, _):
             update = "state = 'failed', finished_at = now(), lease_expires_at = NULL, error = $4"
-            extra = [message]
-            outcome = message.hasPrefix("timed out") ? "timed_out" : "failed"
-            attemptError = message; kind = "failed"
+            extra = [message]; attemptError = message; kind = "failed"
         case .scheduleRetry(let delay, let message):
             update = """
                 state = 'queued', worker = NULL, lease_expires_at = NULL,
                 run_after = now() + make_interval(secs => $5::double precision),
                 error = format('attempt %s failed, retrying in %s s: %s', attempt, round($5::numeric, 1), $4::text)
                 """
-            extra = [message, delay]; outcome = "retry"; attemptError = message; kind = "retry_scheduled"
+            extra = [message, delay]; attemptError = message; kind = "retry_scheduled"
         case .markCancelled:
             update = "state = 'cancelled', finished_at = now(), lease_expires_at = NULL, error = 'cancelled while running' || coalesce(' (stage ' || stage || ')', '')"
-            extra = []; outcome = "cancelled"; attemptError = nil; kind = "cancelled"
+            extra = []; attemptError = nil; kind = "cancelled"
         case .release:
             update = """
                 state = 'queued', worker = NULL, lease_expires_at = NULL, run_after = now(),
                 attempts_used = attempts_used - 1, error = NULL
                 """
-            extra = []; outcome = "released"; attemptError = "released: the worker shut down"; kind = "released"
+            extra = []; attemptError = "released: the worker shut down"; kind = "released"
         }
         return try c.transaction {
             let rows = try c.query("UPDATE nola.jobs SET \(update) WHERE \(guardClause)", p + extra)
             guard rows.affected == 1 else { return false }
             try c.query("UPDATE nola.attempts SET finished_at = now(), outcome = $3, error = $4 WHERE job_id = $1 AND attempt = $2",
-                        [job.id, job.attempt, outcome, attemptError])
+                        [job.id, job.attempt, outcome.rawValue, attemptError])
             var metrics: [String: JSONValue] = [:]
             if let attemptError { metrics["error"] = .string(attemptError) }
             if case .scheduleRetry(let delay, _) = action { metrics["retry_in_s"] = .number(delay) }

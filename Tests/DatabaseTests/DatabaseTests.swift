@@ -223,6 +223,20 @@ final class DaemonTests: DatabaseTestCase {
         print("jobs per daemon: \(split.values)")
     }
 
+    /// A heartbeat renewing a lease while the job's thread writes `succeeded` used to find the row gone
+    /// and log "lease lost" after a normal success. With a heartbeat every 20 ms the race is frequent.
+    func testHeartbeatRacingTheFinalWrite_logsNoLeaseLoss() throws {
+        let collection = try makeCollection("race", images: 1)
+        var ids: [Int64] = []
+        for _ in 0..<40 { ids.append(try submit(collection)) }
+        let d = try startDaemon("racer", settings: ["concurrency": "4", "heartbeat_seconds": "0.02"])
+        try waitUntil("all 40 jobs ended", timeout: 90, poll: 0.1) {
+            try db.query("SELECT count(*) AS n FROM nola.jobs WHERE state IN ('queued', 'running')")[0].int("n") == 0
+        }
+        XCTAssertEqual(try db.query("SELECT count(*) AS n FROM nola.jobs WHERE state = 'succeeded'")[0].int("n"), 40)
+        XCTAssertFalse(d.log.contains("lease lost"), d.log)
+    }
+
     func testKill9MidJob_anotherDaemonResumesAfterLeaseExpires_attemptsShowBoth() throws {
         let id = try submit(try makeCollection("slow", images: 30), maxAttempts: 3)
         let a = try startDaemon("doomed", settings: ["image_delay_seconds": "0.1"])
@@ -266,6 +280,30 @@ final class DaemonTests: DatabaseTestCase {
         // And it still serves new work (its LISTEN was renewed after the reconnect).
         let next = try submit(try makeCollection("after", images: 2))
         XCTAssertEqual(try waitState(next, ["succeeded", "failed"], timeout: 15).string("state"), "succeeded")
+    }
+
+    /// While PostgreSQL is down, an idle daemon used to try about 90 times a second and log every
+    /// twentieth try. Now it backs off (0.1 s doubling to 5 s, jittered), logs once when the outage
+    /// begins and once on recovery with the number of failed tries.
+    func testPostgresDown_idleDaemonBacksOff_andLogsOncePerOutage() throws {
+        let d = try startDaemon("patient")
+        db.close()
+        try cluster.serverTool("pg_ctl", ["-D", cluster.dataDir, "-m", "fast", "-w", "-t", "30", "stop"])
+        Thread.sleep(forTimeInterval: 8)
+        try cluster.start()
+        db = try PostgresConnection(conninfo: conninfo)
+        try waitUntil("the daemon logs its recovery", timeout: 20) { d.log.contains("database available again") }
+        let log = d.log
+        XCTAssertEqual(log.components(separatedBy: "database unavailable;").count - 1, 1, log)
+        XCTAssertEqual(log.components(separatedBy: "database available again").count - 1, 1, log)
+        let line = log.split(separator: "\n").first { $0.contains("database available again") }!
+        let tries = Int(line.split(separator: " ").first { $0.hasPrefix("failed_tries=") }!.dropFirst("failed_tries=".count))!
+        print("failed reconnect tries during an 8 s outage: \(tries)")
+        XCTAssertGreaterThanOrEqual(tries, 3, "it kept trying")
+        XCTAssertLessThanOrEqual(tries, 15, "0.1 s doubling to 5 s allows about 8 tries in 8 s, not hundreds")
+        XCTAssertTrue(d.process.isRunning)
+        let next = try submit(try makeCollection("after-outage", images: 2))
+        XCTAssertEqual(try waitState(next, ["succeeded", "failed"], timeout: 20).string("state"), "succeeded")
     }
 
     func testCancelRunningJob_stopsWithinSeconds() throws {

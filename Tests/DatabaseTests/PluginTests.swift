@@ -27,6 +27,22 @@ struct FlakyLabellingStage: JobStage {
     }
 }
 
+/// Records what the worker reports through its observer hooks (what the metrics plug into).
+final class RecordingObserver: WorkerObserver, @unchecked Sendable {
+    private let lock = NSLock()
+    private(set) var started: [Int64] = []
+    private(set) var ended: [Int64: [AttemptOutcome?]] = [:]
+    private(set) var progress: [String] = []
+    private(set) var turns = 0
+    func jobStarted(_ job: JobRef) { lock.withLock { started.append(job.id) } }
+    func jobEnded(_ job: JobRef, outcome: AttemptOutcome?) { lock.withLock { ended[job.id, default: []].append(outcome) } }
+    func jobProgress(_ job: JobRef, stage: String, done: Int, total: Int) { lock.withLock { progress.append("\(job.id) \(stage) \(done)/\(total)") } }
+    func loopTurned() { lock.withLock { turns += 1 } }
+    func snapshot() -> (started: [Int64], ended: [Int64: [AttemptOutcome?]], progress: [String], turns: Int) {
+        lock.withLock { (started, ended, progress, turns) }
+    }
+}
+
 final class PluginTests: DatabaseTestCase {
     func testCustomStages_transientErrorRetriedWithBackoff_badInputFailsAtOnce() throws {
         var config = NoladConfig()
@@ -36,7 +52,9 @@ final class PluginTests: DatabaseTestCase {
         config.heartbeatSeconds = 0.5
         config.pollSeconds = 0.5
         config.retryBaseSeconds = 0.3
-        let worker = Worker(config: config, stages: [DiscoverImagesStage(), FlakyLabellingStage()], logger: Logger(label: "test"))
+        let observer = RecordingObserver()
+        let worker = Worker(config: config, stages: [DiscoverImagesStage(), FlakyLabellingStage()], logger: Logger(label: "test"),
+                            observer: observer)
         let done = DispatchSemaphore(value: 0)
         let thread = Thread {
             do { try worker.run() } catch { XCTFail("worker: \(error)") }
@@ -71,5 +89,14 @@ final class PluginTests: DatabaseTestCase {
         XCTAssertEqual(try bad.string("state"), "failed")
         XCTAssertEqual(try bad.optionalString("error"), "class \"cat\" has no descriptions")
         XCTAssertEqual(try bad.int("attempt"), 1)
+
+        // The observer hooks saw each attempt start and end with the outcome written.
+        try waitUntil("the observer saw three attempts end", timeout: 5) { observer.snapshot().ended.values.map(\.count).reduce(0, +) == 3 }
+        let seen = observer.snapshot()
+        XCTAssertEqual(seen.started.sorted(), [Int64(flaky), Int64(flaky), refused].sorted())
+        XCTAssertEqual(seen.ended[Int64(flaky)], [.retry, .succeeded])
+        XCTAssertEqual(seen.ended[refused], [.failed])
+        XCTAssertTrue(seen.progress.contains("\(flaky) label 5/5"), "\(seen.progress)")
+        XCTAssertGreaterThan(seen.turns, 0)
     }
 }

@@ -71,7 +71,9 @@ final class JobLifecycleTests: XCTestCase {
     func testTimeout_failsWithTimeoutMessage() {
         var life = JobLifecycle(attemptsUsed: 1, maxAttempts: 3)
         XCTAssertEqual(life.timeoutReached(seconds: 5400), .interrupt(.timedOut(seconds: 5400)))
-        XCTAssertEqual(life.executionFinished(.stopped), .markFailed("timed out after 1 h 30 min (the job's timeout)"))
+        let action = life.executionFinished(.stopped)
+        XCTAssertEqual(action, .markFailed("timed out after 1 h 30 min (the job's timeout)", kind: .timedOut))
+        XCTAssertEqual(action.outcome, .timedOut, "the outcome is carried as an enum, not read off the message")
     }
 
     func testLeaseLost_overridesEverything_andWritesNothing() {
