@@ -106,6 +106,18 @@ public final class CLIPTokenizer: @unchecked Sendable {
         self.merges = merges
     }
 
+    /// Throws unless every id this tokenizer can produce is a row of the model's token embedding
+    /// (a vocab.json larger than config.json's `vocab_size` would otherwise reach the embedding's
+    /// bounds precondition and abort the process). `source` names the folder in the error.
+    public func checkFits(_ text: CLIPTextConfig, source: String) throws {
+        let largest = vocabulary.values.max() ?? 0
+        guard largest < text.vocabSize else {
+            throw CheckpointError.badConfig(
+                file: source + "/vocab.json",
+                reason: "token id \(largest) is outside config.json's text_config.vocab_size \(text.vocabSize); vocab.json and config.json do not belong to the same model")
+        }
+    }
+
     /// BOS + the text's ids + EOS. With a `contextLength`, at most that many ids: BOS, the first
     /// contextLength − 2 ids of the text, EOS (what transformers gives with truncation=True,
     /// max_length=contextLength, and open_clip before padding). No padding.

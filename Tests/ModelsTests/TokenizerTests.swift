@@ -117,4 +117,21 @@ final class TokenizerTests: XCTestCase {
         let expected: [Int] = [0, 600, a, b, c, bang, 1]
         XCTAssertEqual(tiny.encode("AB abc!", contextLength: nil), expected)
     }
+
+    func testCheckFits_whenVocabularyLargerThanConfigVocabSize_throwsSentenceNamingVocabJSON() throws {
+        var vocabulary: [String: Int] = ["<|startoftext|>": 0, "<|endoftext|>": 1]
+        for (i, symbol) in byteSymbols.enumerated() {
+            vocabulary[String(symbol)] = 2 + i
+            vocabulary[String(symbol) + "</w>"] = 258 + i
+        }
+        let tokenizer = try CLIPTokenizer(vocabulary: vocabulary, merges: [], source: "m")
+        var text = CLIPTextConfig()
+        text.vocabSize = 514
+        XCTAssertNoThrow(try tokenizer.checkFits(text, source: "m"))
+        text.vocabSize = 513
+        XCTAssertThrowsError(try tokenizer.checkFits(text, source: "m")) { error in
+            XCTAssertEqual(error as? CheckpointError, .badConfig(file: "m/vocab.json",
+                reason: "token id 513 is outside config.json's text_config.vocab_size 513; vocab.json and config.json do not belong to the same model"))
+        }
+    }
 }

@@ -82,7 +82,9 @@ final class ModelCache: @unchecked Sendable {
             guard config["model_type"] as? String == "clip" else {
                 throw JobError.badInput("\(folder.path)/config.json: model_type is \(config["model_type"] as? String ?? "(none)"), not clip")
             }
-            entry = CLIPEntry(identity: identity, model: try CLIPModel(folder: folder), tokenizer: try CLIPTokenizer(folder: folder))
+            let model = try CLIPModel(folder: folder), tokenizer = try CLIPTokenizer(folder: folder)
+            try tokenizer.checkFits(model.config.textConfig, source: folder.path)
+            entry = CLIPEntry(identity: identity, model: model, tokenizer: tokenizer)
         } catch let error as CheckpointError {
             throw JobError.badInput("CLIP model \(folder.path): \(error)")
         }
