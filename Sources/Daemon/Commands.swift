@@ -164,12 +164,23 @@ public struct StatusCommand: ParsableCommand {
     @Flag(name: .long, help: "Also list the job's events.")
     public var events = false
 
+    @Flag(name: .long, help: "Follow the job (or every queued and running job) until it ends: one line per job, redrawn in place on a terminal, a plain line per change otherwise.")
+    public var watch = false
+
+    @Option(name: .long, help: "Seconds between polls with --watch.")
+    public var interval: Double = 1
+
     public init() {}
 
     public func run() throws {
         do {
             let config = try options.load()
             let c = try options.connect(config)
+            if watch {
+                guard interval > 0 else { throw NoladError(.usage, "--interval must be a positive number of seconds") }
+                try StatusWatch.watch(c, job: job, interval: interval)
+                return
+            }
             let sql = """
                 SELECT id, state, coalesce(stage, '') AS stage, progress, images_done AS done, images_total AS total,
                        rate, date_trunc('second', eta)::text AS eta, coalesce(worker, '') AS worker,
