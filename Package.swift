@@ -61,7 +61,7 @@ let package = Package(
         .testTarget(name: "ImagingTests", dependencies: ["Imaging"], exclude: ["Fixtures"], swiftSettings: numeric),
         .testTarget(name: "MethodTests", dependencies: ["Method"], exclude: ["Fixtures"], swiftSettings: numeric),
         .testTarget(name: "QueueTests", dependencies: ["Queue", "Daemon"]),
-        .testTarget(name: "DatabaseTests", dependencies: ["Queue", "Daemon", "Models"], exclude: ["Fixtures"]),
+        .testTarget(name: "DatabaseTests", dependencies: ["Queue", "Daemon", "Models", "Method"], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v5]
 )

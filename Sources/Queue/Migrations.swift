@@ -12,7 +12,7 @@ public struct Migration: Sendable {
 /// Applies Migrations/*.sql in order, each in one transaction, under an advisory lock, recorded in
 /// `nola.schema_migrations`. The schema version this build of nolad expects is `Migrator.expectedVersion`.
 public enum Migrator {
-    public static let expectedVersion = 3
+    public static let expectedVersion = 4
     /// Arbitrary constant key for pg_advisory_lock, shared by every nolad.
     static let lockKey: Int64 = 0x6e6f_6c61_6d69_6772 // "nolamigr"
 
@@ -164,6 +164,8 @@ public enum SchemaCatalog {
                           "created_at timestamp with time zone"],
         "description_cache": ["class_name text", "model text", "prompt_version text", "sentences jsonb",
                               "created_at timestamp with time zone"],
+        "parameter_schema": ["name text", "kind text", "minimum numeric", "maximum numeric", "exclusive_minimum boolean",
+                             "exclusive_maximum boolean", "nullable boolean"],
         "job_status": ["id bigint", "collection text", "state nola.job_state", "stage text", "progress numeric",
                        "images_done bigint", "images_total bigint", "rate numeric", "eta interval", "worker text",
                        "last_heartbeat timestamp with time zone", "attempt integer", "attempts_used integer",
