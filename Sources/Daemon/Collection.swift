@@ -58,16 +58,28 @@ public enum CollectionAccess {
         public let realPath: String
     }
 
+    /// What `walk` found: the files, the symlinks it did not follow, and the names it could not use.
+    public struct Walk: Equatable, Sendable {
+        public var files: [Entry] = []
+        public var skippedOutsideRoots = 0
+        /// Entries whose name is not valid UTF-8, relative to the collection, each byte that is not part
+        /// of valid UTF-8 written as `\xNN` (lossless). They cannot be stored as text in nola.images.
+        public var undecodableNames: [String] = []
+    }
+
     /// Every regular file below `folder` (a real path), sorted by relative path. Symlinks are followed
     /// only when their target lies under `roots`; a folder reached twice (symlink loop) is walked once.
-    public static func walk(_ folder: URL, roots: [String]) -> (files: [Entry], skippedOutsideRoots: Int) {
-        var files: [Entry] = []
-        var skipped = 0
+    /// Names are read as bytes (readdir), so none is dropped unseen.
+    public static func walk(_ folder: URL, roots: [String]) -> Walk {
+        var result = Walk()
         var visited: Set<String> = [folder.path]
         var pending: [(real: String, relative: String)] = [(folder.path, "")]
         while let (dir, prefix) = pending.popLast() {
-            guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir) else { continue }
-            for name in names {
+            for raw in directoryNames(dir) {
+                guard let name = String(validatingUTF8: raw.map { CChar(bitPattern: $0) } + [0]) else {
+                    result.undecodableNames.append((prefix.isEmpty ? "" : prefix + "/") + escaped(raw))
+                    continue
+                }
                 let path = dir + "/" + name
                 let relative = prefix.isEmpty ? name : prefix + "/" + name
                 var st = stat()
@@ -75,7 +87,7 @@ public enum CollectionAccess {
                 var target = path
                 if (st.st_mode & S_IFMT) == S_IFLNK {
                     guard let real = realPath(path), stat(real, &st) == 0 else { continue }
-                    guard isUnder(real, roots: roots) else { skipped += 1; continue }
+                    guard isUnder(real, roots: roots) else { result.skippedOutsideRoots += 1; continue }
                     target = real
                 }
                 switch st.st_mode & S_IFMT {
@@ -83,14 +95,53 @@ public enum CollectionAccess {
                     let real = target == path ? (realPath(path) ?? path) : target
                     if visited.insert(real).inserted { pending.append((real, relative)) }
                 case S_IFREG:
-                    files.append(Entry(relativePath: relative, realPath: target))
+                    result.files.append(Entry(relativePath: relative, realPath: target))
                 default:
                     continue
                 }
             }
         }
-        files.sort { $0.relativePath < $1.relativePath }
-        return (files, skipped)
+        result.files.sort { $0.relativePath < $1.relativePath }
+        result.undecodableNames.sort()
+        return result
+    }
+
+    /// The entries of a folder as raw bytes ("." and ".." left out); empty when it cannot be opened.
+    static func directoryNames(_ path: String) -> [[UInt8]] {
+        guard let dir = opendir(path) else { return [] }
+        defer { closedir(dir) }
+        var names: [[UInt8]] = []
+        while let entry = readdir(dir) {
+            let name: [UInt8] = withUnsafeBytes(of: entry.pointee.d_name) { Array($0.prefix { $0 != 0 }) }
+            if name == [0x2E] || name == [0x2E, 0x2E] { continue }
+            names.append(name)
+        }
+        return names
+    }
+
+    /// The name with every byte that is not part of valid UTF-8 written as `\xNN`.
+    static func escaped(_ bytes: [UInt8]) -> String {
+        var out = ""
+        var i = 0
+        while i < bytes.count {
+            // The longest valid UTF-8 sequence starting at i, if any.
+            var decoded: String?
+            for length in 1...4 where i + length <= bytes.count {
+                if let s = String(validating: bytes[i..<(i + length)], as: UTF8.self), s.unicodeScalars.count == 1 {
+                    decoded = s
+                    i += length
+                    break
+                }
+            }
+            if let decoded { out += decoded } else { out += String(format: "\\x%02X", bytes[i]); i += 1 }
+        }
+        return out
+    }
+
+    /// True for the file names of the formats nolad reads (.jpg, .jpeg, .png, any case).
+    public static func hasImageExtension(_ name: String) -> Bool {
+        let lower = name.lowercased()
+        return lower.hasSuffix(".jpg") || lower.hasSuffix(".jpeg") || lower.hasSuffix(".png")
     }
 
     /// "jpeg" or "png" from the file's first bytes, or nil.
@@ -101,8 +152,10 @@ public enum CollectionAccess {
     }
 
     /// Reads a file once: its format from the magic bytes, its size and its SHA-256. Nil format for
-    /// non-images (which are then not hashed further). Throws when the file cannot be read.
-    public static func inspect(_ path: String) throws -> (format: String?, size: Int, sha256: String) {
+    /// non-images (which are then not hashed further). A file named like an image (`imageByName`, e.g.
+    /// a zero-byte or damaged `.jpg`) is an image whatever its bytes: it is hashed, its format taken
+    /// from the name, and the decoder later records why it is unreadable. Throws when the file cannot be read.
+    public static func inspect(_ path: String, imageByName: Bool = false) throws -> (format: String?, size: Int, sha256: String) {
         let fd = open(path, O_RDONLY)
         guard fd >= 0 else { throw JobError.transient("cannot open \(path): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
@@ -117,7 +170,8 @@ public enum CollectionAccess {
                 throw JobError.transient("cannot read \(path): \(String(cString: strerror(errno)))")
             }
             if format == nil {
-                let f = imageFormat(magic: Array(buffer[0..<min(n, 8)]))
+                var f = imageFormat(magic: Array(buffer[0..<min(n, 8)]))
+                if f == nil && imageByName { f = path.lowercased().hasSuffix(".png") ? "png" : "jpeg" }
                 format = .some(f)
                 if f == nil { return (nil, n, "") }
             }
@@ -143,11 +197,17 @@ public struct DiscoverImagesStage: JobStage {
     public func run(_ context: JobContext) throws {
         let start = Date()
         let roots = context.roots.map(\.path)
-        let (files, outsideRoots) = CollectionAccess.walk(context.collection, roots: roots)
+        let walk = CollectionAccess.walk(context.collection, roots: roots)
+        let (files, outsideRoots) = (walk.files, walk.skippedOutsideRoots)
+        for name in walk.undecodableNames {
+            context.logger.warning("a collection file's name is not valid UTF-8; rename it to label it",
+                                   metadata: ["job": "\(context.jobID)", "file": "\(name)"])
+        }
         try context.reportProgress(stage: name, done: 0, total: files.count)
         try context.write { try Results.clearImages($0, context.job) }
         var batch: [ImageRecord] = []
         var images = 0, bytes = 0, notImages = 0, unreadable = 0
+        var unreadableFiles: [String] = []
         var lastFlush = Date()
         func flush() throws {
             guard !batch.isEmpty else { return }
@@ -160,7 +220,7 @@ public struct DiscoverImagesStage: JobStage {
             try context.checkCancelled()
             if delayPerImage > 0 { Thread.sleep(forTimeInterval: delayPerImage) }
             do {
-                let info = try CollectionAccess.inspect(file.realPath)
+                let info = try CollectionAccess.inspect(file.realPath, imageByName: CollectionAccess.hasImageExtension(file.relativePath))
                 if let format = info.format {
                     batch.append(ImageRecord(path: file.relativePath, sizeBytes: info.size, sha256: info.sha256, format: format))
                     images += 1
@@ -170,6 +230,7 @@ public struct DiscoverImagesStage: JobStage {
                 }
             } catch {
                 unreadable += 1
+                unreadableFiles.append(file.relativePath)
                 context.logger.warning("cannot read a collection file", metadata: ["job": "\(context.jobID)", "file": "\(file.relativePath)", "error": "\(error)"])
             }
             if batch.count >= 500 || Date().timeIntervalSince(lastFlush) > 1 { try flush() }
@@ -183,6 +244,10 @@ public struct DiscoverImagesStage: JobStage {
             "images": .number(Double(images)), "bytes": .number(Double(bytes)), "files": .number(Double(files.count)),
             "not_images": .number(Double(notImages)), "unreadable": .number(Double(unreadable)),
             "skipped_outside_roots": .number(Double(outsideRoots)),
+            // Files that cannot be labelled at all, by name (first 100), so none goes missing unseen.
+            "cannot_open": .array(unreadableFiles.prefix(100).map { .string($0) }),
+            "names_not_utf8": .number(Double(walk.undecodableNames.count)),
+            "names_not_utf8_escaped": .array(walk.undecodableNames.prefix(100).map { .string($0) }),
             "seconds": .number((Date().timeIntervalSince(start) * 1000).rounded() / 1000),
         ])
     }

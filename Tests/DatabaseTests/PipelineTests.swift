@@ -115,18 +115,26 @@ final class PipelineTests: DatabaseTestCase {
     func testLabellingJob_runsToCompletion_withLLMDescriptionsCachedAcrossTwoJobs() throws {
         let llm = try FakeLLMServer()
         let collection = try copyCollection()
+        // Every file ends up labelled, unreadable with a reason, or counted: a zero-byte .jpg is an
+        // unreadable image, a text file is counted as not an image, a name that is not UTF-8 is reported.
+        FileManager.default.createFile(atPath: collection + "/green_leaf/empty.jpg", contents: Data())
+        FileManager.default.createFile(atPath: collection + "/notes.txt", contents: Data("not a picture".utf8))
+        let latin1: [UInt8] = Array((collection + "/blue_sky/caf").utf8) + [0xE9, 0x2E, 0x6A, 0x70, 0x67, 0]
+        let fd = latin1.withUnsafeBufferPointer { $0.withMemoryRebound(to: CChar.self) { open($0.baseAddress!, O_CREAT | O_WRONLY, 0o644) } }
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        close(fd)
         _ = try startPipelineDaemon("pipe-a", extra: ["llm_url": "http://127.0.0.1:\(llm.port)/v1", "llm_model": "fake-1"])
         let started = Date()
         let first = try submit(collection, parameters: #"{"prompt_epochs": 3, "prompt_batch_size": 8, "alignment_epochs": 5, "min_k": 2, "seed": 3}"#)
         try waitSucceeded(first, timeout: 180)
-        print("pipeline test: job \(first) (18 images + 1 broken, 3 epochs) took \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
+        print("pipeline test: job \(first) (18 images + 2 unreadable, 3 epochs) took \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
 
         // Every image has a label row; the broken one says why it has no label.
         let labels = try db.query("SELECT path, label, confidence, zero_shot_label, unreadable FROM nola.labels WHERE job_id = $1 ORDER BY path", [first])
-        XCTAssertEqual(labels.count, 19)
+        XCTAssertEqual(labels.count, 20)
         for row in labels.rows {
             let path = try row.string("path")
-            if path == "red_ball/bad.jpg" {
+            if path == "red_ball/bad.jpg" || path == "green_leaf/empty.jpg" {
                 XCTAssertNil(try row.optionalString("label"))
                 XCTAssertFalse(try row.string("unreadable").isEmpty)
             } else {
@@ -170,7 +178,12 @@ final class PipelineTests: DatabaseTestCase {
         XCTAssertNotNil(epochs.last?.metrics["loss"])
         let final = try XCTUnwrap(all.first { $0.stage == "label" && $0.kind == "metrics" })
         XCTAssertEqual(final.metrics["labelled"] as? Int, 18)
-        XCTAssertEqual(final.metrics["unreadable"] as? Int, 1)
+        XCTAssertEqual(final.metrics["unreadable"] as? Int, 2)
+        let discovered = try XCTUnwrap(all.first { $0.stage == "discover" && $0.kind == "metrics" })
+        XCTAssertEqual(discovered.metrics["images"] as? Int, 20)
+        XCTAssertEqual(discovered.metrics["not_images"] as? Int, 1)
+        XCTAssertEqual(discovered.metrics["names_not_utf8"] as? Int, 1)
+        XCTAssertEqual(discovered.metrics["names_not_utf8_escaped"] as? [String], ["blue_sky/caf\\xE9.jpg"])
         XCTAssertNotNil(final.metrics["accuracy_final"])
         let encode = try XCTUnwrap(all.first { $0.stage == "encode" && $0.kind == "metrics" })
         XCTAssertEqual(encode.metrics["encoded"] as? Int, 18)

@@ -308,9 +308,16 @@ final class CollectionTests: XCTestCase {
     func testWalk_followsSymlinksOnlyInsideRoots_andSurvivesLoops() throws {
         let roots = CollectionAccess.resolveRoots([base + "/root"])
         let folder = try CollectionAccess.resolve(base + "/root/pets", roots: [base + "/root"])
-        let (files, skipped) = CollectionAccess.walk(folder, roots: roots)
-        XCTAssertEqual(files.map(\.relativePath), ["b.JPG.txt", "cats/a.png", "fake.jpg"])
-        XCTAssertEqual(skipped, 1, "the link to the outside folder is skipped")
+        // A name that is not valid UTF-8 (Latin-1 "café.jpg") is reported, escaped losslessly, not dropped.
+        let latin1: [UInt8] = Array((base + "/root/pets/cats/caf").utf8) + [0xE9] + Array(".jpg".utf8) + [0]
+        let fd = latin1.withUnsafeBufferPointer { $0.withMemoryRebound(to: CChar.self) { open($0.baseAddress!, O_CREAT | O_WRONLY, 0o644) } }
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        close(fd)
+        let walk = CollectionAccess.walk(folder, roots: roots)
+        XCTAssertEqual(walk.files.map(\.relativePath), ["b.JPG.txt", "cats/a.png", "fake.jpg"])
+        XCTAssertEqual(walk.skippedOutsideRoots, 1, "the link to the outside folder is skipped")
+        XCTAssertEqual(walk.undecodableNames, ["cats/caf\\xE9.jpg"])
+        XCTAssertEqual(CollectionAccess.escaped(Array("été".utf8) + [0xFF, 0xC3]), "été\\xFF\\xC3", "valid UTF-8 kept, each bad byte escaped")
     }
 
     func testInspect_recognisesImagesByMagicBytesNotExtension() throws {
@@ -320,6 +327,14 @@ final class CollectionTests: XCTestCase {
         XCTAssertEqual(png.sha256, SHA256.hex(SHA256.hash([0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A, 1, 2])))
         XCTAssertEqual(try CollectionAccess.inspect(base + "/root/pets/b.JPG.txt").format, "jpeg")
         XCTAssertNil(try CollectionAccess.inspect(base + "/root/pets/fake.jpg").format)
+        // Named like an image, it is one (the decoder then says why it is unreadable); so is a zero-byte .jpg.
+        XCTAssertEqual(try CollectionAccess.inspect(base + "/root/pets/fake.jpg", imageByName: true).format, "jpeg")
+        FileManager.default.createFile(atPath: base + "/root/pets/empty.jpg", contents: Data())
+        let empty = try CollectionAccess.inspect(base + "/root/pets/empty.jpg", imageByName: true)
+        XCTAssertEqual(empty.format, "jpeg")
+        XCTAssertEqual(empty.size, 0)
+        XCTAssertEqual(empty.sha256, SHA256.hex(SHA256.hash([])))
+        XCTAssertTrue(CollectionAccess.hasImageExtension("x/A.JPEG") && !CollectionAccess.hasImageExtension("b.JPG.txt"))
         XCTAssertThrowsError(try CollectionAccess.inspect(base + "/root/pets/missing.jpg"))
     }
 
