@@ -268,10 +268,25 @@ final class PipelineTests: DatabaseTestCase {
 
     func testBadInputs_failWithMessagesNamingThem_andTheDaemonKeepsServing() throws {
         let collection = try copyCollection()
-        let daemon = try startPipelineDaemon("pipe-a")
+        // A model root holding the fixture models and one CLIP whose vocab.json is larger than its
+        // config's vocab_size (which used to reach a precondition and abort the whole daemon).
+        let models = root + "/../models-\(dbname)"
+        try FileManager.default.createDirectory(atPath: models, withIntermediateDirectories: true)
+        addTeardownBlock { try? FileManager.default.removeItem(atPath: models) }
+        for name in ["tiny-clip", "tiny-dino"] {
+            try FileManager.default.createSymbolicLink(atPath: models + "/" + name, withDestinationPath: pipelineFixtures.appendingPathComponent("models/\(name)").path)
+        }
+        try FileManager.default.copyItem(atPath: pipelineFixtures.appendingPathComponent("models/tiny-clip").path, toPath: models + "/small-vocab")
+        // One token more in vocab.json than config.json's vocab_size (and the weights) hold.
+        let vocabURL = URL(fileURLWithPath: models + "/small-vocab/vocab.json")
+        var vocab = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: vocabURL)) as? [String: Int])
+        let vocabSize = vocab.count
+        vocab["zzzextra</w>"] = vocabSize
+        try JSONSerialization.data(withJSONObject: vocab).write(to: vocabURL)
+        let daemon = try startPipelineDaemon("pipe-a", extra: ["model_root": models])
         let cases: [(String, String)] = [
-            (#"{"prompt_epochs": -1}"#, "parameter 'prompt_epochs': -1 is outside 0...10000"),
-            (#"{"clip_model": "no-such-model"}"#, "CLIP model folder \(pipelineFixtures.path)/models/no-such-model does not exist"),
+            (#"{"clip_model": "no-such-model"}"#, "CLIP model folder \(models)/no-such-model does not exist"),
+            (#"{"clip_model": "small-vocab"}"#, "CLIP model \(models)/small-vocab: bad model config \(models)/small-vocab/vocab.json: token id \(vocabSize) is outside config.json's text_config.vocab_size \(vocabSize); vocab.json and config.json do not belong to the same model"),
             (#"{"prompts_from_job": 999999}"#, "parameter 'prompts_from_job': job 999999 has no tuned prompts"),
         ]
         for (parameters, message) in cases {
