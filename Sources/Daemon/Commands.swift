@@ -257,6 +257,35 @@ public struct CancelCommand: ParsableCommand {
     }
 }
 
+public struct RequeueCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "requeue",
+        abstract: "Queue a failed or cancelled job again (SELECT nola.requeue(id)); it resumes from its checkpoint when one is kept.")
+
+    @OptionGroup public var options: GlobalOptions
+
+    @Argument(help: "The job id.")
+    public var job: Int64
+
+    public init() {}
+
+    public func run() throws {
+        do {
+            let config = try options.load()
+            let c = try options.connect(config)
+            let rows = try c.query("SELECT nola.requeue($1) AS state", [job])
+            guard try rows[0].optionalString("state") != nil else { throw NoladError(.usage, "no job \(job)") }
+            print("job \(job) is queued again")
+        } catch let e as ExitCode {
+            throw e
+        } catch let e as DatabaseError {
+            throw fail(e.message)
+        } catch {
+            throw fail("\(error)")
+        }
+    }
+}
+
 public struct LabelsCommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "labels",

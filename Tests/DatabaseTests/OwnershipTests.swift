@@ -81,6 +81,14 @@ final class OwnershipTests: DatabaseTestCase {
         let outcomes = try db.query("SELECT outcome FROM nola.attempts WHERE job_id = $1 ORDER BY attempt", [id])
         XCTAssertEqual(try outcomes.rows.map { try $0.string("outcome") }, ["failed", "succeeded"])
         XCTAssertEqual(try db.query("SELECT metrics->>'checkpoint' AS c FROM nola.events WHERE job_id = $1 AND kind = 'requeued'", [id])[0].string("c"), "true")
+
+        // The CLI says the same: a succeeded job cannot be requeued, and says why on stderr.
+        let (status, output) = try runProgram(try noladExecutable(), ["requeue", "--database", conninfo, String(id)])
+        XCTAssertEqual(status, 1, output)
+        XCTAssertTrue(output.contains("job \(id) is succeeded; only a failed or cancelled job can be requeued"), output)
+        let (status2, output2) = try runProgram(try noladExecutable(), ["requeue", "--database", conninfo, "999999"])
+        XCTAssertEqual(status2, 1, output2)
+        XCTAssertTrue(output2.contains("no job 999999"), output2)
     }
 
     func testParameterSchema_inSQL_isParameterSpec_andBothRefuseInTheSameWords() throws {
