@@ -139,19 +139,31 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
         OR pg_has_role(session_user, 'nola_worker', 'MEMBER')
 $$;
 
-CREATE OR REPLACE FUNCTION nola.cancel(job_id bigint) RETURNS nola.job_state
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+-- Locks job `job_id` for `verb` ('cancel' or 'requeue') by the session and returns its state (NULL: no
+-- such job); refuses with a sentence when the session may not manage it.
+CREATE FUNCTION nola.lock_to_manage(job_id bigint, verb text) RETURNS nola.job_state
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     current nola.job_state;
     owner text;
 BEGIN
     SELECT state, submitted_by INTO current, owner FROM nola.jobs WHERE id = job_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-    IF NOT nola.may_manage(owner) THEN
-        RAISE EXCEPTION 'job % was submitted by %; only its submitter or a member of nola_operator may cancel it', job_id, owner
+    IF FOUND AND NOT nola.may_manage(owner) THEN
+        RAISE EXCEPTION 'job % was submitted by %; only its submitter or a member of nola_operator may % it', job_id, owner, verb
             USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN current;
+END
+$$;
+REVOKE ALL ON FUNCTION nola.lock_to_manage(bigint, text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION nola.cancel(job_id bigint) RETURNS nola.job_state
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    current nola.job_state := nola.lock_to_manage(job_id, 'cancel');
+BEGIN
+    IF current IS NULL THEN
+        RETURN NULL;
     END IF;
     IF current = 'queued' THEN
         UPDATE nola.jobs SET state = 'cancelled', finished_at = now(), cancel_requested = true,
@@ -175,16 +187,10 @@ $$;
 CREATE FUNCTION nola.requeue(job_id bigint) RETURNS nola.job_state
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    current nola.job_state;
-    owner text;
+    current nola.job_state := nola.lock_to_manage(job_id, 'requeue');
 BEGIN
-    SELECT state, submitted_by INTO current, owner FROM nola.jobs WHERE id = job_id FOR UPDATE;
-    IF NOT FOUND THEN
+    IF current IS NULL THEN
         RETURN NULL;
-    END IF;
-    IF NOT nola.may_manage(owner) THEN
-        RAISE EXCEPTION 'job % was submitted by %; only its submitter or a member of nola_operator may requeue it', job_id, owner
-            USING ERRCODE = 'insufficient_privilege';
     END IF;
     IF current NOT IN ('failed', 'cancelled') THEN
         RAISE EXCEPTION 'job % is %; only a failed or cancelled job can be requeued', job_id, current
