@@ -58,6 +58,10 @@ public struct CLIPConfig: Sendable {
         if visionConfig.imageSize % visionConfig.patchSize != 0 {
             throw CheckpointError.badConfig(file: c.file, reason: "image_size not divisible by patch_size")
         }
+        // The tokenizer's context is max_position_embeddings: BOS and EOS need two positions.
+        if textConfig.maxPositionEmbeddings < 2 {
+            throw CheckpointError.badConfig(file: c.file, reason: "text_config.max_position_embeddings \(textConfig.maxPositionEmbeddings) leaves no room for BOS and EOS (at least 2)")
+        }
     }
 }
 

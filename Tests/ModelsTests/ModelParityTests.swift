@@ -168,6 +168,11 @@ final class ModelConfigTests: XCTestCase {
             XCTAssertEqual(file, configFile.path)
             XCTAssertTrue(reason.contains("hidden_act"))
         }
+        try Data(#"{"model_type": "clip", "text_config": {"max_position_embeddings": 1}}"#.utf8).write(to: configFile)
+        XCTAssertThrowsError(try CLIPConfig(folder: tmp)) {
+            guard case .badConfig(_, let reason)? = $0 as? CheckpointError else { return XCTFail("\($0)") }
+            XCTAssertTrue(reason.contains("max_position_embeddings 1 leaves no room"), reason)
+        }
         try Data(#"{"model_type": "bert"}"#.utf8).write(to: configFile)
         XCTAssertThrowsError(try ViTModel(folder: tmp)) {
             print($0)
