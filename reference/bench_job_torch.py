@@ -2,7 +2,7 @@
 world/nola_reference.py): random full-size CLIP ViT-B/32 and DINO ViT-B/16 (transformers), N synthetic
 images, C classes, E prompt-tuning epochs.
 
-    /work/venv/bin/python reference/bench_job_torch.py --images 64 --classes 10 --epochs 1 --batch 32 --micro-batch 32 --threads 2
+    "$NOLAD_REFERENCE_PYTHON" reference/bench_job_torch.py --images 64 --classes 10 --epochs 1 --batch 32 --micro-batch 32 --threads 2
 
 --teacher per-step (the default) is the public NoLA code's schedule: DINO features are computed for the
 pseudo-labelled subset only before the alignment module is trained (NoLA.select_top_k), and each prompt-

@@ -1,7 +1,7 @@
 """Pillow + torchvision decode + weak-view throughput, the reference for `nolad bench-images`.
 
-    /work/venv/bin/python reference/bench_pillow.py --generate DIR      # ~200 photo-like JPEGs
-    /work/venv/bin/python reference/bench_pillow.py --folder DIR --processes N
+    "$NOLAD_REFERENCE_PYTHON" reference/bench_pillow.py --generate DIR      # ~200 photo-like JPEGs
+    "$NOLAD_REFERENCE_PYTHON" reference/bench_pillow.py --folder DIR --processes N
 
 Each image: Image.open(path).convert("RGB") → Resize(224, BICUBIC) → CenterCrop(224) → ToTensor →
 Normalize(CLIP mean/std) (or, with --strong, NoLA's strong view), in N worker processes (torch.set_num_threads(1) in each), as a DataLoader

@@ -1,6 +1,6 @@
 """PyTorch figures for `nolad bench`: same models (random full-size weights), threads and batch.
 
-Run: /work/venv/bin/python reference/bench_torch.py --threads 2 --batch 16
+Run: "$NOLAD_REFERENCE_PYTHON" reference/bench_torch.py --threads 2 --batch 16
 - CLIP ViT-B/32 image features, CLIP text features of the same texts padded to 77 tokens (as
   transformers' tokenizer with padding="max_length" feeds them), the prompt-tuning step (forward with
   16 prompt tokens after CLS after pre_layrnorm, head, label-smoothing CE, backward to prompts,

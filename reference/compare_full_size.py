@@ -4,7 +4,7 @@ pads to 77 tokens, nolad runs up to EOS), against transformers on the same weigh
 Prints the max abs error and the output scale.
 
 Run after `swift build -c release --scratch-path .build-nn`:
-  /work/venv/bin/python reference/compare_full_size.py .build-nn/release/nolad
+  "$NOLAD_REFERENCE_PYTHON" reference/compare_full_size.py .build-nn/release/nolad
 """
 import json
 import os

@@ -1,6 +1,6 @@
 """Checkpoint-reader fixtures for Tests/ModelsTests/CheckpointTests.swift.
 
-Run with the reference venv (torch, safetensors):  /work/venv/bin/python reference/make_checkpoint_fixtures.py
+Run with the reference venv (torch, safetensors):  "$NOLAD_REFERENCE_PYTHON" reference/make_checkpoint_fixtures.py
 
 Writes Tests/ModelsTests/Fixtures/checkpoints/:
   good/model.safetensors             the state dict below (contiguous clones, safetensors cannot share)

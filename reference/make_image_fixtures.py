@@ -2,7 +2,7 @@
 normalised tensors (torchvision), each strong-view op's output for fixed parameters, and bad files.
 
 Run with the reference environment (outside the repo):
-    /work/venv/bin/python reference/make_image_fixtures.py
+    "$NOLAD_REFERENCE_PYTHON" reference/make_image_fixtures.py
 Output: Tests/ImagingTests/Fixtures/{images,bad,ref}/ and Tests/ImagingTests/Fixtures/manifest.json.
 Raw outputs are uint8 HWC RGB (.rgb) or float32 little-endian CHW (.f32).
 """

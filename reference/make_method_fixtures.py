@@ -4,7 +4,7 @@ LabelSmoothingCrossEntropy, trainers/NoLA.py gen_emb / train_taal / setup_optim 
 small random inputs with fixed parameters, fixed data order and fixed initial weights.
 
 Writes Tests/MethodTests/Fixtures/method.json. Run with the reference venv:
-    /work/venv/bin/python reference/make_method_fixtures.py
+    "$NOLAD_REFERENCE_PYTHON" reference/make_method_fixtures.py
 The CLIP/DINO networks are stood in for by given features (stages 1-2) and by a toy prompted encoder
 (stage 3-4) that Swift's tests implement identically; the real encoders are the Models layer's business.
 """

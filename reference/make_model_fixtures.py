@@ -1,7 +1,7 @@
 """Writes the model-parity fixtures of Tests/ModelsTests: tiny random-weight models in Hugging Face
 layout and their reference inputs/outputs from transformers.
 
-Run: /work/venv/bin/python reference/make_model_fixtures.py
+Run: "$NOLAD_REFERENCE_PYTHON" reference/make_model_fixtures.py
 Writes Tests/ModelsTests/Fixtures/{clip,dino,dinov2}/ (config.json + model.safetensors) and
 {clip,dino,dinov2}_io.safetensors (float32 inputs and outputs; ids stored as float32).
 - clip: CLIPModel saved as safetensors F32; text (eos_token_id 999, pooled at first EOS),

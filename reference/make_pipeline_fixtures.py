@@ -1,6 +1,6 @@
 """Fixtures of the pipeline's end-to-end database tests (Tests/DatabaseTests/Fixtures):
 
-    /work/venv/bin/python reference/make_pipeline_fixtures.py
+    "$NOLAD_REFERENCE_PYTHON" reference/make_pipeline_fixtures.py
 
 models/tiny-clip  CLIPModel, random weights, 32x32 images (patch 16), with a byte-level tokenizer: vocab.json
                   holds the 512 byte symbols of CLIP's BPE (with and without </w>) and the two special tokens,

@@ -1,6 +1,6 @@
 """CLIP tokenizer fixtures for Tests/ModelsTests/TokenizerTests.swift.
 
-Run with the reference venv:  /work/venv/bin/python reference/make_tokenizer_fixtures.py
+Run with the reference venv:  "$NOLAD_REFERENCE_PYTHON" reference/make_tokenizer_fixtures.py
 
 1. Builds vocab.json + merges.txt in Hugging Face layout from open_clip's bpe_simple_vocab_16e6.txt.gz
    (the file OpenAI's CLIP ships): 256 byte symbols, the same 256 with "</w>", one token per merge
