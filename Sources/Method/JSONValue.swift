@@ -1,4 +1,5 @@
 import Foundation
+import Models
 
 /// A JSON value as written, so that validation can name the exact key and say what type was found
 /// (Foundation's `JSONSerialization` turns `true` and `1` into the same `NSNumber`).
@@ -51,26 +52,10 @@ enum JSONValue: Decodable, Equatable {
         case .bool(let b): return b ? "true" : "false"
         case .integer(let i): return String(i)
         case .number(let d): return d == d.rounded() && abs(d) < 1e15 ? String(Int64(d)) : "\(d)"
-        case .string(let s): return JSONValue.quote(s)
+        case .string(let s): return jsonQuoted(s)
         case .array(let a): return "[" + a.map(\.jsonText).joined(separator: ", ") + "]"
         case .object(let o):
-            return "{" + o.keys.sorted().map { JSONValue.quote($0) + ": " + o[$0]!.jsonText }.joined(separator: ", ") + "}"
+            return "{" + o.keys.sorted().map { jsonQuoted($0) + ": " + o[$0]!.jsonText }.joined(separator: ", ") + "}"
         }
-    }
-
-    private static func quote(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case _ where u.value < 0x20: out += String(format: "\\u%04x", u.value)
-            default: out.unicodeScalars.append(u)
-            }
-        }
-        return out + "\""
     }
 }

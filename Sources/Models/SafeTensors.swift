@@ -323,7 +323,7 @@ public func writeSafeTensors(tensors: [(name: String, shape: [Int], values: [Flo
 }
 
 /// `text` as a JSON string literal.
-func jsonQuoted(_ text: String) -> String {
+public func jsonQuoted(_ text: String) -> String {
     var out = "\""
     for scalar in text.unicodeScalars {
         switch scalar {
