@@ -101,7 +101,12 @@ public final class Worker: @unchecked Sendable {
             }
         }
 
-        _ = try? control.run(retryFor: 1) { try JobStore.workerStopped($0, id: id) }
+        do {
+            try control.run(retryFor: 1) { try JobStore.workerStopped($0, id: id) }
+        } catch {
+            logger.warning("could not mark this worker stopped in nola.workers; its row keeps its last heartbeat",
+                           metadata: ["worker": "\(id)", "error": "\(error)"])
+        }
         control.close()
         Systemd.status("stopped")
         logger.info("stopped", metadata: ["worker": "\(id)"])

@@ -266,6 +266,48 @@ final class PipelineTests: DatabaseTestCase {
         XCTAssertEqual(try events(id, kind: "epoch").last?.metrics["epoch"] as? Int, 150)
     }
 
+    /// A stop checkpoint that cannot be written is logged and recorded as an event; the stop still
+    /// happens. A trigger refuses every checkpoint write within an epoch (an update that keeps the
+    /// epoch; the save at an epoch's end moves it on), so a cancel mid-epoch finds its save refused.
+    func testStopCheckpointThatCannotBeSaved_isRecordedInTheJobsEvents() throws {
+        try db.query("""
+            CREATE FUNCTION refuse_mid_epoch_checkpoint() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF TG_OP = 'UPDATE' AND NEW.epoch = OLD.epoch THEN RAISE EXCEPTION 'checkpoint write refused by the test (step %)', NEW.step; END IF;
+                RETURN NEW;
+            END $$
+            """)
+        try db.query("CREATE TRIGGER refuse_mid_epoch BEFORE INSERT OR UPDATE ON nola.checkpoints FOR EACH ROW EXECUTE FUNCTION refuse_mid_epoch_checkpoint()")
+        let collection = try copyCollection()
+        _ = try startPipelineDaemon("pipe-a", extra: ["checkpoint_seconds": "3600"])
+        // A cancel right at an epoch's end saves nothing (nothing is unsaved); try again then.
+        for round in 1...6 {
+            let id = try submit(collection, parameters: #"{"prompt_epochs": 150, "prompt_batch_size": 2, "alignment_epochs": 2, "min_k": 2}"#)
+            try waitUntil("prompt tuning passed epoch 2", timeout: 120, poll: 0.02) { try events(id, kind: "epoch").count >= 2 }
+            // Away from the epoch's end, which the event has just marked.
+            Thread.sleep(forTimeInterval: 0.04 * Double(round))
+            try db.query("SELECT nola.cancel($1)", [id])
+            let row = try waitState(id, ["succeeded", "failed", "cancelled"], timeout: 60)
+            let error = try row.optionalString("error") ?? ""
+            XCTAssertEqual(try row.string("state"), "cancelled", "the stop wins over the failed save: \(error)")
+            let saved = try db.query("SELECT step FROM nola.checkpoints WHERE job_id = $1", [id])
+            XCTAssertEqual(saved.count, 1, "the last epoch's checkpoint is kept")
+            let savedStep = try saved[0].int("step")
+            guard let unsaved = try events(id, kind: "checkpoint_not_saved").first else {
+                print("pipeline test: round \(round) stopped at an epoch's end (checkpoint step \(savedStep)); again")
+                continue
+            }
+            let step = try XCTUnwrap(unsaved.metrics["step"] as? Int)
+            print("pipeline test: stop checkpoint at step \(step) refused; the job keeps step \(savedStep)")
+            XCTAssertGreaterThan(step, savedStep)
+            XCTAssertEqual(unsaved.metrics["saved_step"] as? Int, savedStep)
+            XCTAssertTrue((unsaved.metrics["error"] as? String ?? "").contains("checkpoint write refused by the test"),
+                          "\(unsaved.metrics)")
+            return
+        }
+        XCTFail("six cancels all landed at an epoch's end")
+    }
+
     func testBadInputs_failWithMessagesNamingThem_andTheDaemonKeepsServing() throws {
         let collection = try copyCollection()
         // A model root holding the fixture models and one CLIP whose vocab.json is larger than its

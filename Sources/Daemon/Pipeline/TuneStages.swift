@@ -135,8 +135,22 @@ struct TuneStage: PipelineStage {
         /// On a stop: the last completed step is saved (unless the job is no longer ours), then the stage ends.
         func stopped(_ reason: StopReason) -> JobError {
             if reason != .leaseLost && latest.step > savedStep {
-                try? save(latest)
-                context.logger.info("prompt tuning stopped; checkpoint saved", metadata: ["epoch": "\(latest.epoch)", "step": "\(latest.step)"])
+                do {
+                    try save(latest)
+                    context.logger.info("prompt tuning stopped; checkpoint saved", metadata: ["epoch": "\(latest.epoch)", "step": "\(latest.step)"])
+                } catch {
+                    // The job resumes from the last checkpoint that was saved; say so in the log and, when
+                    // the database still answers, in the job's events.
+                    context.logger.error("prompt tuning stopped; the checkpoint could not be saved, a resume starts from the last saved step",
+                                         metadata: ["step": "\(latest.step)", "saved_step": "\(savedStep)", "error": "\(error)"])
+                    do {
+                        try context.recordEvent(stage: name, kind: "checkpoint_not_saved", metrics: [
+                            "step": .number(Double(latest.step)), "saved_step": .number(Double(savedStep)), "error": .string("\(error)"),
+                        ])
+                    } catch {
+                        context.logger.error("could not record the unsaved checkpoint in the job's events", metadata: ["error": "\(error)"])
+                    }
+                }
             }
             return JobError.stopped(reason)
         }
@@ -171,6 +185,11 @@ struct TuneStage: PipelineStage {
             throw stopped(context.stopReason ?? .shutdown)
         } catch JobError.stopped(let reason) {
             throw stopped(reason)
+        } catch where !(error is JobError) && context.stopReason != nil {
+            // A write failed while a stop was pending (say, the epoch's checkpoint): the stop wins, and
+            // `stopped` tries the save once more and records it when that fails too.
+            context.logger.warning("prompt tuning failed while stopping", metadata: ["error": "\(error)"])
+            throw stopped(context.stopReason ?? .shutdown)
         } catch let error as MethodError {
             throw JobError.badInput("\(error)")
         }
