@@ -1,4 +1,5 @@
 import Foundation
+import Imaging
 import Queue
 
 /// Resolving a job's collection folder and walking it, confined to the configured roots.
@@ -52,63 +53,90 @@ public enum CollectionAccess {
 
     /// A file found in a collection.
     public struct Entry: Equatable, Sendable {
-        /// Relative to the collection, '/'-separated.
+        /// Relative to the collection, '/'-separated: the name itself, or, when it is not valid UTF-8,
+        /// its text form with each byte outside valid UTF-8 written as `\xNN` (`ImageFile.escaped`).
         public let relativePath: String
-        /// Real path of the file.
-        public let realPath: String
+        /// The exact bytes of the relative path when they are not valid UTF-8; nil otherwise.
+        public let relativeBytes: [UInt8]?
+        /// The file itself (symlinks resolved), by its bytes.
+        public let file: ImageFile
+
+        /// The real path for messages (escaped when not valid UTF-8).
+        public var realPath: String { file.displayPath }
     }
 
-    /// What `walk` found: the files, the symlinks it did not follow, and the names it could not use.
+    /// What `walk` found: the files and the symlinks it did not follow.
     public struct Walk: Equatable, Sendable {
         public var files: [Entry] = []
         public var skippedOutsideRoots = 0
-        /// Entries whose name is not valid UTF-8, relative to the collection, each byte that is not part
-        /// of valid UTF-8 written as `\xNN` (lossless). They cannot be stored as text in nola.images.
-        public var undecodableNames: [String] = []
+        /// The relative paths (text form) of the files whose path is not valid UTF-8.
+        public var undecodableNames: [String] {
+            files.filter { $0.relativeBytes != nil }.map(\.relativePath)
+        }
     }
 
     /// Every regular file below `folder` (a real path), sorted by relative path. Symlinks are followed
     /// only when their target lies under `roots`; a folder reached twice (symlink loop) is walked once.
-    /// Names are read as bytes (readdir), so none is dropped unseen.
+    /// Paths are handled as bytes (readdir, lstat, realpath on bytes), so a name that is not valid
+    /// UTF-8, of a file or of a folder above it, is walked and found like any other.
     public static func walk(_ folder: URL, roots: [String]) -> Walk {
         var result = Walk()
-        var visited: Set<String> = [folder.path]
-        var pending: [(real: String, relative: String)] = [(folder.path, "")]
+        let rootBytes = roots.map { Array($0.utf8) }
+        let top = Array(folder.path.utf8)
+        var visited: Set<[UInt8]> = [top]
+        var pending: [(real: [UInt8], relative: [UInt8])] = [(top, [])]
         while let (dir, prefix) = pending.popLast() {
-            for raw in directoryNames(dir) {
-                guard let name = String(validatingUTF8: raw.map { CChar(bitPattern: $0) } + [0]) else {
-                    result.undecodableNames.append((prefix.isEmpty ? "" : prefix + "/") + escaped(raw))
-                    continue
-                }
-                let path = dir + "/" + name
-                let relative = prefix.isEmpty ? name : prefix + "/" + name
+            for name in directoryNames(dir) {
+                let path = dir + [0x2F] + name
+                let relative = prefix.isEmpty ? name : prefix + [0x2F] + name
                 var st = stat()
-                guard lstat(path, &st) == 0 else { continue }
+                guard withCString(path, { lstat($0, &st) }) == 0 else { continue }
                 var target = path
                 if (st.st_mode & S_IFMT) == S_IFLNK {
-                    guard let real = realPath(path), stat(real, &st) == 0 else { continue }
-                    guard isUnder(real, roots: roots) else { result.skippedOutsideRoots += 1; continue }
+                    guard let real = realPath(bytes: path), withCString(real, { stat($0, &st) }) == 0 else { continue }
+                    guard isUnder(bytes: real, roots: rootBytes) else { result.skippedOutsideRoots += 1; continue }
                     target = real
                 }
                 switch st.st_mode & S_IFMT {
                 case S_IFDIR:
-                    let real = target == path ? (realPath(path) ?? path) : target
+                    let real = target == path ? (realPath(bytes: path) ?? path) : target
                     if visited.insert(real).inserted { pending.append((real, relative)) }
                 case S_IFREG:
-                    result.files.append(Entry(relativePath: relative, realPath: target))
+                    let text = String(validating: relative, as: UTF8.self)
+                    result.files.append(Entry(relativePath: text ?? ImageFile.escaped(relative),
+                                              relativeBytes: text == nil ? relative : nil,
+                                              file: ImageFile(pathBytes: target)))
                 default:
                     continue
                 }
             }
         }
         result.files.sort { $0.relativePath < $1.relativePath }
-        result.undecodableNames.sort()
         return result
     }
 
+    private static func withCString<T>(_ bytes: [UInt8], _ body: (UnsafePointer<CChar>) -> T) -> T {
+        (bytes.map { CChar(bitPattern: $0) } + [0]).withUnsafeBufferPointer { body($0.baseAddress!) }
+    }
+
+    /// `realpath` on bytes.
+    static func realPath(bytes: [UInt8]) -> [UInt8]? {
+        guard let p = withCString(bytes, { realpath($0, nil) }) else { return nil }
+        defer { free(p) }
+        return Array(UnsafeBufferPointer(start: p, count: strlen(p)).map { UInt8(bitPattern: $0) })
+    }
+
+    /// `isUnder` on bytes.
+    static func isUnder(bytes path: [UInt8], roots: [[UInt8]]) -> Bool {
+        roots.contains { root in
+            let prefix = root.last == 0x2F ? root : root + [0x2F]
+            return path == root || path.starts(with: prefix)
+        }
+    }
+
     /// The entries of a folder as raw bytes ("." and ".." left out); empty when it cannot be opened.
-    static func directoryNames(_ path: String) -> [[UInt8]] {
-        guard let dir = opendir(path) else { return [] }
+    static func directoryNames(_ path: [UInt8]) -> [[UInt8]] {
+        guard let dir = withCString(path, { opendir($0) }) else { return [] }
         defer { closedir(dir) }
         var names: [[UInt8]] = []
         while let entry = readdir(dir) {
@@ -117,25 +145,6 @@ public enum CollectionAccess {
             names.append(name)
         }
         return names
-    }
-
-    /// The name with every byte that is not part of valid UTF-8 written as `\xNN`.
-    static func escaped(_ bytes: [UInt8]) -> String {
-        var out = ""
-        var i = 0
-        while i < bytes.count {
-            // The longest valid UTF-8 sequence starting at i, if any.
-            var decoded: String?
-            for length in 1...4 where i + length <= bytes.count {
-                if let s = String(validating: bytes[i..<(i + length)], as: UTF8.self), s.unicodeScalars.count == 1 {
-                    decoded = s
-                    i += length
-                    break
-                }
-            }
-            if let decoded { out += decoded } else { out += String(format: "\\x%02X", bytes[i]); i += 1 }
-        }
-        return out
     }
 
     /// True for the file names of the formats nolad reads (.jpg, .jpeg, .png, any case).
@@ -156,7 +165,13 @@ public enum CollectionAccess {
     /// a zero-byte or damaged `.jpg`) is an image whatever its bytes: it is hashed, its format taken
     /// from the name, and the decoder later records why it is unreadable. Throws when the file cannot be read.
     public static func inspect(_ path: String, imageByName: Bool = false) throws -> (format: String?, size: Int, sha256: String) {
-        let fd = open(path, O_RDONLY)
+        try inspect(ImageFile(path: path), imageByName: imageByName)
+    }
+
+    /// `inspect` for a file named by its bytes.
+    public static func inspect(_ file: ImageFile, imageByName: Bool = false) throws -> (format: String?, size: Int, sha256: String) {
+        let path = file.displayPath
+        let fd = withCString(file.pathBytes) { open($0, O_RDONLY | O_CLOEXEC) }
         guard fd >= 0 else { throw JobError.transient("cannot open \(path): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
         var buffer = [UInt8](repeating: 0, count: 1 << 20)
@@ -200,8 +215,14 @@ public struct DiscoverImagesStage: JobStage {
         let walk = CollectionAccess.walk(context.collection, roots: roots)
         let (files, outsideRoots) = (walk.files, walk.skippedOutsideRoots)
         for name in walk.undecodableNames {
-            context.logger.warning("a collection file's name is not valid UTF-8; rename it to label it",
-                                   metadata: ["job": "\(context.jobID)", "file": "\(name)"])
+            context.logger.info("a collection file's name is not valid UTF-8; it is recorded under its escaped name, with its bytes in nola.images.path_bytes",
+                                metadata: ["job": "\(context.jobID)", "file": "\(name)"])
+        }
+        // An escaped name could, in principle, equal another file's real name; paths must be unique.
+        // (Compared as bytes: Swift's String equality would merge canonically equivalent names.)
+        var seen = Set<[UInt8]>()
+        for file in files where !seen.insert(Array(file.relativePath.utf8)).inserted {
+            throw JobError.badInput("two files of the collection are both recorded as \(file.relativePath) (one of them has a name that is not valid UTF-8, written with \\xNN escapes); rename one of them")
         }
         try context.reportProgress(stage: name, done: 0, total: files.count)
         try context.write { try Results.clearImages($0, context.job) }
@@ -220,9 +241,10 @@ public struct DiscoverImagesStage: JobStage {
             try context.checkCancelled()
             if delayPerImage > 0 { Thread.sleep(forTimeInterval: delayPerImage) }
             do {
-                let info = try CollectionAccess.inspect(file.realPath, imageByName: CollectionAccess.hasImageExtension(file.relativePath))
+                let info = try CollectionAccess.inspect(file.file, imageByName: CollectionAccess.hasImageExtension(file.relativePath))
                 if let format = info.format {
-                    batch.append(ImageRecord(path: file.relativePath, sizeBytes: info.size, sha256: info.sha256, format: format))
+                    batch.append(ImageRecord(path: file.relativePath, sizeBytes: info.size, sha256: info.sha256, format: format,
+                                             pathBytes: file.relativeBytes))
                     images += 1
                     bytes += info.size
                 } else {

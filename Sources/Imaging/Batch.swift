@@ -5,6 +5,12 @@ import Foundation
 /// index); the batch goes on.
 public func weakViewBatch(_ files: [URL], config: WeakViewConfig = .clip, options: DecodeOptions = DecodeOptions(),
                           threads: Int = 2) -> (tensor: [Float], errors: [Int: ImageError]) {
+    weakViewBatch(files.map(ImageFile.init(url:)), config: config, options: options, threads: threads)
+}
+
+/// `weakViewBatch` for files named by their bytes (names need not be valid UTF-8).
+public func weakViewBatch(_ files: [ImageFile], config: WeakViewConfig = .clip, options: DecodeOptions = DecodeOptions(),
+                          threads: Int = 2) -> (tensor: [Float], errors: [Int: ImageError]) {
     precondition(threads >= 1, "weakViewBatch: threads must be at least 1")
     let slot = 3 * config.crop * config.crop
     var tensor = [Float](repeating: 0, count: files.count * slot)

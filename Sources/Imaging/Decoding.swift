@@ -89,9 +89,13 @@ public struct DecodeOptions: Sendable, Equatable {
 
 /// Reads and decodes a JPEG or PNG file (recognised by content) to RGB as Pillow's `Image.open(path).convert("RGB")`.
 public func decodeImage(at url: URL, options: DecodeOptions = DecodeOptions()) throws -> RGBImage {
-    let path = url.path
-    let bytes = try readFile(path)
-    return try decodeImage(bytes, name: path, options: options)
+    try decodeImage(at: ImageFile(url: url), options: options)
+}
+
+/// Reads and decodes the file at `file`'s bytes (names need not be valid UTF-8).
+public func decodeImage(at file: ImageFile, options: DecodeOptions = DecodeOptions()) throws -> RGBImage {
+    let bytes = try readFile(file)
+    return try decodeImage(bytes, name: file.displayPath, options: options)
 }
 
 /// Decodes JPEG or PNG bytes; `name` is used in errors.
@@ -155,8 +159,9 @@ public func decodeImage(_ bytes: [UInt8], name: String, options: DecodeOptions =
 }
 
 /// Reads a whole file; missing files and I/O failures become ImageError naming the path.
-func readFile(_ path: String) throws -> [UInt8] {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
+func readFile(_ file: ImageFile) throws -> [UInt8] {
+    let path = file.displayPath
+    let fd = file.withCString { open($0, O_RDONLY | O_CLOEXEC) }
     if fd < 0 {
         let code = errno
         if code == ENOENT || code == ENOTDIR { throw ImageError.notFound(path: path) }

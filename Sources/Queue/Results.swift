@@ -9,12 +9,16 @@ public struct ImageRecord: Sendable, Equatable {
     public let sha256: String
     /// "jpeg" or "png".
     public let format: String
+    /// The exact bytes of the relative path when they are not valid UTF-8 (`path` is then the text form
+    /// with each such byte written as `\xNN`); nil when `path` is the exact name.
+    public let pathBytes: [UInt8]?
 
-    public init(path: String, sizeBytes: Int, sha256: String, format: String) {
+    public init(path: String, sizeBytes: Int, sha256: String, format: String, pathBytes: [UInt8]? = nil) {
         self.path = path
         self.sizeBytes = sizeBytes
         self.sha256 = sha256
         self.format = format
+        self.pathBytes = pathBytes
     }
 }
 
@@ -64,24 +68,41 @@ public enum Results {
     public static func insertImages(_ c: PostgresConnection, _ job: JobRef, _ images: [ImageRecord]) throws -> Bool {
         if images.isEmpty { return try JobStore.isOwned(c, job) }
         let rows = try c.query("""
-            INSERT INTO nola.images (job_id, path, size_bytes, sha256, format)
-            SELECT $1, u.path, u.size, u.sha, u.format
-            FROM unnest($4::text[], $5::bigint[], $6::text[], $7::text[]) AS u(path, size, sha, format)
+            INSERT INTO nola.images (job_id, path, size_bytes, sha256, format, path_bytes)
+            SELECT $1, u.path, u.size, u.sha, u.format, decode(u.raw, 'hex')
+            FROM unnest($4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[]) AS u(path, size, sha, format, raw)
             WHERE \(owned)
             ON CONFLICT (job_id, path) DO UPDATE
-                SET size_bytes = EXCLUDED.size_bytes, sha256 = EXCLUDED.sha256, format = EXCLUDED.format
+                SET size_bytes = EXCLUDED.size_bytes, sha256 = EXCLUDED.sha256, format = EXCLUDED.format,
+                    path_bytes = EXCLUDED.path_bytes
             """, [job.id, job.worker, job.attempt, images.map(\.path), images.map { String($0.sizeBytes) },
-                  images.map(\.sha256), images.map(\.format)])
+                  images.map(\.sha256), images.map(\.format),
+                  // Hex digits or NULL: nothing to quote in the array literal.
+                  "{" + images.map { $0.pathBytes.map(hex) ?? "NULL" }.joined(separator: ",") + "}"])
         return rows.affected == images.count
     }
 
     /// The images recorded for a job, ordered by path.
     public static func images(_ c: PostgresConnection, jobID: Int64) throws -> [ImageRecord] {
-        let rows = try c.query("SELECT path, size_bytes, sha256, format FROM nola.images WHERE job_id = $1 ORDER BY path", [jobID])
+        let rows = try c.query("""
+            SELECT path, size_bytes, sha256, format, encode(path_bytes, 'hex') AS raw
+            FROM nola.images WHERE job_id = $1 ORDER BY path
+            """, [jobID])
         return try rows.rows.map {
             ImageRecord(path: try $0.string("path"), sizeBytes: try $0.int("size_bytes"),
-                        sha256: try $0.string("sha256"), format: try $0.string("format"))
+                        sha256: try $0.string("sha256"), format: try $0.string("format"),
+                        pathBytes: try $0.optionalString("raw").map(unhex))
         }
+    }
+
+    private static func hex(_ bytes: [UInt8]) -> String {
+        bytes.map { String(format: "%02x", $0) }.joined()
+    }
+
+    private static func unhex(_ text: String) -> [UInt8] {
+        func value(_ d: UInt8) -> UInt8 { d <= 0x39 ? d - 0x30 : (d | 0x20) - 0x61 + 10 }
+        let digits = Array(text.utf8)
+        return stride(from: 0, to: digits.count - 1, by: 2).map { value(digits[$0]) << 4 | value(digits[$0 + 1]) }
     }
 
     /// Upserts a batch of labels (paths must be images of the job); false when the job is no longer ours.

@@ -116,22 +116,34 @@ final class PipelineTests: DatabaseTestCase {
         let llm = try FakeLLMServer()
         let collection = try copyCollection()
         // Every file ends up labelled, unreadable with a reason, or counted: a zero-byte .jpg is an
-        // unreadable image, a text file is counted as not an image, a name that is not UTF-8 is reported.
+        // unreadable image, a text file is counted as not an image, a JPEG whose name is not UTF-8 is
+        // labelled under its escaped name (a copy of another sky with a byte appended after its end, so
+        // its content is new).
         FileManager.default.createFile(atPath: collection + "/green_leaf/empty.jpg", contents: Data())
         FileManager.default.createFile(atPath: collection + "/notes.txt", contents: Data("not a picture".utf8))
         let latin1: [UInt8] = Array((collection + "/blue_sky/caf").utf8) + [0xE9, 0x2E, 0x6A, 0x70, 0x67, 0]
         let fd = latin1.withUnsafeBufferPointer { $0.withMemoryRebound(to: CChar.self) { open($0.baseAddress!, O_CREAT | O_WRONLY, 0o644) } }
         XCTAssertGreaterThanOrEqual(fd, 0)
+        let sky = try Data(contentsOf: URL(fileURLWithPath: collection + "/blue_sky/00.jpg")) + Data([0])
+        XCTAssertEqual(sky.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }, sky.count)
         close(fd)
         _ = try startPipelineDaemon("pipe-a", extra: ["llm_url": "http://127.0.0.1:\(llm.port)/v1", "llm_model": "fake-1"])
         let started = Date()
         let first = try submit(collection, parameters: #"{"prompt_epochs": 3, "prompt_batch_size": 8, "alignment_epochs": 5, "min_k": 2, "seed": 3}"#)
         try waitSucceeded(first, timeout: 180)
-        print("pipeline test: job \(first) (18 images + 2 unreadable, 3 epochs) took \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
+        print("pipeline test: job \(first) (19 images + 2 unreadable, 3 epochs) took \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
+        let latin1Row = try db.query("""
+            SELECT l.label, encode(i.path_bytes, 'hex') AS raw FROM nola.labels l JOIN nola.images i USING (job_id, path)
+            WHERE l.job_id = $1 AND l.path = $2
+            """, [first, "blue_sky/caf\\xE9.jpg"])
+        XCTAssertEqual(latin1Row.count, 1, "the Latin-1 name is labelled under its escaped form")
+        XCTAssertEqual(try latin1Row.rows.first?.string("raw"), Array("blue_sky/caf".utf8).map { String(format: "%02x", $0) }.joined() + "e92e6a7067",
+                       "with its exact bytes")
+        XCTAssertTrue(Self.classes.contains(try latin1Row.rows.first?.optionalString("label") ?? ""))
 
         // Every image has a label row; the broken one says why it has no label.
         let labels = try db.query("SELECT path, label, confidence, zero_shot_label, unreadable FROM nola.labels WHERE job_id = $1 ORDER BY path", [first])
-        XCTAssertEqual(labels.count, 20)
+        XCTAssertEqual(labels.count, 21)
         for row in labels.rows {
             let path = try row.string("path")
             if path == "red_ball/bad.jpg" || path == "green_leaf/empty.jpg" {
@@ -177,16 +189,16 @@ final class PipelineTests: DatabaseTestCase {
         XCTAssertNotNil(epochs.last?.metrics["agreement"])
         XCTAssertNotNil(epochs.last?.metrics["loss"])
         let final = try XCTUnwrap(all.first { $0.stage == "label" && $0.kind == "metrics" })
-        XCTAssertEqual(final.metrics["labelled"] as? Int, 18)
+        XCTAssertEqual(final.metrics["labelled"] as? Int, 19)
         XCTAssertEqual(final.metrics["unreadable"] as? Int, 2)
         let discovered = try XCTUnwrap(all.first { $0.stage == "discover" && $0.kind == "metrics" })
-        XCTAssertEqual(discovered.metrics["images"] as? Int, 20)
+        XCTAssertEqual(discovered.metrics["images"] as? Int, 21)
         XCTAssertEqual(discovered.metrics["not_images"] as? Int, 1)
         XCTAssertEqual(discovered.metrics["names_not_utf8"] as? Int, 1)
         XCTAssertEqual(discovered.metrics["names_not_utf8_escaped"] as? [String], ["blue_sky/caf\\xE9.jpg"])
         XCTAssertNotNil(final.metrics["accuracy_final"])
         let encode = try XCTUnwrap(all.first { $0.stage == "encode" && $0.kind == "metrics" })
-        XCTAssertEqual(encode.metrics["encoded"] as? Int, 18)
+        XCTAssertEqual(encode.metrics["encoded"] as? Int, 19)
 
         // A second job on the same classes: descriptions come from the cache (no new LLM request), features
         // from the feature cache, and the prompts of the first job label the collection (inference only).
@@ -198,14 +210,14 @@ final class PipelineTests: DatabaseTestCase {
         for c in Self.classes { XCTAssertEqual(llm.asked.filter { $0.contains(c) }.count, 5, c) }
         let secondEvents = try events(second)
         XCTAssertEqual(secondEvents.first { $0.stage == "describe" && $0.kind == "metrics" }?.metrics["cache_hits"] as? Int, 3)
-        XCTAssertEqual(secondEvents.first { $0.stage == "encode" && $0.kind == "metrics" }?.metrics["from_cache"] as? Int, 18)
+        XCTAssertEqual(secondEvents.first { $0.stage == "encode" && $0.kind == "metrics" }?.metrics["from_cache"] as? Int, 19)
         XCTAssertTrue(secondEvents.filter { $0.stage == "tune" && $0.kind == "epoch" }.isEmpty)
         // Same prompts, same weak views: the same labels as the first job.
         let same = try db.query("""
             SELECT count(*) AS n FROM nola.labels a JOIN nola.labels b USING (path)
             WHERE a.job_id = $1 AND b.job_id = $2 AND a.label = b.label
             """, [first, second])
-        XCTAssertEqual(try same[0].int("n"), 18)
+        XCTAssertEqual(try same[0].int("n"), 19)
 
         // Same seed, same inputs: the same labels and confidences (training included).
         let third = try submit(collection, parameters: #"{"prompt_epochs": 3, "prompt_batch_size": 8, "alignment_epochs": 5, "min_k": 2, "seed": 3}"#)
@@ -214,7 +226,7 @@ final class PipelineTests: DatabaseTestCase {
             SELECT count(*) AS n FROM nola.labels a JOIN nola.labels b USING (path)
             WHERE a.job_id = $1 AND b.job_id = $2 AND a.label = b.label AND a.confidence = b.confidence
             """, [first, third])
-        XCTAssertEqual(try identical[0].int("n"), 18)
+        XCTAssertEqual(try identical[0].int("n"), 19)
     }
 
     func testKill9_midPromptTuning_anotherDaemonResumesFromTheCheckpoint() throws {

@@ -2,6 +2,7 @@
 // state machine, retry backoff, SHA-256, libpq text formats, configuration, collection checks.
 @testable import Daemon
 import Foundation
+import Imaging
 @testable import Queue
 import XCTest
 
@@ -308,16 +309,27 @@ final class CollectionTests: XCTestCase {
     func testWalk_followsSymlinksOnlyInsideRoots_andSurvivesLoops() throws {
         let roots = CollectionAccess.resolveRoots([base + "/root"])
         let folder = try CollectionAccess.resolve(base + "/root/pets", roots: [base + "/root"])
-        // A name that is not valid UTF-8 (Latin-1 "café.jpg") is reported, escaped losslessly, not dropped.
-        let latin1: [UInt8] = Array((base + "/root/pets/cats/caf").utf8) + [0xE9] + Array(".jpg".utf8) + [0]
-        let fd = latin1.withUnsafeBufferPointer { $0.withMemoryRebound(to: CChar.self) { open($0.baseAddress!, O_CREAT | O_WRONLY, 0o644) } }
-        XCTAssertGreaterThanOrEqual(fd, 0)
-        close(fd)
+        // Names that are not valid UTF-8 (Latin-1 "café.jpg", and a file in a Latin-1 "ré" folder) are
+        // walked like any other: recorded under an escaped name, with their exact bytes.
+        let latin1: [UInt8] = Array((base + "/root/pets/cats/caf").utf8) + [0xE9] + Array(".jpg".utf8)
+        let folderName: [UInt8] = Array((base + "/root/pets/r").utf8) + [0xE9]
+        func cPath(_ bytes: [UInt8]) -> [CChar] { bytes.map { CChar(bitPattern: $0) } + [0] }
+        XCTAssertEqual(mkdir(cPath(folderName), 0o755), 0)
+        for file in [latin1, folderName + Array("/x.png".utf8)] {
+            let fd = open(cPath(file), O_CREAT | O_WRONLY, 0o644)
+            XCTAssertGreaterThanOrEqual(fd, 0)
+            close(fd)
+        }
         let walk = CollectionAccess.walk(folder, roots: roots)
-        XCTAssertEqual(walk.files.map(\.relativePath), ["b.JPG.txt", "cats/a.png", "fake.jpg"])
+        XCTAssertEqual(walk.files.map(\.relativePath), ["b.JPG.txt", "cats/a.png", "cats/caf\\xE9.jpg", "fake.jpg", "r\\xE9/x.png"])
         XCTAssertEqual(walk.skippedOutsideRoots, 1, "the link to the outside folder is skipped")
-        XCTAssertEqual(walk.undecodableNames, ["cats/caf\\xE9.jpg"])
-        XCTAssertEqual(CollectionAccess.escaped(Array("été".utf8) + [0xFF, 0xC3]), "été\\xFF\\xC3", "valid UTF-8 kept, each bad byte escaped")
+        XCTAssertEqual(walk.undecodableNames, ["cats/caf\\xE9.jpg", "r\\xE9/x.png"])
+        let cafe = try XCTUnwrap(walk.files.first { $0.relativePath == "cats/caf\\xE9.jpg" })
+        XCTAssertEqual(cafe.relativeBytes, Array("cats/caf".utf8) + [0xE9] + Array(".jpg".utf8), "the exact bytes are kept")
+        XCTAssertEqual(cafe.file.pathBytes.suffix(latin1.count - base.utf8.count), latin1.suffix(latin1.count - base.utf8.count))
+        XCTAssertNil(walk.files.first { $0.relativePath == "cats/a.png" }?.relativeBytes)
+        XCTAssertNoThrow(try CollectionAccess.inspect(cafe.file, imageByName: true), "the file opens by its bytes")
+        XCTAssertEqual(ImageFile.escaped(Array("été".utf8) + [0xFF, 0xC3]), "été\\xFF\\xC3", "valid UTF-8 kept, each bad byte escaped")
     }
 
     func testInspect_recognisesImagesByMagicBytesNotExtension() throws {

@@ -53,7 +53,7 @@ struct EncodeStage: PipelineStage {
         let threads = context.config.threads
         let config = run.weakConfig
         func decode(_ batch: [Int]) -> (tensor: [Float], errors: [Int: ImageError]) {
-            weakViewBatch(batch.map { context.collection.appendingPathComponent(run.images[$0].path) }, config: config, threads: threads)
+            weakViewBatch(batch.map { run.file(context, image: $0) }, config: config, threads: threads)
         }
         var done = cachedCount
         var computed = 0

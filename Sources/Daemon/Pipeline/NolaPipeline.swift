@@ -93,8 +93,13 @@ final class PipelineRun: @unchecked Sendable {
 
     var imageSize: Int { clip.model.config.visionConfig.imageSize }
     var weakConfig: WeakViewConfig { WeakViewConfig(resize: imageSize, crop: imageSize, mean: WeakViewConfig.clipMean, std: WeakViewConfig.clipStd) }
-    func url(_ context: JobContext, readableIndex i: Int) -> URL {
-        context.collection.appendingPathComponent(images[readable[i]].path)
+    func file(_ context: JobContext, readableIndex i: Int) -> ImageFile {
+        file(context, image: readable[i])
+    }
+
+    /// The image file, by its exact bytes when its name is not valid UTF-8.
+    func file(_ context: JobContext, image i: Int) -> ImageFile {
+        ImageFile(folder: context.collection.path, relative: images[i].pathBytes ?? Array(images[i].path.utf8))
     }
 }
 

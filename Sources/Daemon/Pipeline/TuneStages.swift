@@ -23,15 +23,15 @@ func withSafeTensors<T>(_ bytes: [UInt8], what: String, _ body: (SafeTensorsFile
 
 /// Decoded images of a job for the strong views, decoded in parallel and kept while they fit a budget.
 final class DecodedImages: @unchecked Sendable {
-    let urls: [URL]
+    let files: [ImageFile]
     let threads: Int
     private let lock = NSLock()
     private var images: [Int: RGBImage] = [:]
     private var bytes = 0
     static let budgetBytes = 1 << 30
 
-    init(urls: [URL], threads: Int) {
-        self.urls = urls
+    init(files: [ImageFile], threads: Int) {
+        self.files = files
         self.threads = threads
     }
 
@@ -61,7 +61,7 @@ final class DecodedImages: @unchecked Sendable {
 
     func image(_ i: Int) throws -> RGBImage {
         if let hit = lock.withLock({ images[i] }) { return hit }
-        let image = try decodeImage(at: urls[i])
+        let image = try decodeImage(at: files[i])
         lock.withLock {
             if bytes + image.pixels.count <= Self.budgetBytes {
                 images[i] = image
@@ -110,7 +110,7 @@ struct TuneStage: PipelineStage {
         }
         let micro = p.promptMicroBatchSize ?? promptMicroBatchSize(memoryBudgetBytes: context.config.memoryBudgetMB << 20,
                                                                    bytesPerImage: encoder.trainingBytesPerImage, logicalBatch: p.promptBatchSize)
-        let decoded = DecodedImages(urls: (0..<n).map { run.url(context, readableIndex: $0) }, threads: context.config.threads)
+        let decoded = DecodedImages(files: (0..<n).map { run.file(context, readableIndex: $0) }, threads: context.config.threads)
         var strong = StrongViewConfig()
         strong.size = run.imageSize
         if !p.colourJitter {
@@ -248,7 +248,7 @@ struct LabelStage: PipelineStage {
         for from in stride(from: 0, to: n, by: batch) {
             try context.reportProgress(stage: name, done: from, total: n)
             let indices = Array(from..<min(n, from + batch))
-            let (pixels, errors) = weakViewBatch(indices.map { run.url(context, readableIndex: $0) }, config: run.weakConfig, threads: context.config.threads)
+            let (pixels, errors) = weakViewBatch(indices.map { run.file(context, readableIndex: $0) }, config: run.weakConfig, threads: context.config.threads)
             if let (j, error) = errors.first {
                 throw JobError.transient("\(run.images[run.readable[indices[j]]].path) became unreadable: \(error)")
             }
