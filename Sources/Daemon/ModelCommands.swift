@@ -15,8 +15,7 @@ enum ImageEncoder {
     case vit(ViTModel)
 
     init(folder: URL) throws {
-        let config = try readConfig(folder: folder)
-        switch config["model_type"] as? String {
+        switch try modelType(folder: folder) {
         case "clip": self = .clip(try CLIPModel(folder: folder))
         case "vit", "dinov2": self = .vit(try ViTModel(folder: folder))
         case let other:
@@ -86,7 +85,7 @@ struct EmbedText: ParsableCommand {
         commandName: "embed-text",
         abstract: "CLIP text embeddings (transformers' get_text_features) as JSON Lines, one object per text.")
 
-    @Option(help: "CLIP model folder (config.json, weights, vocab.json, merges.txt).") var model: String
+    @Option(help: "CLIP model folder (config.json or open_clip_config.json, weights, vocab.json, merges.txt).") var model: String
     @Option(help: "Threads for OpenBLAS and our kernels.") var threads = 2
     @Argument(help: "Texts to embed.") var texts: [String]
 
@@ -100,7 +99,7 @@ struct EmbedText: ParsableCommand {
         let folder = URL(fileURLWithPath: model)
         let clip: CLIPModel, tokenizer: CLIPTokenizer
         do {
-            let type = try readConfig(folder: folder)["model_type"] as? String
+            let type = try modelType(folder: folder)
             guard type == "clip" else {
                 throw ModelCommandError(description: "\(folder.path)/config.json: model_type \(type ?? "(none)") is not clip")
             }

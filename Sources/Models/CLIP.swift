@@ -18,6 +18,13 @@ public struct CLIPTextConfig: Sendable {
     public var hiddenAct = Activation.quickGelu
     public var layerNormEps: Float = 1e-5
     public var eosTokenId = 49407
+    /// Where a sequence's features are taken (transformers: the first `eos_token_id`, or the highest id
+    /// for configs with the legacy eos_token_id 2; open_clip: the highest id).
+    public var pooling = TextPooling.firstEOS
+}
+
+public enum TextPooling: Sendable {
+    case firstEOS, highestID
 }
 
 public struct CLIPConfig: Sendable {
@@ -53,6 +60,7 @@ public struct CLIPConfig: Sendable {
         textConfig.hiddenAct = try t.activation("hidden_act", .quickGelu)
         textConfig.layerNormEps = try t.float("layer_norm_eps", 1e-5)
         textConfig.eosTokenId = try t.int("eos_token_id", 49407)
+        textConfig.pooling = textConfig.eosTokenId == 2 ? .highestID : .firstEOS
         try c.checkHeads(visionConfig.hiddenSize, visionConfig.numAttentionHeads)
         try c.checkHeads(textConfig.hiddenSize, textConfig.numAttentionHeads)
         if visionConfig.imageSize % visionConfig.patchSize != 0 {
@@ -128,8 +136,14 @@ public final class CLIPModel: @unchecked Sendable {
     /// `logit_scale` (log of the softmax temperature's inverse, as stored).
     public let logitScale: Float
 
+    /// A transformers `CLIPModel` folder (config.json), or an open_clip one (`OpenCLIPFolder`).
     public convenience init(folder: URL) throws {
-        try self.init(config: CLIPConfig(folder: folder), weights: openCheckpoint(folder: folder))
+        if OpenCLIPFolder.isOpenCLIP(folder) {
+            let (config, weights) = try OpenCLIPFolder.load(folder)
+            try self.init(config: config, weights: weights)
+        } else {
+            try self.init(config: CLIPConfig(folder: folder), weights: openCheckpoint(folder: folder))
+        }
     }
 
     /// `weights` nil: random weights of the configured sizes (benchmarks).
@@ -285,12 +299,13 @@ extension CLIPModel {
 // MARK: text
 
 extension CLIPModel {
-    /// The position transformers pools a sequence at: the first `eos_token_id`, or for configs
-    /// with the legacy eos_token_id 2 the position of the highest id.
+    /// The position a sequence is pooled at (`TextPooling`): the first `eos_token_id`, or the first
+    /// position of the highest id.
     public func poolingPosition(_ ids: [Int32]) -> Int {
-        let eos = config.textConfig.eosTokenId
-        if eos == 2 { return ids.indices.max { ids[$0] < ids[$1] || (ids[$0] == ids[$1] && $0 > $1) } ?? 0 }
-        return ids.firstIndex(of: Int32(eos)) ?? 0
+        switch config.textConfig.pooling {
+        case .highestID: return ids.indices.max { ids[$0] < ids[$1] || (ids[$0] == ids[$1] && $0 > $1) } ?? 0
+        case .firstEOS: return ids.firstIndex(of: Int32(config.textConfig.eosTokenId)) ?? 0
+        }
     }
 
     /// `get_text_features` for each id sequence (BOS … EOS, padding optional): (N, projection_dim).

@@ -8,6 +8,12 @@ public protocol TensorSource {
     /// The tensor's values as Float32 in row-major order (F16 and BF16 converted).
     /// Throws `CheckpointError.missingTensor` when absent.
     func floats(_ name: String) throws -> [Float]
+    /// How to name `name` in messages (a source that renames tensors gives the name in the file).
+    func displayName(_ name: String) -> String
+}
+
+extension TensorSource {
+    public func displayName(_ name: String) -> String { name }
 }
 
 /// Everything that can be wrong with a model folder. Descriptions name the file or tensor.

@@ -28,10 +28,10 @@ struct WeightReader {
             let bound = 1 / Float(shape.last ?? 1).squareRoot()
             return Buffer((0..<count).map { _ in Float.random(in: -bound...bound, using: &random) })
         }
-        guard let found = source.shape(of: full) else { throw CheckpointError.missingTensor(full) }
+        guard let found = source.shape(of: full) else { throw CheckpointError.missingTensor(source.displayName(full)) }
         // a scalar may be stored as shape [] or [1]
         let same = found == shape || (found.reduce(1, *) == 1 && shape.reduce(1, *) == 1 && found.count <= 1 && shape.count <= 1)
-        guard same else { throw CheckpointError.shapeMismatch(name: full, expected: shape, found: found) }
+        guard same else { throw CheckpointError.shapeMismatch(name: source.displayName(full), expected: shape, found: found) }
         used.insert(full)
         return Buffer(try source.floats(full))
     }

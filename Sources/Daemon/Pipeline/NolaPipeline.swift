@@ -174,8 +174,9 @@ struct ValidateStage: PipelineStage {
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue else {
             throw JobError.badInput("\(what) model folder \(path) does not exist")
         }
-        guard FileManager.default.fileExists(atPath: path + "/config.json") else {
-            throw JobError.badInput("\(what) model folder \(path) has no config.json")
+        guard FileManager.default.fileExists(atPath: path + "/config.json")
+                || (what == "CLIP" && FileManager.default.fileExists(atPath: path + "/" + OpenCLIPFolder.configFile)) else {
+            throw JobError.badInput("\(what) model folder \(path) has no config.json\(what == "CLIP" ? " (nor \(OpenCLIPFolder.configFile))" : "")")
         }
         return URL(fileURLWithPath: path)
     }

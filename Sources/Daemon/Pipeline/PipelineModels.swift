@@ -15,11 +15,11 @@ struct ModelIdentity: Equatable, Sendable {
 
     /// Hashes the folder's weights file (model.safetensors, else pytorch_model.bin).
     static func of(folder: URL) throws -> ModelIdentity {
-        let candidates = ["model.safetensors", "pytorch_model.bin"].map { folder.appendingPathComponent($0).path }
-        guard let weights = candidates.first(where: { FileManager.default.fileExists(atPath: $0) }) else {
-            throw JobError.badInput("model folder \(folder.path) has no model.safetensors or pytorch_model.bin")
+        guard let weights = weightsFile(folder: folder) else {
+            let names = OpenCLIPFolder.isOpenCLIP(folder) ? OpenCLIPFolder.weightFiles : ["model.safetensors", "pytorch_model.bin"]
+            throw JobError.badInput("model folder \(folder.path) has no \(names.joined(separator: " or "))")
         }
-        let info = try CollectionAccess.inspectAnyFile(weights)
+        let info = try CollectionAccess.inspectAnyFile(weights.path)
         return ModelIdentity(folder: folder, weightsSHA256: info)
     }
 }
@@ -78,9 +78,9 @@ final class ModelCache: @unchecked Sendable {
         let identity = try ModelIdentity.of(folder: folder)
         let entry: CLIPEntry
         do {
-            let config = try readConfig(folder: folder)
-            guard config["model_type"] as? String == "clip" else {
-                throw JobError.badInput("\(folder.path)/config.json: model_type is \(config["model_type"] as? String ?? "(none)"), not clip")
+            let type = try modelType(folder: folder)
+            guard type == "clip" else {
+                throw JobError.badInput("\(folder.path)/config.json: model_type is \(type ?? "(none)"), not clip")
             }
             let model = try CLIPModel(folder: folder), tokenizer = try CLIPTokenizer(folder: folder)
             try tokenizer.checkFits(model.config.textConfig, source: folder.path)
