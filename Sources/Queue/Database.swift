@@ -5,6 +5,8 @@ import Logging
 /// and jitter, when the server goes away. Not thread-safe: each thread owns its own `Database`.
 public final class Database {
     public let conninfo: String
+    /// Bounds on every wait of the connection (nil: wait as long as libpq would).
+    public let limits: ConnectionLimits?
     private var connection: PostgresConnection?
     private let logger: Logger
     /// Channels to LISTEN on again after every reconnect.
@@ -15,9 +17,10 @@ public final class Database {
     /// Set after each successful (re)connect; the owner may, e.g., re-check state it could have missed.
     public private(set) var connectCount = 0
 
-    public init(conninfo: String, logger: Logger) {
+    public init(conninfo: String, logger: Logger, limits: ConnectionLimits? = nil) {
         self.conninfo = conninfo
         self.logger = logger
+        self.limits = limits
     }
 
     public var isConnected: Bool { connection?.isOpen ?? false }
@@ -73,7 +76,7 @@ public final class Database {
     private func open() throws -> PostgresConnection {
         if let c = connection, c.isOpen { return c }
         close()
-        let c = try PostgresConnection(conninfo: conninfo)
+        let c = try PostgresConnection(conninfo: conninfo, limits: limits)
         for channel in channels { try c.listen(channel) }
         connection = c
         connectCount += 1
