@@ -195,17 +195,25 @@ public final class PostgresConnection {
             seconds = max(2, value)
         }
         let c = try Self.start(parameters)
+        let deadline = monotonicNow() + seconds
         do {
-            try Self.finishConnecting(c, deadline: monotonicNow() + seconds, seconds: seconds)
+            try Self.finishConnecting(c, deadline: deadline, seconds: seconds)
         } catch {
             PQfinish(c)
             throw error
         }
         conn = c
         configure(c)
+        // The session settings are part of connecting: their reply is awaited for what is left of the bound.
         let settings = limits.sessionSettings(options: parameters.first { $0.0 == "options" }?.1)
         if !settings.isEmpty {
-            try executeScript(settings.map { "SET \($0.0) = \($0.1)" }.joined(separator: "; "))
+            let sql = settings.map { "SET \($0.0) = \($0.1)" }.joined(separator: "; ")
+            do {
+                _ = try roundTrip(silence: max(0.001, deadline - monotonicNow())) { PQsendQuery($0, sql) }
+            } catch let error as DatabaseError where error.code == .connectionLost {
+                let silent = error.message.hasPrefix("no reply")
+                throw DatabaseError(.connectionFailed, silent ? "no connection within \(formatLimit(seconds)) (database_timeout)" : error.message)
+            }
         }
     }
 
@@ -351,10 +359,10 @@ public final class PostgresConnection {
 
     /// Sends with `send`, flushes and collects the results, each wait under the silence deadline.
     /// Returns the last result, or the first error (the server stops a script at its first error).
-    private func roundTrip(_ send: (OpaquePointer) -> Int32) throws -> PostgresRows {
+    private func roundTrip(silence override: Double? = nil, _ send: (OpaquePointer) -> Int32) throws -> PostgresRows {
         guard let c = conn else { throw DatabaseError(.connectionLost, "the connection is closed") }
         guard send(c) == 1 else { return try consume(nil) }
-        let silence = limits?.silenceSeconds
+        let silence = override ?? limits?.silenceSeconds
         var deadline = silence.map { monotonicNow() + $0 }
         func givenUp() -> DatabaseError {
             close()
