@@ -289,4 +289,26 @@ final class PartitionTests: DatabaseTestCase {
         d.signal(SIGTERM)
         XCTAssertEqual(d.waitExit(timeout: 10), 0, d.log)
     }
+
+    /// A session that holds the job's row lock for 1.5 s (as a partitioned daemon's abandoned transaction
+    /// would until the server ends it) makes the job's progress write and the lease renewal run into
+    /// lock_timeout (T = 0.4 s) several times. Those are retried, not taken for a bad job.
+    func testRowLockedPastLockTimeout_writesAreRetried_jobSucceedsAsTheSameAttempt() throws {
+        let id = try submit(try makeCollection("locked", images: 30))
+        let d = try startDaemon("waits", settings: ["database_timeout": "0.4", "lease_seconds": "10", "image_delay_seconds": "0.1"])
+        try waitUntil("the job runs", timeout: 15) { (try job(id).optionalInt("stage_done") ?? 0) >= 3 }
+        let other = try PostgresConnection(conninfo: conninfo)
+        defer { other.close() }
+        try other.query("BEGIN")
+        try other.query("SELECT 1 FROM nola.jobs WHERE id = $1 FOR UPDATE", [id])
+        Thread.sleep(forTimeInterval: 1.5)
+        try other.query("COMMIT")
+        let row = try waitState(id, ["succeeded", "failed", "cancelled"], timeout: 30)
+        let error = try row.optionalString("error") ?? ""
+        XCTAssertEqual(try row.string("state"), "succeeded", "\(error)\n\(d.log)")
+        XCTAssertEqual(try row.int("attempt"), 1)
+        XCTAssertEqual(try Results.images(db, jobID: id).count, 30)
+        XCTAssertTrue(d.log.contains("database statement timed out, retrying"), d.log)
+        XCTAssertTrue(d.log.contains("55P03"), d.log)
+    }
 }

@@ -170,6 +170,11 @@ final class PostgresFormatTests: XCTestCase {
         XCTAssertTrue(DatabaseError(.statementFailed, "x", sqlState: "40001").isTransient)
         XCTAssertFalse(DatabaseError(.statementFailed, "x", sqlState: "23514").isTransient)
         XCTAssertFalse(DatabaseError(.statementFailed, "x", sqlState: "42501").isTransient)
+        // lock_timeout and statement_timeout (database_timeout's bounds) are worth another try.
+        XCTAssertTrue(DatabaseError(.statementFailed, "x", sqlState: "55P03").isTransient)
+        XCTAssertTrue(DatabaseError(.statementFailed, "x", sqlState: "57014").isTransient)
+        XCTAssertTrue(DatabaseError(.statementFailed, "x", sqlState: "55P03").isTimeout)
+        XCTAssertFalse(DatabaseError(.statementFailed, "x", sqlState: "40001").isTimeout)
         XCTAssertEqual(DatabaseError(.statementFailed, "duplicate class name", sqlState: "23514").description,
                        "database error 23514: duplicate class name")
     }
