@@ -1,4 +1,5 @@
 import Foundation
+import Queue
 import Yams
 
 /// The daemon domain's error: configuration, command-line use and collection problems.
@@ -38,6 +39,9 @@ public struct NoladConfig: Equatable, Sendable {
     public var concurrency: Int = 1
     public var leaseSeconds: Double = 60
     public var heartbeatSeconds: Double = 10
+    /// T: the bound on every wait for the database (docs/operations.md, "Network partitions"). nil: 5 s,
+    /// or (lease_seconds - heartbeat_seconds) / 3 when that is shorter; see `databaseTimeout`.
+    public var databaseTimeoutSeconds: Double? = nil
     /// Fallback polling for new jobs when a NOTIFY is missed.
     public var pollSeconds: Double = 5
     /// After SIGTERM, how long running jobs get to reach a checkpoint before they are released anyway.
@@ -70,7 +74,7 @@ public struct NoladConfig: Equatable, Sendable {
     public static let keys = [
         "database", "database_host", "database_port", "database_name", "database_user", "worker_name",
         "collection_roots", "clip_model", "dino_model", "threads", "concurrency", "lease_seconds",
-        "heartbeat_seconds", "poll_seconds", "shutdown_timeout_seconds", "retry_base_seconds", "log_level",
+        "heartbeat_seconds", "database_timeout", "poll_seconds", "shutdown_timeout_seconds", "retry_base_seconds", "log_level",
         "migrations", "image_delay_seconds", "pipeline", "model_root", "llm_url", "llm_model", "llm_api_key",
         "memory_budget_mb", "checkpoint_seconds",
     ]
@@ -162,6 +166,7 @@ public struct NoladConfig: Equatable, Sendable {
         case "concurrency": concurrency = try integer()
         case "lease_seconds": leaseSeconds = try number()
         case "heartbeat_seconds": heartbeatSeconds = try number()
+        case "database_timeout": databaseTimeoutSeconds = value.isEmpty ? nil : try number()
         case "poll_seconds": pollSeconds = try number()
         case "shutdown_timeout_seconds": shutdownTimeoutSeconds = try number()
         case "retry_base_seconds": retryBaseSeconds = try number()
@@ -186,6 +191,12 @@ public struct NoladConfig: Equatable, Sendable {
         if heartbeatSeconds <= 0 || heartbeatSeconds >= leaseSeconds {
             throw NoladError(.config, "heartbeat_seconds must be positive and shorter than lease_seconds (\(leaseSeconds))")
         }
+        if let t = databaseTimeoutSeconds {
+            if t <= 0 { throw NoladError(.config, "database_timeout must be a positive number of seconds") }
+            if heartbeatSeconds + 2 * t >= leaseSeconds {
+                throw NoladError(.config, "database_timeout (\(t) s) is too long for lease_seconds (\(leaseSeconds)) and heartbeat_seconds (\(heartbeatSeconds)): a dead connection is noticed within 2 × database_timeout, which must end before the lease does (heartbeat_seconds + 2 × database_timeout < lease_seconds)")
+            }
+        }
         if pollSeconds <= 0 { throw NoladError(.config, "poll_seconds must be positive") }
         if shutdownTimeoutSeconds < 0 { throw NoladError(.config, "shutdown_timeout_seconds must not be negative") }
         if retryBaseSeconds < 0 { throw NoladError(.config, "retry_base_seconds must not be negative") }
@@ -200,6 +211,17 @@ public struct NoladConfig: Equatable, Sendable {
         let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
         if !levels.contains(logLevel) { throw NoladError(.config, "log_level must be one of \(levels.joined(separator: ", "))") }
     }
+
+    /// T in seconds: `database_timeout` if set, else 5 s, or (lease_seconds - heartbeat_seconds) / 3 when
+    /// that is shorter (so that a dead connection is always noticed before the lease runs out).
+    public var databaseTimeout: Double {
+        databaseTimeoutSeconds ?? min(5, (leaseSeconds - heartbeatSeconds) / 3)
+    }
+
+    /// The main loop's connection: statements cancelled after T, given up after 2T without a reply.
+    public var controlConnectionLimits: ConnectionLimits { .control(timeout: databaseTimeout) }
+    /// A job's connection: locks T, statements 12T, given up after 13T without a reply.
+    public var jobConnectionLimits: ConnectionLimits { .job(timeout: databaseTimeout) }
 
     /// The libpq connection string: `database` if given, else built from the database_* keys
     /// (values quoted as libpq requires), else empty (libpq's PG* environment variables and defaults).

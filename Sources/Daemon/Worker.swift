@@ -41,11 +41,17 @@ public final class Worker: @unchecked Sendable {
 
     /// Runs until shutdown; throws when the schema does not match (serve refuses to start).
     public func run() throws {
-        let control = Database(conninfo: config.conninfo, logger: logger)
+        let control = Database(conninfo: config.conninfo, logger: logger, limits: config.controlConnectionLimits)
         control.shouldStopRetrying = { [weak self] in self?.isShuttingDown ?? true }
         let roots = CollectionAccess.resolveRoots(config.collectionRoots)
         logger.info("starting", metadata: ["worker": "\(id)", "version": "\(noladVersion)", "roots": "\(roots)",
-                                           "concurrency": "\(config.concurrency)"])
+                                           "concurrency": "\(config.concurrency)",
+                                           "database_timeout_s": "\(formatSeconds(config.databaseTimeout))"])
+        if let interval = Systemd.watchdogInterval, 2 * config.databaseTimeout >= interval {
+            logger.warning("database_timeout is too long for systemd's watchdog: a dead database connection can hold the main loop for 2 × database_timeout, longer than the watchdog interval (half of WatchdogSec), so systemd may restart nolad during a network partition; lower database_timeout or raise WatchdogSec",
+                           metadata: ["database_timeout_s": "\(formatSeconds(config.databaseTimeout))",
+                                      "watchdog_interval_s": "\(formatSeconds(interval))"])
+        }
         Systemd.status("connecting to the database")
 
         // Connect (retrying while the server is unavailable), then check the schema.

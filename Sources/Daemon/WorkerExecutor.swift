@@ -43,7 +43,7 @@ extension Worker {
         let ref = job.claimed.ref
         var jobLogger = logger
         jobLogger[metadataKey: "job"] = "\(ref.id)"
-        let database = Database(conninfo: config.conninfo, logger: jobLogger)
+        let database = Database(conninfo: config.conninfo, logger: jobLogger, limits: config.jobConnectionLimits)
         defer { database.close() }
         let result = runStages(job, roots: roots, database: database, logger: jobLogger)
 

@@ -5,6 +5,8 @@ import Logging
 /// and jitter, when the server goes away. Not thread-safe: each thread owns its own `Database`.
 public final class Database {
     public let conninfo: String
+    /// Bounds on every wait of the connection (nil: wait as long as libpq would).
+    public let limits: ConnectionLimits?
     private var connection: PostgresConnection?
     private let logger: Logger
     /// Channels to LISTEN on again after every reconnect.
@@ -15,9 +17,10 @@ public final class Database {
     /// Set after each successful (re)connect; the owner may, e.g., re-check state it could have missed.
     public private(set) var connectCount = 0
 
-    public init(conninfo: String, logger: Logger) {
+    public init(conninfo: String, logger: Logger, limits: ConnectionLimits? = nil) {
         self.conninfo = conninfo
         self.logger = logger
+        self.limits = limits
     }
 
     public var isConnected: Bool { connection?.isOpen ?? false }
@@ -47,7 +50,8 @@ public final class Database {
 
     /// Runs `body` on a live connection. When the connection fails (before or during `body`), it is
     /// reopened with backoff and `body` runs again, for up to `retryFor` seconds — so `body` must be
-    /// idempotent (guarded updates, upserts, or one transaction). Other errors are thrown at once.
+    /// idempotent (guarded updates, upserts, or one transaction). A statement cancelled by lock_timeout
+    /// or statement_timeout is run again the same way, on the same connection. Other errors are thrown at once.
     @discardableResult
     public func run<T>(retryFor: Double = 0, _ body: (PostgresConnection) throws -> T) throws -> T {
         let start = Date()
@@ -56,14 +60,16 @@ public final class Database {
             do {
                 let c = try open()
                 return try body(c)
-            } catch let error as DatabaseError where error.isConnectionProblem || !(connection?.isOpen ?? false) {
-                close()
+            } catch let error as DatabaseError where error.isConnectionProblem || error.isTimeout || !(connection?.isOpen ?? false) {
+                let timedOut = error.isTimeout && (connection?.isOpen ?? false)
+                if !timedOut { close() }
                 failures += 1
                 let elapsed = Date().timeIntervalSince(start)
                 if elapsed >= retryFor || shouldStopRetrying() { throw error }
                 let delay = min(maxBackoff, 0.05 * pow(2, Double(min(failures, 16)))) * Double.random(in: 0.5...1)
                 if failures == 1 || failures % 10 == 0 {
-                    logger.warning("database unavailable, retrying", metadata: ["error": "\(error)", "retry_in_s": "\(delay)"])
+                    logger.warning(timedOut ? "database statement timed out, retrying" : "database unavailable, retrying",
+                                   metadata: ["error": "\(error)", "retry_in_s": "\(delay)"])
                 }
                 Thread.sleep(forTimeInterval: min(delay, max(0.01, retryFor - elapsed)))
             }
@@ -73,7 +79,7 @@ public final class Database {
     private func open() throws -> PostgresConnection {
         if let c = connection, c.isOpen { return c }
         close()
-        let c = try PostgresConnection(conninfo: conninfo)
+        let c = try PostgresConnection(conninfo: conninfo, limits: limits)
         for channel in channels { try c.listen(channel) }
         connection = c
         connectCount += 1

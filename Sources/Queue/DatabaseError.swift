@@ -29,9 +29,16 @@ public struct DatabaseError: Error, CustomStringConvertible, Sendable {
         self.constraint = constraint
     }
 
+    /// The statement was cancelled by `lock_timeout` (55P03) or `statement_timeout` (57014, also a
+    /// cancel request): worth running again, on the same connection.
+    public var isTimeout: Bool {
+        code == .statementFailed && (sqlState == "55P03" || sqlState == "57014")
+    }
+
     /// Errors worth retrying on a fresh connection: lost connections, server shutdown and restarts,
-    /// serialisation failures, deadlocks, lack of resources.
+    /// serialisation failures, deadlocks, lack of resources, lock and statement timeouts.
     public var isTransient: Bool {
+        if isTimeout { return true }
         switch code {
         case .connectionFailed, .connectionLost:
             return true

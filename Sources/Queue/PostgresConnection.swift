@@ -161,22 +161,135 @@ public struct PostgresNotification: Sendable, Equatable {
 }
 
 /// One libpq connection. Not thread-safe: use it from one thread at a time.
+///
+/// Every wait on the network goes through poll(2) with a deadline: with `limits`, connecting gives up
+/// after `connectSeconds` and a statement after `silenceSeconds` without a byte moving (the connection is
+/// then closed and `connectionLost` thrown), so a silent partition cannot block the caller for ever.
+/// Without `limits` it connects with libpq's blocking PQconnectdb (honouring a connect_timeout in
+/// `conninfo`) and waits for replies as long as it takes.
 public final class PostgresConnection {
     private var conn: OpaquePointer?
+    public let limits: ConnectionLimits?
 
     /// Opens a connection; `conninfo` is a libpq connection string or URI.
-    public init(conninfo: String) throws {
-        guard let c = PQconnectdb(conninfo) else {
-            throw DatabaseError(.connectionFailed, "libpq could not allocate a connection")
+    public init(conninfo: String, limits: ConnectionLimits? = nil) throws {
+        self.limits = limits
+        guard let limits else {
+            guard let c = PQconnectdb(conninfo) else {
+                throw DatabaseError(.connectionFailed, "libpq could not allocate a connection")
+            }
+            guard PQstatus(c) == CONNECTION_OK else {
+                let message = String(cString: PQerrorMessage(c)).trimmingNewlines()
+                PQfinish(c)
+                throw DatabaseError(.connectionFailed, message)
+            }
+            conn = c
+            configure(c)
+            return
         }
-        guard PQstatus(c) == CONNECTION_OK else {
-            let message = String(cString: PQerrorMessage(c)).trimmingNewlines()
+        let given = try Self.parse(conninfo)
+        let parameters = Self.adding(limits, to: given)
+        // A connect_timeout of the user's own wins over database_timeout (libpq's minimum of 2 s applies).
+        var seconds = limits.connectSeconds
+        if let text = given.first(where: { $0.0 == "connect_timeout" })?.1, let value = Double(text), value > 0 {
+            seconds = max(2, value)
+        }
+        let c = try Self.start(parameters)
+        let deadline = monotonicNow() + seconds
+        do {
+            try Self.finishConnecting(c, deadline: deadline, seconds: seconds)
+        } catch {
             PQfinish(c)
-            throw DatabaseError(.connectionFailed, message)
+            throw error
         }
+        conn = c
+        configure(c)
+        // The session settings are part of connecting: their reply is awaited for what is left of the bound.
+        let settings = limits.sessionSettings(options: parameters.first { $0.0 == "options" }?.1)
+        if !settings.isEmpty {
+            let sql = settings.map { "SET \($0.0) = \($0.1)" }.joined(separator: "; ")
+            do {
+                _ = try roundTrip(silence: max(0.001, deadline - monotonicNow())) { PQsendQuery($0, sql) }
+            } catch let error as DatabaseError where error.code == .connectionLost {
+                let silent = error.message.hasPrefix("no reply")
+                throw DatabaseError(.connectionFailed, silent ? "no connection within \(formatLimit(seconds)) (database_timeout)" : error.message)
+            }
+        }
+    }
+
+    private func configure(_ c: OpaquePointer) {
         // Notices (e.g. "relation already exists, skipping") go nowhere instead of stderr.
         PQsetNoticeProcessor(c, { _, _ in }, nil)
-        conn = c
+        // Sending never blocks either: a full socket buffer is waited out with poll, under the deadline.
+        _ = PQsetnonblocking(c, 1)
+    }
+
+    /// The user's connection string parsed by libpq (URI or key=value), plus the parameters of `limits`
+    /// it does not set itself.
+    public static func parameters(conninfo: String, adding limits: ConnectionLimits) throws -> [(String, String)] {
+        adding(limits, to: try parse(conninfo))
+    }
+
+    /// The parameters a connection string sets, in libpq's order.
+    static func parse(_ conninfo: String) throws -> [(String, String)] {
+        var error: UnsafeMutablePointer<CChar>? = nil
+        guard let parsed = PQconninfoParse(conninfo, &error) else {
+            let message = error.map { String(cString: $0).trimmingNewlines() } ?? "libpq could not parse the connection string"
+            if let error { PQfreemem(error) }
+            throw DatabaseError(.connectionFailed, "invalid connection string: \(message)")
+        }
+        defer { PQconninfoFree(parsed) }
+        var out: [(String, String)] = []
+        var i = 0
+        while let keyword = parsed[i].keyword {
+            if let value = parsed[i].val { out.append((String(cString: keyword), String(cString: value))) }
+            i += 1
+        }
+        return out
+    }
+
+    static func adding(_ limits: ConnectionLimits, to given: [(String, String)]) -> [(String, String)] {
+        var out = given
+        for (key, value) in limits.connectionParameters where !given.contains(where: { $0.0 == key }) {
+            out.append((key, value))
+        }
+        return out
+    }
+
+    private static func start(_ parameters: [(String, String)]) throws -> OpaquePointer {
+        let keys = parameters.map { strdup($0.0) } + [nil]
+        let values = parameters.map { strdup($0.1) } + [nil]
+        defer { for p in keys + values { free(p) } }
+        let c: OpaquePointer? = keys.map { UnsafePointer($0) }.withUnsafeBufferPointer { k in
+            values.map { UnsafePointer($0) }.withUnsafeBufferPointer { v in
+                PQconnectStartParams(k.baseAddress, v.baseAddress, 0)
+            }
+        }
+        guard let c else { throw DatabaseError(.connectionFailed, "libpq could not allocate a connection") }
+        return c
+    }
+
+    /// Drives PQconnectPoll until the connection is made, fails, or the deadline passes.
+    private static func finishConnecting(_ c: OpaquePointer, deadline: Double?, seconds: Double?) throws {
+        func failure() -> DatabaseError {
+            DatabaseError(.connectionFailed, String(cString: PQerrorMessage(c)).trimmingNewlines())
+        }
+        if PQstatus(c) == CONNECTION_BAD { throw failure() }
+        var state = PGRES_POLLING_WRITING
+        while true {
+            switch state {
+            case PGRES_POLLING_OK:
+                return
+            case PGRES_POLLING_FAILED:
+                throw failure()
+            default:
+                let events = state == PGRES_POLLING_READING ? Int16(POLLIN) : Int16(POLLOUT)
+                guard waitSocket(PQsocket(c), events: events, deadline: deadline) else {
+                    throw DatabaseError(.connectionFailed, "no connection within \(formatLimit(seconds ?? 0)) (database_timeout)")
+                }
+            }
+            state = PQconnectPoll(c)
+        }
     }
 
     deinit { close() }
@@ -201,7 +314,7 @@ public final class PostgresConnection {
     /// Runs one statement with bound parameters (`$1`, `$2`, ...; nil binds NULL).
     @discardableResult
     public func query(_ sql: String, _ parameters: [PostgresBindable?] = []) throws -> PostgresRows {
-        guard let c = conn else { throw DatabaseError(.connectionLost, "the connection is closed") }
+        guard conn != nil else { throw DatabaseError(.connectionLost, "the connection is closed") }
         let values = parameters.map { $0?.postgresValue }
         let n = values.count
         var buffers: [UnsafeMutablePointer<CChar>?] = []
@@ -229,19 +342,65 @@ public final class PostgresConnection {
                 if formats[i] == 1 { p.deallocate() } else { free(p) }
             }
         }
-        let result: OpaquePointer? = buffers.withUnsafeBufferPointer { bufs in
-            bufs.baseAddress!.withMemoryRebound(to: UnsafePointer<CChar>?.self, capacity: max(n, 1)) { ptrs in
-                PQexecParams(c, sql, Int32(n), n == 0 ? nil : types, n == 0 ? nil : ptrs,
-                             n == 0 ? nil : lengths, n == 0 ? nil : formats, 0)
+        return try roundTrip { c in
+            buffers.withUnsafeBufferPointer { bufs in
+                bufs.baseAddress!.withMemoryRebound(to: UnsafePointer<CChar>?.self, capacity: max(n, 1)) { ptrs in
+                    PQsendQueryParams(c, sql, Int32(n), n == 0 ? nil : types, n == 0 ? nil : ptrs,
+                                      n == 0 ? nil : lengths, n == 0 ? nil : formats, 0)
+                }
             }
         }
-        return try consume(result)
     }
 
     /// Runs a script of several statements without parameters. Only for trusted text (migration files).
     public func executeScript(_ sql: String) throws {
+        _ = try roundTrip { PQsendQuery($0, sql) }
+    }
+
+    /// Sends with `send`, flushes and collects the results, each wait under the silence deadline.
+    /// Returns the last result, or the first error (the server stops a script at its first error).
+    private func roundTrip(silence override: Double? = nil, _ send: (OpaquePointer) -> Int32) throws -> PostgresRows {
         guard let c = conn else { throw DatabaseError(.connectionLost, "the connection is closed") }
-        _ = try consume(PQexec(c, sql))
+        guard send(c) == 1 else { return try consume(nil) }
+        let silence = override ?? limits?.silenceSeconds
+        var deadline = silence.map { monotonicNow() + $0 }
+        func givenUp() -> DatabaseError {
+            close()
+            return DatabaseError(.connectionLost, "no reply from the server for \(formatLimit(silence ?? 0)); the connection is given up (database_timeout)")
+        }
+        func lost() -> DatabaseError {
+            DatabaseError(.connectionLost, String(cString: PQerrorMessage(c)).trimmingNewlines())
+        }
+        while true {
+            let flushed = PQflush(c)
+            if flushed == 0 { break }
+            if flushed < 0 { throw lost() }
+            guard waitSocket(PQsocket(c), events: Int16(POLLIN) | Int16(POLLOUT), deadline: deadline) else { throw givenUp() }
+            if PQconsumeInput(c) == 0 { throw lost() }
+            deadline = silence.map { monotonicNow() + $0 }
+        }
+        var kept: OpaquePointer? = nil
+        var keptIsError = false
+        defer { if let kept { PQclear(kept) } }
+        while true {
+            while PQisBusy(c) != 0 {
+                guard waitSocket(PQsocket(c), events: Int16(POLLIN), deadline: deadline) else { throw givenUp() }
+                if PQconsumeInput(c) == 0 { throw lost() }
+                deadline = silence.map { monotonicNow() + $0 }
+            }
+            guard let r = PQgetResult(c) else { break }
+            let isError = PQresultStatus(r) == PGRES_FATAL_ERROR
+            if keptIsError {
+                PQclear(r)
+            } else {
+                if let k = kept { PQclear(k) }
+                kept = r
+                keptIsError = isError
+            }
+        }
+        let result = kept
+        kept = nil
+        return try consume(result)
     }
 
     /// Runs `body` inside BEGIN/COMMIT; rolls back when it throws.
@@ -309,6 +468,38 @@ public final class PostgresConnection {
             return try { throw DatabaseError(lost && state == nil ? .connectionLost : .statementFailed, primary,
                                              sqlState: state, constraint: field(UInt8(ascii: "n"))) }()
         }
+    }
+}
+
+/// Seconds on a monotonic clock.
+func monotonicNow() -> Double {
+    var t = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
+}
+
+/// "0.5 s", "5 s".
+func formatLimit(_ seconds: Double) -> String {
+    let rounded = (seconds * 1000).rounded() / 1000
+    return rounded == rounded.rounded() ? "\(Int(rounded)) s" : "\(rounded) s"
+}
+
+/// Waits until `fd` is ready for `events` (or in error, which the caller's next libpq call reports),
+/// or until `deadline` (monotonic seconds; nil: no limit). False when the deadline passed.
+func waitSocket(_ fd: Int32, events: Int16, deadline: Double?) -> Bool {
+    guard fd >= 0 else { return true } // libpq reports the closed socket itself
+    var p = pollfd(fd: fd, events: events, revents: 0)
+    while true {
+        var ms: Int32 = -1
+        if let deadline {
+            let left = deadline - monotonicNow()
+            if left <= 0 { return false }
+            ms = Int32(min(left * 1000, 3_600_000).rounded(.up))
+        }
+        let n = poll(&p, 1, ms)
+        if n > 0 { return true }
+        if n < 0 && errno != EINTR { return true }
+        if n == 0 && deadline == nil { continue }
     }
 }
 

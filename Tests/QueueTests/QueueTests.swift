@@ -171,6 +171,11 @@ final class PostgresFormatTests: XCTestCase {
         XCTAssertTrue(DatabaseError(.statementFailed, "x", sqlState: "40001").isTransient)
         XCTAssertFalse(DatabaseError(.statementFailed, "x", sqlState: "23514").isTransient)
         XCTAssertFalse(DatabaseError(.statementFailed, "x", sqlState: "42501").isTransient)
+        // lock_timeout and statement_timeout (database_timeout's bounds) are worth another try.
+        XCTAssertTrue(DatabaseError(.statementFailed, "x", sqlState: "55P03").isTransient)
+        XCTAssertTrue(DatabaseError(.statementFailed, "x", sqlState: "57014").isTransient)
+        XCTAssertTrue(DatabaseError(.statementFailed, "x", sqlState: "55P03").isTimeout)
+        XCTAssertFalse(DatabaseError(.statementFailed, "x", sqlState: "40001").isTimeout)
         XCTAssertEqual(DatabaseError(.statementFailed, "duplicate class name", sqlState: "23514").description,
                        "database error 23514: duplicate class name")
     }
@@ -267,6 +272,87 @@ final class ConfigTests: XCTestCase {
         XCTAssertThrowsError(try NoladConfig.load(path: "/nonexistent/nolad.yaml", environment: [:])) { error in
             XCTAssertEqual("\(error)", "cannot read the configuration file /nonexistent/nolad.yaml")
         }
+    }
+}
+
+/// database_timeout and the bounds derived from it (docs/operations.md, "Network partitions").
+final class DatabaseTimeoutTests: XCTestCase {
+    func testDefault_isFiveSeconds_orAThirdOfWhatTheLeaseLeaves() throws {
+        XCTAssertEqual(try NoladConfig.load(path: nil, environment: [:]).databaseTimeout, 5)
+        var c = try NoladConfig.load(path: nil, environment: ["NOLAD_LEASE_SECONDS": "2", "NOLAD_HEARTBEAT_SECONDS": "0.5"])
+        XCTAssertEqual(c.databaseTimeout, 0.5, accuracy: 1e-9)
+        c = try NoladConfig.load(path: nil, environment: ["NOLAD_DATABASE_TIMEOUT": "2.5"])
+        XCTAssertEqual(c.databaseTimeout, 2.5)
+        XCTAssertEqual(c.controlConnectionLimits, .control(timeout: 2.5))
+        XCTAssertEqual(c.jobConnectionLimits, .job(timeout: 2.5))
+    }
+
+    func testTooLongOrNotPositive_isRefusedWithASentence() {
+        let cases: [([String: String], String)] = [
+            (["NOLAD_DATABASE_TIMEOUT": "0"], "database_timeout must be a positive number of seconds"),
+            (["NOLAD_DATABASE_TIMEOUT": "soon"], "database_timeout must be a number of seconds, got \"soon\""),
+            (["NOLAD_DATABASE_TIMEOUT": "25"], "database_timeout (25.0 s) is too long for lease_seconds (60.0) and heartbeat_seconds (10.0): a dead connection is noticed within 2 × database_timeout, which must end before the lease does (heartbeat_seconds + 2 × database_timeout < lease_seconds)"),
+        ]
+        for (env, message) in cases {
+            XCTAssertThrowsError(try NoladConfig.load(path: nil, environment: env)) { error in
+                XCTAssertTrue("\(error)".contains(message), "expected \(message), got \(error)")
+            }
+        }
+    }
+
+    func testBounds_derivedFromOneValue() {
+        let control = ConnectionLimits.control(timeout: 5)
+        XCTAssertEqual(control.connectSeconds, 5)
+        XCTAssertEqual(control.silenceSeconds, 10)
+        XCTAssertEqual(control.statementSeconds, 5)
+        XCTAssertEqual(control.lockSeconds, 5)
+        XCTAssertEqual(control.idleInTransactionSeconds, 10)
+        XCTAssertEqual([control.keepalivesIdle, control.keepalivesInterval, control.keepalivesCount], [5, 2, 3])
+        XCTAssertEqual(control.tcpUserTimeoutMilliseconds, 10_000)
+        let job = ConnectionLimits.job(timeout: 5)
+        XCTAssertEqual(job.statementSeconds, 60)
+        XCTAssertEqual(job.lockSeconds, 5)
+        XCTAssertEqual(job.silenceSeconds, 65)
+        XCTAssertEqual(job.connectSeconds, 5)
+        // Sub-second values: the integer TCP settings round up to at least 1 s.
+        let small = ConnectionLimits.control(timeout: 0.4)
+        XCTAssertEqual([small.keepalivesIdle, small.keepalivesInterval, small.keepalivesCount], [1, 1, 3])
+        XCTAssertEqual(small.tcpUserTimeoutMilliseconds, 800)
+        XCTAssertEqual(small.connectionParameters.first?.1, "1")
+    }
+
+    func testConnectionString_keepsWhatTheUserSet_addsTheRest() throws {
+        let limits = ConnectionLimits.control(timeout: 5)
+        let kv = try PostgresConnection.parameters(conninfo: "host=db.example dbname=q keepalives_idle=30 application_name=nolad", adding: limits)
+        let dict = Dictionary(kv, uniquingKeysWith: { a, _ in a })
+        XCTAssertEqual(kv.filter { $0.0 == "keepalives_idle" }.map(\.1), ["30"], "the user's value, once")
+        XCTAssertEqual(dict["host"], "db.example")
+        XCTAssertEqual(dict["connect_timeout"], "5")
+        XCTAssertEqual(dict["keepalives"], "1")
+        XCTAssertEqual(dict["keepalives_interval"], "2")
+        XCTAssertEqual(dict["keepalives_count"], "3")
+        XCTAssertEqual(dict["tcp_user_timeout"], "10000")
+        let uri = Dictionary(try PostgresConnection.parameters(conninfo: "postgresql://nolad@db.example:5433/q?tcp_user_timeout=250&connect_timeout=9", adding: limits),
+                             uniquingKeysWith: { a, _ in a })
+        XCTAssertEqual(uri["port"], "5433")
+        XCTAssertEqual(uri["user"], "nolad")
+        XCTAssertEqual(uri["tcp_user_timeout"], "250")
+        XCTAssertEqual(uri["connect_timeout"], "9")
+        XCTAssertEqual(uri["keepalives_idle"], "5")
+        XCTAssertThrowsError(try PostgresConnection.parameters(conninfo: "host=x bogus_option=1", adding: limits)) { error in
+            XCTAssertTrue("\(error)".contains("invalid connection string"), "\(error)")
+        }
+    }
+
+    func testSessionSettings_skipWhatTheOptionsSet() {
+        let limits = ConnectionLimits.control(timeout: 0.4)
+        XCTAssertEqual(limits.sessionSettings(options: nil).map { "\($0.0)=\($0.1)" }, [
+            "statement_timeout=400", "lock_timeout=400", "idle_in_transaction_session_timeout=800",
+            "tcp_keepalives_idle=1", "tcp_keepalives_interval=1", "tcp_keepalives_count=3",
+        ])
+        XCTAssertEqual(limits.sessionSettings(options: "-c statement_timeout=0 -c lock_timeout=2s").map(\.0), [
+            "idle_in_transaction_session_timeout", "tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count",
+        ])
     }
 }
 
