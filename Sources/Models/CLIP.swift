@@ -53,14 +53,16 @@ public struct CLIPConfig: Sendable {
         textConfig.hiddenAct = try t.activation("hidden_act", .quickGelu)
         textConfig.layerNormEps = try t.float("layer_norm_eps", 1e-5)
         textConfig.eosTokenId = try t.int("eos_token_id", 49407)
-        try c.checkHeads(visionConfig.hiddenSize, visionConfig.numAttentionHeads)
-        try c.checkHeads(textConfig.hiddenSize, textConfig.numAttentionHeads)
+        // What the forward passes assume, checked here so a bad folder fails its job with a sentence.
+        try v.checkHeads(visionConfig.hiddenSize, visionConfig.numAttentionHeads)
+        try t.checkHeads(textConfig.hiddenSize, textConfig.numAttentionHeads)
+        try v.checkRGB(visionConfig.numChannels)
         if visionConfig.imageSize % visionConfig.patchSize != 0 {
-            throw CheckpointError.badConfig(file: c.file, reason: "image_size not divisible by patch_size")
+            throw v.bad("\(v.prefix)image_size \(visionConfig.imageSize) is not a multiple of \(v.prefix)patch_size \(visionConfig.patchSize)")
         }
         // The tokenizer's context is max_position_embeddings: BOS and EOS need two positions.
         if textConfig.maxPositionEmbeddings < 2 {
-            throw CheckpointError.badConfig(file: c.file, reason: "text_config.max_position_embeddings \(textConfig.maxPositionEmbeddings) leaves no room for BOS and EOS (at least 2)")
+            throw t.bad("\(t.prefix)max_position_embeddings \(textConfig.maxPositionEmbeddings) leaves no room for BOS and EOS (at least 2)")
         }
     }
 }
