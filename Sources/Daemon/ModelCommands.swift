@@ -34,15 +34,15 @@ enum ImageEncoder {
 
     var sizeRule: String {
         switch self {
-        case .vit(let m) where m.kind == .dinov2: return "a multiple of \(m.config.patchSize)"
-        default: return "\(imageSize)×\(imageSize)"
+        case .vit(let m): return m.inputSizeRule
+        case .clip: return "\(imageSize)×\(imageSize)"
         }
     }
 
     func accepts(size: Int) -> Bool {
         switch self {
         case .clip: return size == imageSize
-        case .vit(let m): return m.kind == .dinov2 ? size % m.config.patchSize == 0 : size == imageSize
+        case .vit(let m): return m.accepts(height: size, width: size)
         }
     }
 
@@ -106,6 +106,7 @@ struct EmbedText: ParsableCommand {
             }
             clip = try CLIPModel(folder: folder)
             tokenizer = try CLIPTokenizer(folder: folder)
+            try tokenizer.checkFits(clip.config.textConfig, source: folder.path)
         } catch {
             throw fail("embed-text", error)
         }

@@ -120,7 +120,7 @@ public final class ViTModel: @unchecked Sendable {
     /// multiple of the patch size (its position grid is interpolated).
     public func accepts(height h: Int, width w: Int) -> Bool {
         switch kind {
-        case .vit: return h == config.imageSize && w == config.imageSize
+        case .vit: return h == config.imageSize && w == config.imageSize && h % config.patchSize == 0
         case .dinov2: return h > 0 && w > 0 && h % config.patchSize == 0 && w % config.patchSize == 0
         }
     }

@@ -41,4 +41,20 @@ final class EmbedImageCommandTests: XCTestCase {
         XCTAssertNotEqual(status, 0)
         XCTAssertTrue(output.contains(bad), output)
     }
+
+    /// The CLI loads models as the daemon does: a vocab.json larger than the config's vocab_size is a
+    /// sentence on stderr, not the token embedding's bounds precondition.
+    func testEmbedText_whenVocabularyOutgrowsTheModel_failsWithASentence() throws {
+        let folder = NSTemporaryDirectory() + "nolad-small-vocab-\(UUID().uuidString)"
+        try FileManager.default.copyItem(atPath: repository.appendingPathComponent("Demo/models/tiny-clip").path, toPath: folder)
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        let vocabURL = URL(fileURLWithPath: folder + "/vocab.json")
+        var vocab = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: vocabURL)) as? [String: Int])
+        let size = vocab.count
+        vocab["zzzextra</w>"] = size
+        try JSONSerialization.data(withJSONObject: vocab).write(to: vocabURL)
+        let (status, output) = try runProgram(try noladExecutable(), ["embed-text", "--model", folder, "zzzextra"])
+        XCTAssertEqual(status, 1, output)
+        XCTAssertTrue(output.contains("nolad embed-text: bad model config \(folder)/vocab.json: token id \(size) is outside config.json's text_config.vocab_size \(size)"), output)
+    }
 }
