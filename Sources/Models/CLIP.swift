@@ -57,6 +57,10 @@ public struct CLIPConfig: Sendable {
         try v.checkHeads(visionConfig.hiddenSize, visionConfig.numAttentionHeads)
         try t.checkHeads(textConfig.hiddenSize, textConfig.numAttentionHeads)
         try v.checkRGB(visionConfig.numChannels)
+        // Prompt tuning's strong view has a perspective transform whose four corners coincide on 1 pixel.
+        if visionConfig.imageSize < 2 {
+            throw v.bad("\(v.prefix)image_size \(visionConfig.imageSize) is too small: prompt tuning's strong view needs at least 2 pixels a side")
+        }
         if visionConfig.imageSize % visionConfig.patchSize != 0 {
             throw v.bad("\(v.prefix)image_size \(visionConfig.imageSize) is not a multiple of \(v.prefix)patch_size \(visionConfig.patchSize)")
         }

@@ -66,6 +66,8 @@ final class BadModelFolderTests: XCTestCase {
             ("patch_size", "vision_config", 64, "vision_config.image_size 32 is not a multiple of vision_config.patch_size 64"),
             ("patch_size", "vision_config", 12, "vision_config.image_size 32 is not a multiple of vision_config.patch_size 12"),
             ("num_channels", "vision_config", 4, "vision_config.num_channels is 4; only RGB images (3 channels) are supported"),
+            // A 1-pixel strong view's perspective corners coincide: its solver's precondition.
+            ("image_size", "vision_config", 1, "vision_config.image_size 1 is too small: prompt tuning's strong view needs at least 2 pixels a side"),
             ("max_position_embeddings", "text_config", 1, "text_config.max_position_embeddings 1 leaves no room for BOS and EOS (at least 2)"),
             ("layer_norm_eps", "vision_config", "small", "vision_config.layer_norm_eps is \"small\", not a number"),
             ("hidden_act", "text_config", "relu", "text_config.hidden_act \"relu\" is not supported (gelu, quick_gelu)"),
