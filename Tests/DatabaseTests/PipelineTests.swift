@@ -1,4 +1,5 @@
 import Foundation
+import Method
 import Models
 import Queue
 import XCTest
@@ -337,7 +338,12 @@ final class PipelineTests: DatabaseTestCase {
             INSERT INTO nola.checkpoints (job_id, blob, epoch, step) SELECT id, '\\x00', 0, 0 FROM job RETURNING job_id
             """, [collection, Self.classes, training])[0].int("job_id"))
 
-        let daemon = try startPipelineDaemon("pipe-a", extra: ["model_root": models])
+        // The smallest memory budget: a job's micro-batch of 1,024-prompt views cannot fit it.
+        let daemon = try startPipelineDaemon("pipe-a", extra: ["model_root": models, "memory_budget_mb": "64"])
+        let bytesPerImage = CLIPPromptEncoder(model: try CLIPModel(folder: pipelineFixtures.appendingPathComponent("models/tiny-clip")),
+                                              promptCount: 1024).trainingBytesPerImage
+        XCTAssertGreaterThan(bytesPerImage, 64 << 20)
+        let gib = String(format: "%.1f", Double(2 * bytesPerImage) / Double(1 << 30))
         let cases: [(String, String)] = [
             (#"{"clip_model": "no-such-model"}"#, "CLIP model folder \(models)/no-such-model does not exist"),
             (#"{"clip_model": "small-vocab"}"#, "CLIP model \(models)/small-vocab: bad model config \(models)/small-vocab/vocab.json: token id \(vocabSize) is outside config.json's text_config.vocab_size \(vocabSize); vocab.json and config.json do not belong to the same model"),
@@ -345,6 +351,8 @@ final class PipelineTests: DatabaseTestCase {
             (#"{"clip_model": "rgba-clip"}"#, "CLIP model \(models)/rgba-clip: bad model config \(models)/rgba-clip/config.json: vision_config.num_channels is 4; only RGB images (3 channels) are supported"),
             (#"{"dino_model": "odd-patch-dino"}"#, "DINO model \(models)/odd-patch-dino: bad model config \(models)/odd-patch-dino/config.json: image_size 32 is not a multiple of patch_size 12"),
             (#"{"prompts_from_job": 999999}"#, "parameter 'prompts_from_job': job 999999 has no tuned prompts"),
+            (#"{"prompt_count": 1024, "prompt_micro_batch_size": 2, "prompt_epochs": 1, "alignment_epochs": 1, "min_k": 2}"#,
+             "parameter 'prompt_micro_batch_size': 2 images need about \(gib) GiB of prompt-tuning activations, more than this worker's memory_budget_mb 64; use at most 1, or leave it unset to size it from the budget"),
         ]
         var ids: [(Int64, String, String)] = [(damaged, training, "checkpoint of job \(damaged) cannot be read as safetensors: file is 1 bytes, shorter than the 8-byte header length; DELETE FROM nola.checkpoints WHERE job_id = \(damaged) to start prompt tuning over")]
         for (parameters, message) in cases { ids.append((try submit(collection, parameters: parameters), parameters, message)) }

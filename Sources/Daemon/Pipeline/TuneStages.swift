@@ -123,8 +123,17 @@ struct TuneStage: PipelineStage {
         } else {
             state = PromptTuningState(encoder: encoder, classifier: run.classifier, promptCount: p.promptCount, seed: p.seed)
         }
-        let micro = p.promptMicroBatchSize ?? promptMicroBatchSize(memoryBudgetBytes: context.config.memoryBudgetMB << 20,
-                                                                   bytesPerImage: encoder.trainingBytesPerImage, logicalBatch: p.promptBatchSize)
+        let budgetMicro = promptMicroBatchSize(memoryBudgetBytes: context.config.memoryBudgetMB << 20,
+                                               bytesPerImage: encoder.trainingBytesPerImage, logicalBatch: p.promptBatchSize)
+        let micro = p.promptMicroBatchSize ?? budgetMicro
+        // A micro-batch set by the job may exceed the collection or the logical batch (only what exists is
+        // used), but not the worker's memory budget: the activations would be allocated at once and the
+        // kernel's OOM killer would end the whole daemon.
+        let used = min(micro, p.promptBatchSize, n)
+        if p.promptMicroBatchSize != nil, used > budgetMicro {
+            let gib = Double(used) * Double(encoder.trainingBytesPerImage) / Double(1 << 30)
+            throw JobError.badInput("\(MethodError(.badParameter, NolaParameters.Key.promptMicroBatchSize.rawValue, "\(used) images need about \(String(format: "%.1f", gib)) GiB of prompt-tuning activations, more than this worker's memory_budget_mb \(context.config.memoryBudgetMB); use at most \(budgetMicro), or leave it unset to size it from the budget"))")
+        }
         let decoded = DecodedImages(urls: (0..<n).map { run.url(context, readableIndex: $0) }, threads: context.config.threads)
         var strong = StrongViewConfig()
         strong.size = run.imageSize
