@@ -57,9 +57,19 @@ enum ImageEncoder {
     }
 }
 
+/// One JSON object as a line. Numbers must be finite (JSON has no NaN): callers check embeddings with `finite`.
 func jsonLine(_ object: [String: Any]) -> String {
     let data = try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
     return String(decoding: data, as: UTF8.self)
+}
+
+/// `embedding` unchanged, or a sentence when a value is NaN or infinite (damaged weights, or a raw input
+/// tensor holding such values): JSON cannot carry them.
+func finite(_ embedding: ArraySlice<Float>, of what: String) throws -> [Double] {
+    guard embedding.allSatisfy(\.isFinite) else {
+        throw ModelCommandError(description: "\(what): the embedding has NaN or infinite values (damaged model weights or input)")
+    }
+    return embedding.map(Double.init)
 }
 
 /// Reads a raw tensor file: little-endian float32 values of one image, channel-major (3,S,S), already
@@ -115,7 +125,9 @@ struct EmbedText: ParsableCommand {
         let features = clip.getTextFeatures(ids)
         let p = clip.projectionDim
         for (i, text) in texts.enumerated() {
-            print(jsonLine(["text": text, "embedding": features[(i * p)..<((i + 1) * p)].map(Double.init)]))
+            let embedding: [Double]
+            do { embedding = try finite(features[(i * p)..<((i + 1) * p)], of: "text \(i + 1)") } catch { throw fail("embed-text", error) }
+            print(jsonLine(["text": text, "embedding": embedding]))
         }
     }
 }
@@ -179,8 +191,8 @@ struct EmbedImage: ParsableCommand {
                 guard encoder.accepts(size: size) else {
                     throw ModelCommandError(description: "\(file): image is \(size)×\(size), the model needs \(encoder.sizeRule)")
                 }
-                let embedding = encoder.embed(pixels, batch: 1, size: size)
-                print(jsonLine(["file": file, "embedding": embedding.map(Double.init)]))
+                let embedding = try finite(encoder.embed(pixels, batch: 1, size: size)[...], of: file)
+                print(jsonLine(["file": file, "embedding": embedding]))
             } catch {
                 failed += 1
                 _ = fail("embed-image", error)
