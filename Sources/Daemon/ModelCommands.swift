@@ -33,15 +33,15 @@ enum ImageEncoder {
 
     var sizeRule: String {
         switch self {
-        case .vit(let m) where m.kind == .dinov2: return "a multiple of \(m.config.patchSize)"
-        default: return "\(imageSize)×\(imageSize)"
+        case .vit(let m): return m.inputSizeRule
+        case .clip: return "\(imageSize)×\(imageSize)"
         }
     }
 
     func accepts(size: Int) -> Bool {
         switch self {
         case .clip: return size == imageSize
-        case .vit(let m): return m.kind == .dinov2 ? size % m.config.patchSize == 0 : size == imageSize
+        case .vit(let m): return m.accepts(height: size, width: size)
         }
     }
 
@@ -56,9 +56,19 @@ enum ImageEncoder {
     }
 }
 
+/// One JSON object as a line. Numbers must be finite (JSON has no NaN): callers check embeddings with `finite`.
 func jsonLine(_ object: [String: Any]) -> String {
     let data = try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
     return String(decoding: data, as: UTF8.self)
+}
+
+/// `embedding` unchanged, or a sentence when a value is NaN or infinite (damaged weights, or a raw input
+/// tensor holding such values): JSON cannot carry them.
+func finite(_ embedding: ArraySlice<Float>, of what: String) throws -> [Double] {
+    guard embedding.allSatisfy(\.isFinite) else {
+        throw ModelCommandError(description: "\(what): the embedding has NaN or infinite values (damaged model weights or input)")
+    }
+    return embedding.map(Double.init)
 }
 
 /// Reads a raw tensor file: little-endian float32 values of one image, channel-major (3,S,S), already
@@ -105,6 +115,7 @@ struct EmbedText: ParsableCommand {
             }
             clip = try CLIPModel(folder: folder)
             tokenizer = try CLIPTokenizer(folder: folder)
+            try tokenizer.checkFits(clip.config.textConfig, source: folder.path)
         } catch {
             throw fail("embed-text", error)
         }
@@ -113,7 +124,9 @@ struct EmbedText: ParsableCommand {
         let features = clip.getTextFeatures(ids)
         let p = clip.projectionDim
         for (i, text) in texts.enumerated() {
-            print(jsonLine(["text": text, "embedding": features[(i * p)..<((i + 1) * p)].map(Double.init)]))
+            let embedding: [Double]
+            do { embedding = try finite(features[(i * p)..<((i + 1) * p)], of: "text \(i + 1)") } catch { throw fail("embed-text", error) }
+            print(jsonLine(["text": text, "embedding": embedding]))
         }
     }
 }
@@ -177,8 +190,8 @@ struct EmbedImage: ParsableCommand {
                 guard encoder.accepts(size: size) else {
                     throw ModelCommandError(description: "\(file): image is \(size)×\(size), the model needs \(encoder.sizeRule)")
                 }
-                let embedding = encoder.embed(pixels, batch: 1, size: size)
-                print(jsonLine(["file": file, "embedding": embedding.map(Double.init)]))
+                let embedding = try finite(encoder.embed(pixels, batch: 1, size: size)[...], of: file)
+                print(jsonLine(["file": file, "embedding": embedding]))
             } catch {
                 failed += 1
                 _ = fail("embed-image", error)

@@ -127,8 +127,19 @@ public struct PromptTuningState: Equatable, Sendable {
             guard let s = metadata[key], let v = T(s) else { throw MethodError(.badState, key, "missing or not a number") }
             return v
         }
+        /// A position counter: a negative one would index before the epoch's first batch on resume.
+        func count(_ key: String) throws -> Int {
+            let v = try number(key, Int.self)
+            guard v >= 0 else { throw MethodError(.badState, key, "\(v) is negative") }
+            return v
+        }
+        func matrix(_ name: String) throws -> NamedTensor {
+            let t = try tensor(name)
+            guard t.shape.count == 2 else { throw MethodError(.badState, name, "shape \(t.shape), expected two dimensions") }
+            return t
+        }
         let names = (metadata["layer_norms"] ?? "").split(separator: ",").map(String.init)
-        self.init(prompts: try tensor(Self.promptsName), layerNorms: try names.map(tensor), head: try tensor(Self.headName))
+        self.init(prompts: try matrix(Self.promptsName), layerNorms: try names.map(tensor), head: try matrix(Self.headName))
         moments = try trainable.map { t in
             let m = try tensor(t.name + ".exp_avg"), v = try tensor(t.name + ".exp_avg_sq")
             guard m.shape == t.shape, v.shape == t.shape else {
@@ -136,12 +147,15 @@ public struct PromptTuningState: Equatable, Sendable {
             }
             return AdamMoments(m: m.values, v: v.values)
         }
-        step = try number("step", Int.self)
-        epoch = try number("epoch", Int.self)
-        batchInEpoch = try number("batch_in_epoch", Int.self)
+        step = try count("step")
+        epoch = try count("epoch")
+        batchInEpoch = try count("batch_in_epoch")
         epochLossSum = try number("epoch_loss_sum", Double.self)
-        epochAgreements = try number("epoch_agreements", Int.self)
-        epochImages = try number("epoch_images", Int.self)
+        guard epochLossSum.isFinite, epochLossSum >= 0 else {
+            throw MethodError(.badState, "epoch_loss_sum", "\(epochLossSum) is not a finite loss")
+        }
+        epochAgreements = try count("epoch_agreements")
+        epochImages = try count("epoch_images")
     }
 }
 
@@ -219,6 +233,7 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
                             onEpoch: (PromptTuningEpoch, PromptTuningState) throws -> Void = { _, _ in }) throws {
     let n = teacherLabels.count
     let c = state.head.shape[0], e = state.head.shape[1]
+    // Bugs: a restored state is checked against the job's CLIP and teacher labels first (TuneStage).
     precondition(e == encoder.featureSize && state.prompts.shape[1] == encoder.hiddenSize)
     precondition(batchSize > 0 && microBatchSize > 0 && teacherLabels.allSatisfy { $0 >= 0 && $0 < c })
     guard n > 0 else { throw MethodError(.badInput, "prompt tuning", "no images") }

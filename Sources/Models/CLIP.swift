@@ -61,14 +61,20 @@ public struct CLIPConfig: Sendable {
         textConfig.layerNormEps = try t.float("layer_norm_eps", 1e-5)
         textConfig.eosTokenId = try t.int("eos_token_id", 49407)
         textConfig.pooling = textConfig.eosTokenId == 2 ? .highestID : .firstEOS
-        try c.checkHeads(visionConfig.hiddenSize, visionConfig.numAttentionHeads)
-        try c.checkHeads(textConfig.hiddenSize, textConfig.numAttentionHeads)
+        // What the forward passes assume, checked here so a bad folder fails its job with a sentence.
+        try v.checkHeads(visionConfig.hiddenSize, visionConfig.numAttentionHeads)
+        try t.checkHeads(textConfig.hiddenSize, textConfig.numAttentionHeads)
+        try v.checkRGB(visionConfig.numChannels)
+        // Prompt tuning's strong view has a perspective transform whose four corners coincide on 1 pixel.
+        if visionConfig.imageSize < 2 {
+            throw v.bad("\(v.prefix)image_size \(visionConfig.imageSize) is too small: prompt tuning's strong view needs at least 2 pixels a side")
+        }
         if visionConfig.imageSize % visionConfig.patchSize != 0 {
-            throw CheckpointError.badConfig(file: c.file, reason: "image_size not divisible by patch_size")
+            throw v.bad("\(v.prefix)image_size \(visionConfig.imageSize) is not a multiple of \(v.prefix)patch_size \(visionConfig.patchSize)")
         }
         // The tokenizer's context is max_position_embeddings: BOS and EOS need two positions.
         if textConfig.maxPositionEmbeddings < 2 {
-            throw CheckpointError.badConfig(file: c.file, reason: "text_config.max_position_embeddings \(textConfig.maxPositionEmbeddings) leaves no room for BOS and EOS (at least 2)")
+            throw t.bad("\(t.prefix)max_position_embeddings \(textConfig.maxPositionEmbeddings) leaves no room for BOS and EOS (at least 2)")
         }
     }
 }

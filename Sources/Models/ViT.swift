@@ -23,6 +23,15 @@ public struct ViTConfig: Sendable {
         layerNormEps = try c.float("layer_norm_eps", dinov2 ? 1e-6 : 1e-12)
         intermediateSize = dinov2 ? hiddenSize * (try c.int("mlp_ratio", 4)) : try c.int("intermediate_size", 3072)
         try c.checkHeads(hiddenSize, numAttentionHeads)
+        try c.checkRGB(numChannels)
+        // ViT takes image_size × image_size only; DINOv2 interpolates its position grid to any multiple
+        // of the patch size, but needs a grid of at least one patch to interpolate from.
+        if !dinov2 && imageSize % patchSize != 0 {
+            throw c.bad("image_size \(imageSize) is not a multiple of patch_size \(patchSize)")
+        }
+        if dinov2 && imageSize < patchSize {
+            throw c.bad("image_size \(imageSize) is smaller than patch_size \(patchSize)")
+        }
         if dinov2, let swiglu = c.object["use_swiglu_ffn"] as? Bool, swiglu {
             throw CheckpointError.badConfig(file: c.file, reason: "use_swiglu_ffn (DINOv2 giant) is not supported")
         }
@@ -107,12 +116,28 @@ public final class ViTModel: @unchecked Sendable {
         return out
     }
 
+    /// Whether the model takes (B,3,H,W) input of this size: ViT only image_size × image_size, DINOv2 any
+    /// multiple of the patch size (its position grid is interpolated).
+    public func accepts(height h: Int, width w: Int) -> Bool {
+        switch kind {
+        case .vit: return h == config.imageSize && w == config.imageSize && h % config.patchSize == 0
+        case .dinov2: return h > 0 && w > 0 && h % config.patchSize == 0 && w % config.patchSize == 0
+        }
+    }
+
+    /// The input sizes `accepts`, in words: "224×224" or "a multiple of 14 on each side".
+    public var inputSizeRule: String {
+        switch kind {
+        case .vit: return "\(config.imageSize)×\(config.imageSize)"
+        case .dinov2: return "a multiple of \(config.patchSize) on each side"
+        }
+    }
+
     /// Hidden states (B, 1+gh·gw, D) after `layerCount` layers (the final layernorm applied when all run).
     /// pixels is (B,3,H,W); ViT needs H = W = image_size, DINOv2 any multiple of patch_size.
     func hiddenStates(pixels: UnsafePointer<Float>, batch b: Int, height h: Int, width w: Int, layerCount: Int) -> Buffer {
         let c = config, d = c.hiddenSize, p = c.patchSize
-        precondition(h % p == 0 && w % p == 0, "image size must be a multiple of the patch size")
-        precondition(kind == .dinov2 || (h == c.imageSize && w == c.imageSize), "ViT input must be image_size × image_size")
+        precondition(accepts(height: h, width: w), "\(h)×\(w) input, the model takes \(inputSizeRule) (callers check `accepts`)")
         let gh = h / p, gw = w / p, np = gh * gw, t = 1 + np
         let cols = Buffer(count: b * np * c.numChannels * p * p), patches = Buffer(count: b * np * d)
         im2colPatches(cols.data, pixels, b: b, c: c.numChannels, h: h, w: w, patch: p)

@@ -82,44 +82,78 @@ public struct SplitMix64: RandomNumberGenerator {
 }
 
 /// Typed access to `config.json` values, with the transformers defaults for absent keys.
+/// Errors name the key with its sub-config ("vision_config.patch_size") and the value as written.
 struct ConfigReader {
     let object: [String: Any]
     let file: String
+    /// "" at the top level, "vision_config." inside that sub-config.
+    var prefix = ""
 
+    /// The largest size a config may give. Far above any real model (vocabularies of 256k, images of a
+    /// few thousand pixels), low enough that the products of sizes computed before any tensor is read
+    /// (grid², hidden_size · mlp_ratio) cannot overflow and trap.
+    static let maximumSize = 1 << 24
+
+    func bad(_ reason: String) -> CheckpointError { .badConfig(file: file, reason: reason) }
+
+    /// A positive integer up to `maximumSize`; 0, negatives, fractions and strings are refused.
     func int(_ key: String, _ fallback: Int) throws -> Int {
         guard let value = object[key] else { return fallback }
-        guard let n = value as? NSNumber, Double(n.intValue) == n.doubleValue, n.intValue > 0 else {
-            throw CheckpointError.badConfig(file: file, reason: "\(key) is not a positive integer")
+        guard let n = value as? NSNumber, n.doubleValue.rounded() == n.doubleValue,
+              n.doubleValue >= 1, n.doubleValue <= Double(Self.maximumSize) else {
+            throw bad("\(prefix)\(key) is \(configText(value)), not an integer from 1 to \(Self.maximumSize)")
         }
         return n.intValue
     }
 
     func float(_ key: String, _ fallback: Float) throws -> Float {
         guard let value = object[key] else { return fallback }
-        guard let n = value as? NSNumber else { throw CheckpointError.badConfig(file: file, reason: "\(key) is not a number") }
+        guard let n = value as? NSNumber, n.doubleValue.isFinite else {
+            throw bad("\(prefix)\(key) is \(configText(value)), not a number")
+        }
         return n.floatValue
     }
 
     func activation(_ key: String, _ fallback: Activation) throws -> Activation {
         guard let value = object[key] else { return fallback }
         guard let name = value as? String, let act = Activation(huggingFace: name) else {
-            throw CheckpointError.badConfig(file: file, reason: "\(key) \(value) is not supported (gelu, quick_gelu)")
+            throw bad("\(prefix)\(key) \(configText(value)) is not supported (gelu, quick_gelu)")
         }
         return act
     }
 
     func sub(_ key: String) throws -> ConfigReader {
-        guard let value = object[key] else { return ConfigReader(object: [:], file: file) }
-        guard let sub = value as? [String: Any] else { throw CheckpointError.badConfig(file: file, reason: "\(key) is not an object") }
-        return ConfigReader(object: sub, file: file)
+        guard let value = object[key] else { return ConfigReader(object: [:], file: file, prefix: prefix + key + ".") }
+        guard let sub = value as? [String: Any] else { throw bad("\(prefix)\(key) is not an object") }
+        return ConfigReader(object: sub, file: file, prefix: prefix + key + ".")
     }
 
     func string(_ key: String) -> String? { object[key] as? String }
 
     /// hidden_size divisible by num_attention_heads, as every model here requires.
     func checkHeads(_ d: Int, _ h: Int) throws {
-        if d % h != 0 { throw CheckpointError.badConfig(file: file, reason: "hidden_size \(d) not divisible by num_attention_heads \(h)") }
+        if d % h != 0 { throw bad("\(prefix)hidden_size \(d) not divisible by \(prefix)num_attention_heads \(h)") }
     }
+
+    /// The images are RGB: a patch embedding over another number of channels would read past each image.
+    func checkRGB(_ channels: Int) throws {
+        if channels != 3 { throw bad("\(prefix)num_channels is \(channels); only RGB images (3 channels) are supported") }
+    }
+}
+
+/// A config value as the file writes it: numbers plainly, strings quoted, anything else as JSON.
+func configText(_ value: Any) -> String {
+    if let s = value as? String { return jsonQuoted(s) }
+    if value is NSNull { return "null" }
+    if let n = value as? NSNumber {
+        let d = n.doubleValue
+        return d.rounded() == d && abs(d) < 9e18 ? String(n.int64Value) : String(d)
+    }
+    if JSONSerialization.isValidJSONObject(value),
+       let data = try? JSONSerialization.data(withJSONObject: value, options: [.sortedKeys, .fragmentsAllowed]) {
+        return String(decoding: data, as: UTF8.self)
+    }
+    return "\(value)"
 }
 
 func openConfig(_ folder: URL) throws -> ConfigReader {

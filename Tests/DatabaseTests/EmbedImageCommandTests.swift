@@ -41,4 +41,36 @@ final class EmbedImageCommandTests: XCTestCase {
         XCTAssertNotEqual(status, 0)
         XCTAssertTrue(output.contains(bad), output)
     }
+
+    /// JSON has no NaN: an input (or damaged weights) giving non-finite values is a sentence on stderr,
+    /// not a crash in the JSON writer.
+    func testEmbedImage_whenTheEmbeddingIsNotFinite_failsWithASentence() throws {
+        let model = repository.appendingPathComponent("Demo/models/tiny-clip").path
+        let size = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: model + "/config.json"))) as? [String: Any])
+            .flatMap { $0["vision_config"] as? [String: Any] }?["image_size"] as? Int)
+        let raw = NSTemporaryDirectory() + "nolad-nan-\(UUID().uuidString).f32"
+        var bytes: [UInt8] = []
+        for _ in 0..<(3 * size * size) { withUnsafeBytes(of: Float.nan.bitPattern.littleEndian) { bytes.append(contentsOf: $0) } }
+        try Data(bytes).write(to: URL(fileURLWithPath: raw))
+        defer { try? FileManager.default.removeItem(atPath: raw) }
+        let (status, output) = try runProgram(try noladExecutable(), ["embed-image", "--model", model, raw])
+        XCTAssertEqual(status, 1, output)
+        XCTAssertTrue(output.contains("nolad embed-image: \(raw): the embedding has NaN or infinite values (damaged model weights or input)"), output)
+    }
+
+    /// The CLI loads models as the daemon does: a vocab.json larger than the config's vocab_size is a
+    /// sentence on stderr, not the token embedding's bounds precondition.
+    func testEmbedText_whenVocabularyOutgrowsTheModel_failsWithASentence() throws {
+        let folder = NSTemporaryDirectory() + "nolad-small-vocab-\(UUID().uuidString)"
+        try FileManager.default.copyItem(atPath: repository.appendingPathComponent("Demo/models/tiny-clip").path, toPath: folder)
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        let vocabURL = URL(fileURLWithPath: folder + "/vocab.json")
+        var vocab = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: vocabURL)) as? [String: Int])
+        let size = vocab.count
+        vocab["zzzextra</w>"] = size
+        try JSONSerialization.data(withJSONObject: vocab).write(to: vocabURL)
+        let (status, output) = try runProgram(try noladExecutable(), ["embed-text", "--model", folder, "zzzextra"])
+        XCTAssertEqual(status, 1, output)
+        XCTAssertTrue(output.contains("nolad embed-text: bad model config \(folder)/vocab.json: token id \(size) is outside config.json's text_config.vocab_size \(size)"), output)
+    }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import Method
 import Models
 import Queue
 import XCTest
@@ -320,31 +321,96 @@ final class PipelineTests: DatabaseTestCase {
         XCTFail("six cancels all landed at an epoch's end")
     }
 
+    /// A copy of fixture model `from` under `models/name`, its config.json and weights edited.
+    func brokenModel(_ models: String, from: String, _ name: String, config edit: (inout [String: Any]) -> Void = { _ in },
+                     weights: ((SafeTensorsFile) throws -> [UInt8])? = nil) throws {
+        let folder = models + "/" + name
+        try FileManager.default.copyItem(atPath: pipelineFixtures.appendingPathComponent("models/\(from)").path, toPath: folder)
+        let configURL = URL(fileURLWithPath: folder + "/config.json")
+        var config = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: configURL)) as? [String: Any])
+        edit(&config)
+        try JSONSerialization.data(withJSONObject: config, options: [.sortedKeys]).write(to: configURL)
+        if let weights {
+            let url = URL(fileURLWithPath: folder + "/model.safetensors")
+            let bytes = try weights(try SafeTensorsFile(url: url))
+            try FileManager.default.removeItem(at: url)
+            try Data(bytes).write(to: url)
+        }
+    }
+
+    /// The float tensors of `file` with one of them replaced by `shape` (values all 0.01).
+    func replacing(_ file: SafeTensorsFile, _ name: String, shape: [Int]) throws -> [UInt8] {
+        var tensors: [(name: String, shape: [Int], values: [Float])] = []
+        for n in file.tensorNames.sorted() where ["F32", "F16", "BF16"].contains(file.dtype(of: n) ?? "") {
+            if n == name {
+                tensors.append((n, shape, [Float](repeating: 0.01, count: shape.reduce(1, *))))
+            } else {
+                tensors.append((n, file.shape(of: n)!, try file.floats(n)))
+            }
+        }
+        XCTAssertTrue(tensors.contains { $0.name == name }, name)
+        return writeSafeTensors(tensors: tensors)
+    }
+
     func testBadInputs_failWithMessagesNamingThem_andTheDaemonKeepsServing() throws {
         let collection = try copyCollection()
-        // A model root holding the fixture models and one CLIP whose vocab.json is larger than its
-        // config's vocab_size (which used to reach a precondition and abort the whole daemon).
+        // A model root holding the fixture models and broken copies of them, one break each. Those marked
+        // † used to reach a precondition when the model ran and abort the whole daemon, every job with it.
         let models = root + "/../models-\(dbname)"
         try FileManager.default.createDirectory(atPath: models, withIntermediateDirectories: true)
         addTeardownBlock { try? FileManager.default.removeItem(atPath: models) }
         for name in ["tiny-clip", "tiny-dino"] {
             try FileManager.default.createSymbolicLink(atPath: models + "/" + name, withDestinationPath: pipelineFixtures.appendingPathComponent("models/\(name)").path)
         }
-        try FileManager.default.copyItem(atPath: pipelineFixtures.appendingPathComponent("models/tiny-clip").path, toPath: models + "/small-vocab")
-        // One token more in vocab.json than config.json's vocab_size (and the weights) hold.
+        // † One token more in vocab.json than config.json's vocab_size (and the weights) hold.
+        try brokenModel(models, from: "tiny-clip", "small-vocab")
         let vocabURL = URL(fileURLWithPath: models + "/small-vocab/vocab.json")
         var vocab = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: vocabURL)) as? [String: Int])
         let vocabSize = vocab.count
         vocab["zzzextra</w>"] = vocabSize
         try JSONSerialization.data(withJSONObject: vocab).write(to: vocabURL)
-        let daemon = try startPipelineDaemon("pipe-a", extra: ["model_root": models])
+        // Weights cut short: the safetensors header says it is longer than the file.
+        try brokenModel(models, from: "tiny-clip", "truncated-clip") { file in
+            Array([UInt8](try Data(contentsOf: URL(fileURLWithPath: file.path)))[0..<100])
+        }
+        let tinyCLIPWeights = [UInt8](try Data(contentsOf: pipelineFixtures.appendingPathComponent("models/tiny-clip/model.safetensors")))
+        let headerLength = (0..<8).reduce(0) { $0 | Int(tinyCLIPWeights[$1]) << (8 * $1) }
+        // † Four-channel images, with a patch embedding to match (the weak views are RGB).
+        try brokenModel(models, from: "tiny-clip", "rgba-clip", config: { config in
+            var vision = config["vision_config"] as? [String: Any] ?? [:]
+            vision["num_channels"] = 4
+            config["vision_config"] = vision
+        }, weights: { try self.replacing($0, "vision_model.embeddings.patch_embedding.weight", shape: [32, 4, 16, 16]) })
+        // † A DINO ViT whose 12-pixel patches do not tile its 32×32 input, with weights to match.
+        try brokenModel(models, from: "tiny-dino", "odd-patch-dino", config: { $0["patch_size"] = 12 },
+                        weights: { try self.replacing($0, "embeddings.patch_embeddings.projection.weight", shape: [24, 3, 12, 12]) })
+        // A job whose prompt-tuning checkpoint (as a resumed job finds it) is damaged: it fails with the
+        // sentence and the remedy rather than silently training from scratch (docs/failures.md, "Resuming").
+        let training = #"{"prompt_epochs": 1, "prompt_batch_size": 8, "alignment_epochs": 1, "min_k": 2}"#
+        let damaged = Int64(try db.query("""
+            WITH job AS (INSERT INTO nola.jobs (collection, classes, parameters, max_attempts) VALUES ($1, $2, $3::jsonb, 3) RETURNING id)
+            INSERT INTO nola.checkpoints (job_id, blob, epoch, step) SELECT id, '\\x00', 0, 0 FROM job RETURNING job_id
+            """, [collection, Self.classes, training])[0].int("job_id"))
+
+        // The smallest memory budget: a job's micro-batch of 1,024-prompt views cannot fit it.
+        let daemon = try startPipelineDaemon("pipe-a", extra: ["model_root": models, "memory_budget_mb": "64"])
+        let bytesPerImage = CLIPPromptEncoder(model: try CLIPModel(folder: pipelineFixtures.appendingPathComponent("models/tiny-clip")),
+                                              promptCount: 1024).trainingBytesPerImage
+        XCTAssertGreaterThan(bytesPerImage, 64 << 20)
+        let gib = String(format: "%.1f", Double(2 * bytesPerImage) / Double(1 << 30))
         let cases: [(String, String)] = [
             (#"{"clip_model": "no-such-model"}"#, "CLIP model folder \(models)/no-such-model does not exist"),
             (#"{"clip_model": "small-vocab"}"#, "CLIP model \(models)/small-vocab: bad model config \(models)/small-vocab/vocab.json: token id \(vocabSize) is outside config.json's text_config.vocab_size \(vocabSize); vocab.json and config.json do not belong to the same model"),
+            (#"{"clip_model": "truncated-clip"}"#, "CLIP model \(models)/truncated-clip: cannot read \(models)/truncated-clip/model.safetensors: header length \(headerLength) runs past the end of the file (100 bytes)"),
+            (#"{"clip_model": "rgba-clip"}"#, "CLIP model \(models)/rgba-clip: bad model config \(models)/rgba-clip/config.json: vision_config.num_channels is 4; only RGB images (3 channels) are supported"),
+            (#"{"dino_model": "odd-patch-dino"}"#, "DINO model \(models)/odd-patch-dino: bad model config \(models)/odd-patch-dino/config.json: image_size 32 is not a multiple of patch_size 12"),
             (#"{"prompts_from_job": 999999}"#, "parameter 'prompts_from_job': job 999999 has no tuned prompts"),
+            (#"{"prompt_count": 1024, "prompt_micro_batch_size": 2, "prompt_epochs": 1, "alignment_epochs": 1, "min_k": 2}"#,
+             "parameter 'prompt_micro_batch_size': 2 images need about \(gib) GiB of prompt-tuning activations, more than this worker's memory_budget_mb 64; use at most 1, or leave it unset to size it from the budget"),
         ]
-        for (parameters, message) in cases {
-            let id = try submit(collection, parameters: parameters)
+        var ids: [(Int64, String, String)] = [(damaged, training, "checkpoint of job \(damaged) cannot be read as safetensors: file is 1 bytes, shorter than the 8-byte header length; DELETE FROM nola.checkpoints WHERE job_id = \(damaged) to start prompt tuning over")]
+        for (parameters, message) in cases { ids.append((try submit(collection, parameters: parameters), parameters, message)) }
+        for (id, parameters, message) in ids {
             let row = try waitState(id, ["succeeded", "failed"], timeout: 60)
             XCTAssertEqual(try row.string("state"), "failed", parameters)
             XCTAssertEqual(try row.optionalString("error"), message, parameters)
@@ -353,7 +419,11 @@ final class PipelineTests: DatabaseTestCase {
         let bad = try submit(collection, parameters: "{}", descriptions: #"{"red ball": []}"#)
         let row = try waitState(bad, ["succeeded", "failed"], timeout: 60)
         XCTAssertEqual(try row.optionalString("error"), "descriptions for 'red ball': empty list of sentences")
-        let good = try submit(collection, parameters: #"{"prompt_epochs": 1, "prompt_batch_size": 8, "alignment_epochs": 1, "min_k": 2}"#)
+        // Parameters at the edge of their ranges: batches and k far larger than the 18-image collection.
+        let good = try submit(collection, parameters: """
+            {"prompt_epochs": 1, "prompt_batch_size": 1000000, "prompt_micro_batch_size": 1000000, "alignment_epochs": 1,
+             "alignment_batch_size": 1000000, "min_k": 1000000}
+            """)
         try waitSucceeded(good, timeout: 120)
         XCTAssertNil(daemon.waitExit(timeout: 0), "the daemon is still running")
     }

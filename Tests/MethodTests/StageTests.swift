@@ -25,6 +25,46 @@ final class StageTests: XCTestCase {
         }
     }
 
+    /// A checkpoint comes back from the database on resume: impossible shapes or position counters are
+    /// refused with a `.badState` sentence. (A scalar head was indexed as (C, E) and trapped; a negative
+    /// step reached AdamW's `step >= 1` precondition; a negative batch_in_epoch indexed before the epoch.)
+    func testCheckpoint_withImpossibleShapesOrCounters_isRefusedWithASentence() throws {
+        let (_, initial, _, _, _, _) = ReferenceParityTests.toySetup()
+        let teacher = [0, 3, 1, 2, 2]
+        let good = initial.checkpointSafeTensors(teacherLabels: teacher)
+        func refusal(_ bytes: [UInt8]) -> String {
+            do {
+                _ = try PromptTuningState.restore(checkpointSafeTensors: try temporaryFile(bytes))
+                return "no error"
+            } catch {
+                return "\(error)"
+            }
+        }
+        XCTAssertEqual(refusal(good), "no error")
+        let file = try temporaryFile(good)
+        let tensors = try file.tensorNames.sorted().map { (name: $0, shape: file.shape(of: $0)!, values: try file.floats($0)) }
+        func rewritten(metadata edit: [String: String] = [:], _ shape: (String, [Int]) -> [Int] = { $1 }) -> [UInt8] {
+            writeSafeTensors(tensors: tensors.map { ($0.name, shape($0.name, $0.shape), $0.values) },
+                             metadata: file.metadata.merging(edit) { $1 })
+        }
+        for key in ["step", "epoch", "batch_in_epoch", "epoch_agreements", "epoch_images"] {
+            XCTAssertEqual(refusal(rewritten(metadata: [key: "-3"])), "training state '\(key)': -3 is negative")
+        }
+        XCTAssertEqual(refusal(rewritten(metadata: ["epoch_loss_sum": "nan"])), "training state 'epoch_loss_sum': nan is not a finite loss")
+        XCTAssertEqual(refusal(rewritten(metadata: ["step": "three"])), "training state 'step': missing or not a number")
+        // head.weight (and its moments) flattened to one dimension, prompts likewise.
+        let head = initial.head.values.count, prompts = initial.prompts.values.count
+        XCTAssertEqual(refusal(rewritten { $0.hasPrefix("head.weight") ? [head] : $1 }),
+                       "training state 'head.weight': shape [\(head)], expected two dimensions")
+        XCTAssertEqual(refusal(rewritten { $0.hasPrefix("prompt_embeddings") ? [1, 1, prompts] : $1 }),
+                       "training state 'prompt_embeddings': shape [1, 1, \(prompts)], expected two dimensions")
+        // A state of a one-value head stored as a scalar.
+        var scalar = initial
+        scalar.head = NamedTensor(name: "head.weight", shape: [], values: [0.5])
+        scalar.moments[scalar.moments.count - 1] = AdamMoments(count: 1)
+        XCTAssertEqual(refusal(scalar.checkpointSafeTensors(teacherLabels: [0])), "training state 'head.weight': shape [], expected two dimensions")
+    }
+
     func testResultsSafeTensors_loadForInference_andCheckShapes() throws {
         let (encoder, initial, _, _, _, _) = ReferenceParityTests.toySetup()
         let file = try temporaryFile(initial.resultsSafeTensors(metadata: ["clip_model": "clip-vit-base-patch32"]))

@@ -22,9 +22,8 @@ struct EncodeStage: PipelineStage {
         if !inferenceOnly, let dinoFolder = run.dinoFolder {
             run.dino = try ModelCache.shared.dino(dinoFolder)
             let d = run.dino!.model
-            let fits = d.kind == .dinov2 ? run.imageSize % d.config.patchSize == 0 : d.config.imageSize == run.imageSize
-            guard fits else {
-                throw JobError.badInput("DINO model \(dinoFolder.path) takes \(d.config.imageSize)×\(d.config.imageSize) images but CLIP's weak view is \(run.imageSize)×\(run.imageSize)")
+            guard d.accepts(height: run.imageSize, width: run.imageSize) else {
+                throw JobError.badInput("DINO model \(dinoFolder.path) takes images of \(d.inputSizeRule), but CLIP's weak view is \(run.imageSize)×\(run.imageSize)")
             }
         }
         run.images = try context.withDatabase { try Results.images($0, jobID: context.jobID) }

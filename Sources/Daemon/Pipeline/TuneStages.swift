@@ -6,18 +6,29 @@ import Models
 import Queue
 
 /// Reads safetensors bytes (from PostgreSQL) through a private temporary file (the reader maps files).
-func withSafeTensors<T>(_ bytes: [UInt8], what: String, _ body: (SafeTensorsFile) throws -> T) throws -> T {
+/// A blob that cannot be read or restored fails the job with a sentence naming `what` (never the
+/// temporary file), followed by `remedy` when given.
+func withSafeTensors<T>(_ bytes: [UInt8], what: String, remedy: String? = nil, _ body: (SafeTensorsFile) throws -> T) throws -> T {
     let path = NSTemporaryDirectory() + "/nolad-\(getpid())-\(UInt64.random(in: 0...UInt64.max)).safetensors"
     guard FileManager.default.createFile(atPath: path, contents: Data(bytes), attributes: [.posixPermissions: 0o600]) else {
         throw JobError.transient("cannot write a temporary file in \(NSTemporaryDirectory())")
     }
     defer { try? FileManager.default.removeItem(atPath: path) }
+    let tail = remedy.map { "; " + $0 } ?? ""
+    let file: SafeTensorsFile
     do {
-        return try body(try SafeTensorsFile(path: path))
+        file = try SafeTensorsFile(path: path)
+    } catch CheckpointError.unreadable(_, let reason) {
+        throw JobError.badInput("\(what) cannot be read as safetensors: \(reason)\(tail)")
     } catch let error as CheckpointError {
-        throw JobError.badInput("\(what): \(error)")
+        throw JobError.badInput("\(what): \(error)\(tail)")
+    }
+    do {
+        return try body(file)
+    } catch let error as CheckpointError {
+        throw JobError.badInput("\(what): \(error)\(tail)")
     } catch let error as MethodError {
-        throw JobError.badInput("\(what): \(error)")
+        throw JobError.badInput("\(what): \(error)\(tail)")
     }
 }
 
@@ -88,8 +99,12 @@ struct TuneStage: PipelineStage {
         let c = context.classes.count, n = run.readable.count
         var state: PromptTuningState
         var teacher = stage2.teacherLabels
+        // A stored checkpoint that cannot be restored, or does not fit, fails the job (bad input, not
+        // retried) rather than being dropped: only this daemon writes nola.checkpoints, so such a row means
+        // damage or another nolad version, which the operator should see; the sentence says how to start over.
+        let startOver = "DELETE FROM nola.checkpoints WHERE job_id = \(context.jobID) to start prompt tuning over"
         if let saved = try context.withDatabase({ try PipelineTables.checkpoint($0, jobID: context.jobID) }) {
-            let restored = try withSafeTensors(saved.blob, what: "checkpoint of job \(context.jobID)") {
+            let restored = try withSafeTensors(saved.blob, what: "checkpoint of job \(context.jobID)", remedy: startOver) {
                 try PromptTuningState.restore(checkpointSafeTensors: $0)
             }
             state = restored.state
@@ -97,7 +112,7 @@ struct TuneStage: PipelineStage {
             guard restored.teacherLabels.count == n, state.head.shape == [c, encoder.featureSize],
                   state.prompts.shape == [p.promptCount, encoder.hiddenSize],
                   state.layerNorms.map({ "\($0.name)\($0.shape)" }) == expectedNorms else {
-                throw JobError.badInput("checkpoint of job \(context.jobID) does not fit this job (\(restored.teacherLabels.count) teacher labels for \(n) images, head \(state.head.shape), prompts \(state.prompts.shape)); DELETE FROM nola.checkpoints WHERE job_id = \(context.jobID) to start prompt tuning over")
+                throw JobError.badInput("checkpoint of job \(context.jobID) does not fit this job (\(restored.teacherLabels.count) teacher labels for \(n) images, head \(state.head.shape), prompts \(state.prompts.shape)); \(startOver)")
             }
             teacher = restored.teacherLabels
             try context.recordEvent(stage: name, kind: "resumed", metrics: [
@@ -108,8 +123,17 @@ struct TuneStage: PipelineStage {
         } else {
             state = PromptTuningState(encoder: encoder, classifier: run.classifier, promptCount: p.promptCount, seed: p.seed)
         }
-        let micro = p.promptMicroBatchSize ?? promptMicroBatchSize(memoryBudgetBytes: context.config.memoryBudgetMB << 20,
-                                                                   bytesPerImage: encoder.trainingBytesPerImage, logicalBatch: p.promptBatchSize)
+        let budgetMicro = promptMicroBatchSize(memoryBudgetBytes: context.config.memoryBudgetMB << 20,
+                                               bytesPerImage: encoder.trainingBytesPerImage, logicalBatch: p.promptBatchSize)
+        let micro = p.promptMicroBatchSize ?? budgetMicro
+        // A micro-batch set by the job may exceed the collection or the logical batch (only what exists is
+        // used), but not the worker's memory budget: the activations would be allocated at once and the
+        // kernel's OOM killer would end the whole daemon.
+        let used = min(micro, p.promptBatchSize, n)
+        if p.promptMicroBatchSize != nil, used > budgetMicro {
+            let gib = Double(used) * Double(encoder.trainingBytesPerImage) / Double(1 << 30)
+            throw JobError.badInput("\(MethodError(.badParameter, NolaParameters.Key.promptMicroBatchSize.rawValue, "\(used) images need about \(String(format: "%.1f", gib)) GiB of prompt-tuning activations, more than this worker's memory_budget_mb \(context.config.memoryBudgetMB); use at most \(budgetMicro), or leave it unset to size it from the budget"))")
+        }
         let decoded = DecodedImages(files: (0..<n).map { run.file(context, readableIndex: $0) }, threads: context.config.threads)
         var strong = StrongViewConfig()
         strong.size = run.imageSize
