@@ -27,6 +27,8 @@ let package = Package(
         .systemLibrary(name: "CPNG", pkgConfig: "libpng"),
         .systemLibrary(name: "CPostgres", pkgConfig: "libpq"),
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd"),
+        // libcurl for the LLM endpoint (http and https), driven with curl_multi_poll so waits can be stopped.
+        .systemLibrary(name: "CCurl", pkgConfig: "libcurl"),
         // libjpeg/libpng calls behind setjmp (their errors longjmp, which Swift cannot survive).
         .target(name: "CImageSupport", dependencies: ["CJPEG", "CPNG"],
                 cSettings: [.unsafeFlags(["-O2"])],
@@ -39,7 +41,7 @@ let package = Package(
         // Imaging: JPEG/PNG decoding, Pillow-exact resampling, augmentations.
         .target(name: "Imaging", dependencies: ["CJPEG", "CPNG", "CImageSupport"], swiftSettings: numeric),
         // Method: the four NoLA stages as plain functions, no database.
-        .target(name: "Method", dependencies: ["Kernels", "Models", "Imaging"], swiftSettings: numeric),
+        .target(name: "Method", dependencies: ["Kernels", "Models", "Imaging", "CCurl"], swiftSettings: numeric),
         // Queue: PostgreSQL access, migrations, claiming, leases, results.
         .target(name: "Queue", dependencies: [
             "CPostgres",

@@ -25,7 +25,7 @@ from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 import os
 import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import clip_image_embeds  # noqa: E402
+from common import PillowGaussianBlur, clip_image_embeds  # noqa: E402
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
@@ -36,8 +36,9 @@ STRONG = T.Compose([
     T.RandomHorizontalFlip(),
     T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
     T.RandomPerspective(0.2, p=0.5),
-    T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-    T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0)),
+    # As the public NoLA code (and nolad): the second ColorJitter always applies, then Pillow's blur.
+    T.ColorJitter(0.4, 0.4, 0.4, 0.1),
+    PillowGaussianBlur(0.1, 2.0),
     T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD),
 ])
 

@@ -23,3 +23,18 @@ def clip_image_embeds(clip, x, prompts=None):
         h = torch.cat([h[:, :1], prompts.expand(h.shape[0], -1, -1), h[:, 1:]], dim=1)
     h = vm.encoder(inputs_embeds=h).last_hidden_state
     return clip.visual_projection(vm.post_layernorm(h[:, 0]))
+
+
+class PillowGaussianBlur:
+    """The public NoLA code's blur: Pillow's ImageFilter.GaussianBlur with a radius drawn uniformly from
+    [low, high] for every image (torch's generator, so a seeded run repeats). nolad's strong view does the
+    same (Sources/Imaging/StrongView.swift); torchvision's GaussianBlur(kernel_size=23) is a different filter."""
+
+    def __init__(self, low=0.1, high=2.0):
+        self.low, self.high = low, high
+
+    def __call__(self, img):
+        import torch
+        from PIL import ImageFilter
+        radius = float(torch.empty(1).uniform_(self.low, self.high))
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))

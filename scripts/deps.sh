@@ -3,7 +3,7 @@
 # Safe to run repeatedly: apt is only called when something is missing.
 set -euo pipefail
 
-packages=(libpq-dev libopenblas-dev libjpeg-dev libpng-dev libsystemd-dev pkg-config postgresql lintian)
+packages=(libpq-dev libopenblas-dev libjpeg-dev libpng-dev libsystemd-dev libcurl4-openssl-dev pkg-config postgresql lintian)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -31,7 +31,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
-from common import clip_image_embeds  # noqa: E402
+from common import PillowGaussianBlur, clip_image_embeds  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -56,14 +56,19 @@ def weak_view(img):
 
 
 def strong_view(colour_jitter=True):
-    """NoLA's strong view; colour_jitter=False drops the ColorJitter (nolad's job parameter colour_jitter)."""
+    """NoLA's strong view as the public code builds it (utils/model_utils.py, get_random_transform): a
+    ColorJitter inside RandomApply(p=0.8), the perspective, a second ColorJitter always applied, then
+    Pillow's GaussianBlur with a radius uniform in [0.1, 2]. colour_jitter=False drops both ColorJitters
+    (nolad's job parameter colour_jitter)."""
     jitter = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)] if colour_jitter else []
+    second = [T.ColorJitter(0.4, 0.4, 0.4, 0.1)] if colour_jitter else []
     return T.Compose([
         T.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         *jitter,
         T.RandomPerspective(0.2, p=0.5),
-        T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0)),
+        *second,
+        PillowGaussianBlur(0.1, 2.0),
         T.ToImage(), T.ToDtype(torch.float32, scale=True),
         T.Normalize(MEAN, STD),
     ])

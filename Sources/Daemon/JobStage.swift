@@ -57,6 +57,7 @@ public final class JobContext: @unchecked Sendable {
     private let database: Database
     private let lock = NSLock()
     private var stop: StopReason?
+    private var activityAtStop: String?
     private var stageName: String?
     private var lastProgressWrite = Date.distantPast
     private let onProgress: @Sendable (String, Int, Int) -> Void
@@ -129,6 +130,16 @@ public final class JobContext: @unchecked Sendable {
     }
 
     public var stopReason: StopReason? { lock.withLock { stop } }
+
+    /// What the stage was doing when it saw the stop flag, when it says (e.g. "waiting for the LLM
+    /// endpoint http://llm:8000/v1 to describe class 'cat'"); a timed-out job's error names it.
+    public var stoppedWhile: String? { lock.withLock { activityAtStop } }
+
+    /// The error a stage throws when it stops in the middle of `activity` (a wait that took long).
+    public func stopped(_ reason: StopReason, while activity: String) -> JobError {
+        lock.withLock { activityAtStop = activity }
+        return JobError.stopped(reason)
+    }
 
     func requestStop(_ reason: StopReason) {
         lock.withLock { stop = reason }

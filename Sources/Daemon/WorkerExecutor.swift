@@ -53,7 +53,7 @@ extension Worker {
                 // A stage saw the job was no longer ours before the main loop did.
                 _ = reason == .leaseLost ? job.lifecycle.leaseLost() : job.lifecycle.cancelRequested()
             }
-            return job.lifecycle.executionFinished(result.result, unit: unit)
+            return job.lifecycle.executionFinished(result.result, unit: unit, stoppedWhile: job.context?.stoppedWhile)
         }
         do {
             let written = try database.run(retryFor: max(10, config.leaseSeconds)) { try JobStore.finish($0, ref, action) }

@@ -1,7 +1,4 @@
 import Foundation
-#if canImport(FoundationNetworking)
-import FoundationNetworking
-#endif
 
 /// Where class descriptions come from when the job brings none: an OpenAI-compatible chat-completions
 /// endpoint (from the worker's configuration).
@@ -49,12 +46,14 @@ public struct DescriptionClient: Sendable {
     public init(endpoint: LLMEndpoint) { self.endpoint = endpoint }
 
     /// Asks every question once; returns the sentences of all answers, deduplicated, in order.
-    public func describe(className: String) async throws -> [String] {
+    /// Runs on the caller's thread; `shouldStop` is asked about ten times a second while a request waits,
+    /// and a true answer ends the request and throws `.cancelled` (see `HTTPRequest`).
+    public func describe(className: String, shouldStop: () -> Bool = { false }) throws -> [String] {
         let name = className.replacingOccurrences(of: "_", with: " ")
         var sentences: [String] = []
         var seen = Set<String>()
         for question in Self.questions {
-            let answers = try await complete(question.replacingOccurrences(of: "{}", with: name))
+            let answers = try complete(question.replacingOccurrences(of: "{}", with: name), shouldStop: shouldStop)
             for answer in answers {
                 for s in Self.sentences(fromReply: answer) where seen.insert(s).inserted { sentences.append(s) }
             }
@@ -81,37 +80,23 @@ public struct DescriptionClient: Sendable {
     }
 
     /// POSTs one chat completion; returns the content of every choice.
-    func complete(_ question: String) async throws -> [String] {
-        var request = URLRequest(url: endpoint.url.appendingPathComponent("chat/completions"))
-        request.httpMethod = "POST"
-        request.timeoutInterval = endpoint.timeout
-        request.setValue("application/json", forHTTPHeaderField: "Content-Type")
-        if let key = endpoint.apiKey { request.setValue("Bearer \(key)", forHTTPHeaderField: "Authorization") }
-        request.httpBody = requestBody(question: question)
-
-        let configuration = URLSessionConfiguration.ephemeral
-        configuration.timeoutIntervalForRequest = endpoint.timeout
-        configuration.timeoutIntervalForResource = endpoint.timeout
-        let session = URLSession(configuration: configuration)
-        defer { session.finishTasksAndInvalidate() }
+    func complete(_ question: String, shouldStop: () -> Bool = { false }) throws -> [String] {
+        var headers = ["Content-Type: application/json", "Accept: application/json"]
+        if let key = endpoint.apiKey { headers.append("Authorization: Bearer \(key)") }
         let subject = redactedURL
-        let (data, response): (Data, URLResponse) = try await withCheckedThrowingContinuation { continuation in
-            session.dataTask(with: request) { data, response, error in
-                if let error {
-                    let reason = (error as? URLError)?.code == .timedOut ? "timed out after \(endpoint.timeout) s" : error.localizedDescription
-                    continuation.resume(throwing: MethodError(.llmRequestFailed, subject, reason))
-                } else if let data, let response {
-                    continuation.resume(returning: (data, response))
-                } else {
-                    continuation.resume(throwing: MethodError(.llmRequestFailed, subject, "no response"))
-                }
-            }.resume()
+        let response: HTTPRequest.Response
+        do {
+            response = try HTTPRequest.post(endpoint.url.appendingPathComponent("chat/completions"), headers: headers,
+                                            body: requestBody(question: question), timeout: endpoint.timeout, shouldStop: shouldStop)
+        } catch let failure as HTTPRequest.Failure {
+            if failure == .stopped { throw MethodError(.cancelled, "request to \(subject)", "stopped") }
+            throw MethodError(.llmRequestFailed, subject, failure.description)
         }
-        if let http = response as? HTTPURLResponse, !(200..<300).contains(http.statusCode) {
-            let snippet = String(decoding: data.prefix(200), as: UTF8.self)
-            throw MethodError(.llmRequestFailed, subject, "HTTP \(http.statusCode): \(snippet)")
+        guard (200..<300).contains(response.status) else {
+            let snippet = String(decoding: response.body.prefix(200), as: UTF8.self)
+            throw MethodError(.llmRequestFailed, subject, "HTTP \(response.status): \(snippet)")
         }
-        return try Self.choices(fromResponse: data, subject: subject)
+        return try Self.choices(fromResponse: response.body, subject: subject)
     }
 
     static func choices(fromResponse data: Data, subject: String) throws -> [String] {
@@ -165,7 +150,7 @@ public struct DescriptionClient: Sendable {
     }
 
     /// The endpoint URL without user, password or query, for messages.
-    var redactedURL: String {
+    public var redactedURL: String {
         guard var components = URLComponents(url: endpoint.url, resolvingAgainstBaseURL: false) else { return "LLM endpoint" }
         components.user = nil
         components.password = nil

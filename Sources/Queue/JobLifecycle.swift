@@ -168,8 +168,9 @@ public struct JobLifecycle: Sendable {
         }
     }
 
-    /// The stages returned; `unit` is a random sample in [0, 1) for the retry jitter.
-    public mutating func executionFinished(_ result: ExecutionResult, unit: Double = 0) -> Action {
+    /// The stages returned; `unit` is a random sample in [0, 1) for the retry jitter; `stoppedWhile` is what
+    /// a stopped stage was doing (it ends a timed-out job's message).
+    public mutating func executionFinished(_ result: ExecutionResult, unit: Double = 0, stoppedWhile: String? = nil) -> Action {
         let reason = stopReason
         switch state {
         case .finished:
@@ -199,15 +200,15 @@ public struct JobLifecycle: Sendable {
             switch reason {
             case .cancelled?: return .markCancelled
             case .shutdown?: return .release
-            case .timedOut(let s)?: return .markFailed(Self.timeoutMessage(s), kind: .timedOut)
+            case .timedOut(let s)?: return .markFailed(Self.timeoutMessage(s, while: stoppedWhile), kind: .timedOut)
             case .leaseLost?: return .abandon
             case nil: preconditionFailure("a stage stopped although no stop was requested")
             }
         }
     }
 
-    public static func timeoutMessage(_ seconds: Double) -> String {
-        "timed out after \(formatSeconds(seconds)) (the job's timeout)"
+    public static func timeoutMessage(_ seconds: Double, while activity: String? = nil) -> String {
+        "timed out after \(formatSeconds(seconds)) (the job's timeout)" + (activity.map { " while \($0)" } ?? "")
     }
 }
 

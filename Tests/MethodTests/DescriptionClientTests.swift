@@ -11,7 +11,7 @@ final class DescriptionClientTests: XCTestCase {
         return String(decoding: try! JSONSerialization.data(withJSONObject: object), as: UTF8.self)
     }
 
-    func testDescribe_asksEveryQuestion_andParsesReplies() async throws {
+    func testDescribe_asksEveryQuestion_andParsesReplies() throws {
         let server = try TinyHTTPServer { _, body in
             let object = try! JSONSerialization.jsonObject(with: body) as! [String: Any]
             let messages = object["messages"] as! [[String: String]]
@@ -20,7 +20,7 @@ final class DescriptionClientTests: XCTestCase {
         }
         defer { server.stop() }
         let endpoint = LLMEndpoint(url: server.url, model: "tiny-llm", apiKey: "sk-secret", timeout: 5, answersPerQuestion: 2)
-        let sentences = try await DescriptionClient(endpoint: endpoint).describe(className: "golden_retriever")
+        let sentences = try DescriptionClient(endpoint: endpoint).describe(className: "golden_retriever")
 
         let requests = server.requests
         XCTAssertEqual(requests.count, DescriptionClient.questions.count)
@@ -42,12 +42,12 @@ final class DescriptionClientTests: XCTestCase {
         XCTAssertEqual(sentences[2], "Another answer choice.")
     }
 
-    func testDescribe_whenHTTPError_throwsRequestFailedWithoutSecret() async throws {
+    func testDescribe_whenHTTPError_throwsRequestFailedWithoutSecret() throws {
         let server = try TinyHTTPServer { _, _ in (500, #"{"error": "overloaded"}"#) }
         defer { server.stop() }
         let endpoint = LLMEndpoint(url: server.url, model: "m", apiKey: "sk-secret", timeout: 5)
         do {
-            _ = try await DescriptionClient(endpoint: endpoint).describe(className: "cat")
+            _ = try DescriptionClient(endpoint: endpoint).describe(className: "cat")
             XCTFail("expected an error")
         } catch let error as MethodError {
             XCTAssertEqual(error.code, .llmRequestFailed)
@@ -56,11 +56,11 @@ final class DescriptionClientTests: XCTestCase {
         }
     }
 
-    func testDescribe_whenReplyIsNotACompletion_throwsBadReply() async throws {
+    func testDescribe_whenReplyIsNotACompletion_throwsBadReply() throws {
         let server = try TinyHTTPServer { _, _ in (200, #"{"choices": [{"text": "legacy"}]}"#) }
         defer { server.stop() }
         do {
-            _ = try await DescriptionClient(endpoint: LLMEndpoint(url: server.url, model: "m", timeout: 5)).describe(className: "cat")
+            _ = try DescriptionClient(endpoint: LLMEndpoint(url: server.url, model: "m", timeout: 5)).describe(className: "cat")
             XCTFail("expected an error")
         } catch let error as MethodError {
             XCTAssertEqual(error.code, .llmBadReply)
@@ -68,12 +68,12 @@ final class DescriptionClientTests: XCTestCase {
         }
     }
 
-    func testDescribe_whenServerNeverAnswers_timesOut() async throws {
+    func testDescribe_whenServerNeverAnswers_timesOut() throws {
         let server = try TinyHTTPServer { _, _ in nil }
         defer { server.stop() }
         let start = Date()
         do {
-            _ = try await DescriptionClient(endpoint: LLMEndpoint(url: server.url, model: "m", timeout: 1)).describe(className: "cat")
+            _ = try DescriptionClient(endpoint: LLMEndpoint(url: server.url, model: "m", timeout: 1)).describe(className: "cat")
             XCTFail("expected an error")
         } catch let error as MethodError {
             XCTAssertEqual(error.code, .llmRequestFailed)
@@ -82,15 +82,67 @@ final class DescriptionClientTests: XCTestCase {
         XCTAssertLessThan(Date().timeIntervalSince(start), 10)
     }
 
-    func testDescribe_whenNothingListens_throwsRequestFailed() async throws {
+    func testDescribe_whenNothingListens_throwsRequestFailed() throws {
         let server = try TinyHTTPServer { _, _ in (200, "{}") }
         let url = server.url
         server.stop()
         do {
-            _ = try await DescriptionClient(endpoint: LLMEndpoint(url: url, model: "m", timeout: 2)).describe(className: "cat")
+            _ = try DescriptionClient(endpoint: LLMEndpoint(url: url, model: "m", timeout: 2)).describe(className: "cat")
             XCTFail("expected an error")
         } catch let error as MethodError {
             XCTAssertEqual(error.code, .llmRequestFailed)
+        }
+    }
+}
+
+/// The wait for an LLM answer: interruptible and free of CPU (it used to spin in URLSession's loop).
+final class HTTPRequestWaitTests: XCTestCase {
+    static func processCPUSeconds() -> Double {
+        var usage = rusage()
+        getrusage(__rusage_who_t(RUSAGE_SELF.rawValue), &usage)
+        return Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6
+    }
+
+    func testDescribe_whenStopIsRequestedWhileTheEndpointNeverAnswers_endsAtOnce() throws {
+        let server = try TinyHTTPServer { _, _ in nil }
+        defer { server.stop() }
+        let start = Date()
+        let stop = NSLock()
+        nonisolated(unsafe) var stopRequested = false
+        DispatchQueue.global().asyncAfter(deadline: .now() + 0.5) { stop.withLock { stopRequested = true } }
+        do {
+            _ = try DescriptionClient(endpoint: LLMEndpoint(url: server.url, model: "m", timeout: 60))
+                .describe(className: "cat", shouldStop: { stop.withLock { stopRequested } })
+            XCTFail("expected an error")
+        } catch let error as MethodError {
+            XCTAssertEqual(error.code, .cancelled, error.description)
+        }
+        let elapsed = Date().timeIntervalSince(start)
+        XCTAssertGreaterThanOrEqual(elapsed, 0.5)
+        XCTAssertLessThan(elapsed, 5, "the 60 s request ended soon after the stop (10 stop checks a second)")
+        XCTAssertEqual(server.requests.count, 1)
+    }
+
+    func testWaitingForAnEndpointThatNeverAnswers_costsAlmostNoCPU() throws {
+        let server = try TinyHTTPServer { _, _ in nil }
+        defer { server.stop() }
+        let cpu = Self.processCPUSeconds()
+        let start = Date()
+        XCTAssertThrowsError(try HTTPRequest.post(server.url.appendingPathComponent("chat/completions"), headers: [],
+                                                  body: Data("{}".utf8), timeout: 4, shouldStop: { false })) { error in
+            XCTAssertEqual(error as? HTTPRequest.Failure, .timedOut(seconds: 4))
+        }
+        let wall = Date().timeIntervalSince(start)
+        let used = Self.processCPUSeconds() - cpu
+        print("HTTP wait: \(String(format: "%.3f", used)) CPU-s over \(String(format: "%.1f", wall)) s of waiting")
+        XCTAssertGreaterThanOrEqual(wall, 3.5)
+        // A spinning client uses about one CPU-second per wall second; a sleeping one almost none.
+        XCTAssertLessThan(used, 0.1 * wall, "CPU-seconds while waiting")
+    }
+
+    func testPost_refusesSchemesOtherThanHTTP() {
+        XCTAssertThrowsError(try HTTPRequest.post(URL(string: "ftp://127.0.0.1/x")!, headers: [], body: Data(), timeout: 1, shouldStop: { false })) { error in
+            XCTAssertEqual(error as? HTTPRequest.Failure, .failed("only http and https URLs are supported"))
         }
     }
 }

@@ -77,6 +77,16 @@ final class JobLifecycleTests: XCTestCase {
         XCTAssertEqual(action.outcome, .timedOut, "the outcome is carried as an enum, not read off the message")
     }
 
+    func testTimeout_duringAWait_namesWhatTheJobWaitedFor() {
+        var life = JobLifecycle(attemptsUsed: 1, maxAttempts: 3)
+        _ = life.timeoutReached(seconds: 2)
+        let action = life.executionFinished(.stopped, stoppedWhile: "waiting for the LLM endpoint http://llm:8000/v1 to describe class 'cat'")
+        XCTAssertEqual(action, .markFailed("timed out after 2 s (the job's timeout) while waiting for the LLM endpoint http://llm:8000/v1 to describe class 'cat'", kind: .timedOut))
+        var cancelled = JobLifecycle(attemptsUsed: 1, maxAttempts: 3)
+        _ = cancelled.cancelRequested()
+        XCTAssertEqual(cancelled.executionFinished(.stopped, stoppedWhile: "waiting"), .markCancelled, "only a timeout's message says it")
+    }
+
     func testLeaseLost_overridesEverything_andWritesNothing() {
         var life = JobLifecycle(attemptsUsed: 1, maxAttempts: 3)
         _ = life.cancelRequested()

@@ -217,7 +217,18 @@ struct DescribeStage: PipelineStage {
                     source[c] = "cache"
                     continue
                 }
-                let sentences = try waitFor { try await client.describe(className: c) }
+                let sentences: [String]
+                do {
+                    // Asks for the stop flag ten times a second while the endpoint has not answered, so a
+                    // cancel, the job's timeout or SIGTERM ends the wait at once.
+                    sentences = try client.describe(className: c, shouldStop: { context.stopReason != nil })
+                } catch let error as MethodError where error.code == .cancelled {
+                    let reason = context.stopReason ?? .shutdown
+                    context.logger.info("stopped while waiting for the LLM endpoint", metadata: ["endpoint": "\(client.redactedURL)", "class": "\(c)"])
+                    throw context.stopped(reason, while: "waiting for the LLM endpoint \(client.redactedURL) to describe class '\(c)'")
+                } catch let error as MethodError {
+                    throw JobError.transient("class descriptions: \(error)")
+                }
                 llmCalls += 1
                 try context.withDatabase {
                     try Results.cacheDescriptions($0, className: c, model: endpoint.model, promptVersion: DescriptionClient.promptVersion, sentences: sentences)
@@ -251,24 +262,4 @@ struct DescribeStage: PipelineStage {
             "clip": run.clip.identity.json, "seconds": seconds(since: start),
         ])
     }
-
-    /// Runs an async call from the job's thread and waits for it.
-    func waitFor<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) throws -> T {
-        let semaphore = DispatchSemaphore(value: 0)
-        let box = ResultBox<T>()
-        Task {
-            do { box.result = .success(try await body()) } catch { box.result = .failure(error) }
-            semaphore.signal()
-        }
-        semaphore.wait()
-        switch box.result! {
-        case .success(let v): return v
-        case .failure(let error as MethodError): throw JobError.transient("class descriptions: \(error)")
-        case .failure(let error): throw error
-        }
-    }
-}
-
-final class ResultBox<T>: @unchecked Sendable {
-    var result: Result<T, Error>?
 }
