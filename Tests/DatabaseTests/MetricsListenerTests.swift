@@ -61,7 +61,8 @@ final class MetricsListenerTests: DatabaseTestCase {
     func testMetrics_afterARealJob_haveTheQueueAttemptsImagesAndBuildInfo() throws {
         let port = try freeLoopbackPort()
         let base = "http://127.0.0.1:\(port)"
-        let daemon = try startDaemon("metrics", settings: ["metrics_listen": "127.0.0.1:\(port)"])
+        // Discovery pauses 0.3 s per image, so the running job can be seen in a scrape.
+        let daemon = try startDaemon("metrics", settings: ["metrics_listen": "127.0.0.1:\(port)", "image_delay_seconds": "0.3"])
         XCTAssertTrue(daemon.log.contains("metrics listener ready"), daemon.log)
 
         let health = try httpGet(base + "/healthz")
@@ -74,6 +75,17 @@ final class MetricsListenerTests: DatabaseTestCase {
 
         let collection = try makeCollection("pets", images: 5)
         let id = try submit(collection)
+        let series = "{job=\"\(id)\",attempt=\"1\",stage=\"discover\"}"
+        var running = ""
+        try waitUntil("a scrape shows the job running", timeout: 20, poll: 0.05) {
+            running = try httpGet(base + "/metrics").body
+            return sample("nolad_job_stage_done" + series, in: running).map { $0 >= 1 } ?? false
+        }
+        XCTAssertEqual(sample("nolad_worker_jobs_running", in: running), 1, running)
+        XCTAssertEqual(sample("nolad_job_stage_total" + series, in: running), 5, running)
+        let ratio = try XCTUnwrap(sample("nolad_job_stage_progress_ratio" + series, in: running), running)
+        XCTAssertTrue(ratio > 0 && ratio <= 1, running)
+        XCTAssertEqual(sample("nolad_queue_jobs{state=\"running\"}", in: running), 1, running)
         XCTAssertEqual(try waitState(id, ["succeeded", "failed"], timeout: 30).string("state"), "succeeded")
         // A job that is queued but not due yet (a retry in backoff looks the same).
         try db.query("INSERT INTO nola.jobs (collection, classes, run_after) VALUES ($1, $2, now() + interval '1 hour')",
@@ -97,6 +109,7 @@ final class MetricsListenerTests: DatabaseTestCase {
         XCTAssertEqual(sample("nolad_build_info{version=\"\(try noladVersionOfExecutable())\"}", in: t), 1, t)
         XCTAssertTrue(t.contains("nolad_worker_info{worker=\"metrics-\(daemon.pid)-"), t)
         XCTAssertEqual(sample("nolad_worker_jobs_running", in: t), 0, t)
+        XCTAssertNil(sample("nolad_job_stage_done" + series, in: t), "an ended job leaves no series")
         XCTAssertEqual(sample("nolad_worker_concurrency", in: t), 1, t)
         XCTAssertEqual(sample("nolad_queue_sample_ok", in: t), 1, t)
         XCTAssertEqual(sample("nolad_queue_jobs{state=\"succeeded\"}", in: t), 1, t)

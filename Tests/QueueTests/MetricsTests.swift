@@ -60,6 +60,14 @@ final class MetricsConfigTests: XCTestCase {
 }
 
 final class DaemonMetricsTests: XCTestCase {
+    /// The value of the sample `series` (exactly as exposed, labels included), or nil when absent.
+    func value(_ series: String, _ exposition: String) -> Double? {
+        for line in exposition.split(separator: "\n") where line.hasPrefix(series + " ") {
+            return Double(line.dropFirst(series.count + 1))
+        }
+        return nil
+    }
+
     func text(_ m: DaemonMetrics, queue: DaemonMetrics.QueueSample? = nil) -> String {
         String(decoding: m.exposition(queue: queue, queueFailed: queue == nil), as: UTF8.self)
     }
@@ -73,15 +81,15 @@ final class DaemonMetricsTests: XCTestCase {
         m.jobProgress(job, stage: "discover", done: 0, total: 4)
         m.jobProgress(job, stage: "discover", done: 3, total: 4)
         var t = text(m)
-        XCTAssertTrue(t.contains("nolad_build_info{version=\"9.9.9\"} 1"), t)
-        XCTAssertTrue(t.contains("nolad_worker_info{worker=\"w-1\"} 1"), t)
-        XCTAssertTrue(t.contains("nolad_worker_jobs_running 1"), t)
-        XCTAssertTrue(t.contains("nolad_worker_concurrency 2"), t)
-        XCTAssertTrue(t.contains("nolad_job_stage_done{job=\"7\",attempt=\"1\",stage=\"discover\"} 3"), t)
-        XCTAssertTrue(t.contains("nolad_job_stage_total{job=\"7\",attempt=\"1\",stage=\"discover\"} 4"), t)
-        XCTAssertTrue(t.contains("nolad_job_stage_progress_ratio{job=\"7\",attempt=\"1\",stage=\"discover\"} 0.75"), t)
-        XCTAssertTrue(t.contains("nolad_images_processed_total 3"), t)
-        XCTAssertTrue(t.contains("nolad_queue_sample_ok 0"), t)
+        XCTAssertEqual(value("nolad_build_info{version=\"9.9.9\"}", t), 1, t)
+        XCTAssertEqual(value("nolad_worker_info{worker=\"w-1\"}", t), 1, t)
+        XCTAssertEqual(value("nolad_worker_jobs_running", t), 1, t)
+        XCTAssertEqual(value("nolad_worker_concurrency", t), 2, t)
+        XCTAssertEqual(value("nolad_job_stage_done{job=\"7\",attempt=\"1\",stage=\"discover\"}", t), 3, t)
+        XCTAssertEqual(value("nolad_job_stage_total{job=\"7\",attempt=\"1\",stage=\"discover\"}", t), 4, t)
+        XCTAssertEqual(value("nolad_job_stage_progress_ratio{job=\"7\",attempt=\"1\",stage=\"discover\"}", t), 0.75, t)
+        XCTAssertEqual(value("nolad_images_processed_total", t), 3, t)
+        XCTAssertEqual(value("nolad_queue_sample_ok", t), 0, t)
         XCTAssertFalse(t.contains("nolad_queue_jobs"), t)
 
         m.jobProgress(job, stage: "discover", done: 4, total: 4)
@@ -95,24 +103,24 @@ final class DaemonMetricsTests: XCTestCase {
         m.databaseReconnected(tries: 3, seconds: 1.5)
         t = text(m, queue: .init(jobsByState: ["queued": 2, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0],
                                  notYetDue: 1, oldestDueSeconds: 12.5))
-        XCTAssertTrue(t.contains("nolad_worker_jobs_running 0"), t)
+        XCTAssertEqual(value("nolad_worker_jobs_running", t), 0, t)
         XCTAssertFalse(t.contains("nolad_job_stage_done{"), "an ended job leaves no series: \(t)")
-        XCTAssertTrue(t.contains("nolad_images_processed_total 4"), t)
-        XCTAssertTrue(t.contains("nolad_stage_progress_total{stage=\"discover\"} 4"), t)
-        XCTAssertTrue(t.contains("nolad_stage_progress_total{stage=\"label\"} 2"), t)
-        XCTAssertTrue(t.contains("nolad_stage_duration_seconds_count{stage=\"discover\"} 1"), t)
-        XCTAssertTrue(t.contains("nolad_stage_duration_seconds_count{stage=\"label\"} 1"), t)
-        XCTAssertTrue(t.contains("nolad_attempts_total{outcome=\"succeeded\"} 1"), t)
-        XCTAssertTrue(t.contains("nolad_attempts_total{outcome=\"not_written\"} 1"), t)
-        XCTAssertTrue(t.contains("nolad_attempts_total{outcome=\"failed\"} 0"), t)
-        XCTAssertTrue(t.contains("nolad_lease_renewals_failed_total 1"), t)
-        XCTAssertTrue(t.contains("nolad_database_outages_total 1"), t)
-        XCTAssertTrue(t.contains("nolad_database_reconnects_total 1"), t)
-        XCTAssertTrue(t.contains("nolad_database_reconnect_failures_total 3"), t)
-        XCTAssertTrue(t.contains("nolad_queue_sample_ok 1"), t)
-        XCTAssertTrue(t.contains("nolad_queue_jobs{state=\"queued\"} 2"), t)
-        XCTAssertTrue(t.contains("nolad_queue_not_yet_due_jobs 1"), t)
-        XCTAssertTrue(t.contains("nolad_queue_oldest_due_age_seconds 12.5"), t)
+        XCTAssertEqual(value("nolad_images_processed_total", t), 4, t)
+        XCTAssertEqual(value("nolad_stage_progress_total{stage=\"discover\"}", t), 4, t)
+        XCTAssertEqual(value("nolad_stage_progress_total{stage=\"label\"}", t), 2, t)
+        XCTAssertEqual(value("nolad_stage_duration_seconds_count{stage=\"discover\"}", t), 1, t)
+        XCTAssertEqual(value("nolad_stage_duration_seconds_count{stage=\"label\"}", t), 1, t)
+        XCTAssertEqual(value("nolad_attempts_total{outcome=\"succeeded\"}", t), 1, t)
+        XCTAssertEqual(value("nolad_attempts_total{outcome=\"not_written\"}", t), 1, t)
+        XCTAssertEqual(value("nolad_attempts_total{outcome=\"failed\"}", t), 0, t)
+        XCTAssertEqual(value("nolad_lease_renewals_failed_total", t), 1, t)
+        XCTAssertEqual(value("nolad_database_outages_total", t), 1, t)
+        XCTAssertEqual(value("nolad_database_reconnects_total", t), 1, t)
+        XCTAssertEqual(value("nolad_database_reconnect_failures_total", t), 3, t)
+        XCTAssertEqual(value("nolad_queue_sample_ok", t), 1, t)
+        XCTAssertEqual(value("nolad_queue_jobs{state=\"queued\"}", t), 2, t)
+        XCTAssertEqual(value("nolad_queue_not_yet_due_jobs", t), 1, t)
+        XCTAssertEqual(value("nolad_queue_oldest_due_age_seconds", t), 12.5, t)
         // Each family is declared once (two registries feed one exposition).
         let types = t.split(separator: "\n").filter { $0.hasPrefix("# TYPE ") }
         XCTAssertEqual(types.count, Set(types).count, t)
