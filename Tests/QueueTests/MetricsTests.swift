@@ -49,6 +49,17 @@ final class MetricsConfigTests: XCTestCase {
         }
     }
 
+    func testQueueSampler_addsTimeouts_inTheConninfosOwnForm() {
+        XCTAssertEqual(QueueSampler.withTimeouts("host=/run/postgresql dbname=nolad", seconds: 5),
+                       "host=/run/postgresql dbname=nolad connect_timeout=5 keepalives=1 keepalives_idle=5 keepalives_interval=1 keepalives_count=5 tcp_user_timeout=5000")
+        XCTAssertEqual(QueueSampler.withTimeouts("postgresql://db.internal/nolad", seconds: 5),
+                       "postgresql://db.internal/nolad?connect_timeout=5&keepalives=1&keepalives_idle=5&keepalives_interval=1&keepalives_count=5&tcp_user_timeout=5000")
+        XCTAssertEqual(QueueSampler.withTimeouts("postgres://h/n?sslmode=require&connect_timeout=2", seconds: 5),
+                       "postgres://h/n?sslmode=require&connect_timeout=2&keepalives=1&keepalives_idle=5&keepalives_interval=1&keepalives_count=5&tcp_user_timeout=5000")
+        XCTAssertEqual(QueueSampler.withTimeouts("", seconds: 3),
+                       "connect_timeout=3 keepalives=1 keepalives_idle=3 keepalives_interval=1 keepalives_count=3 tcp_user_timeout=3000")
+    }
+
     func testNonLoopback_isAccepted_withTheExplicitOverride() throws {
         let path = NSTemporaryDirectory() + "nolad-metrics-\(UUID().uuidString).yaml"
         try "metrics_listen: \"0.0.0.0:9464\"\nmetrics_allow_remote: true\n".write(toFile: path, atomically: true, encoding: .utf8)
@@ -142,5 +153,38 @@ final class DaemonMetricsTests: XCTestCase {
         XCTAssertEqual(m.readiness().text, "not ready: the database is unavailable (retrying)")
         m.databaseReconnected(tries: 1, seconds: 0.2)
         XCTAssertTrue(m.readiness().ok)
+    }
+}
+
+final class QueueSamplerTests: XCTestCase {
+    /// A loopback port whose listen backlog completes TCP handshakes but that never answers a byte.
+    func silentListener() throws -> (fd: Int32, port: Int) {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ok = withUnsafeMutablePointer(to: &a) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && listen(fd, 8) == 0 && getsockname(fd, $0, &len) == 0 }
+        }
+        XCTAssertTrue(ok)
+        return (fd, Int(UInt16(bigEndian: a.sin_port)))
+    }
+
+    func testScrape_isAnsweredWithinTheBound_whenTheDatabaseNeverAnswers_andReadsDoNotPileUp() async throws {
+        let (fd, port) = try silentListener()
+        defer { close(fd) }
+        let sampler = QueueSampler(conninfo: "host=127.0.0.1 port=\(port) user=nolad dbname=nolad")
+        let started = Date()
+        async let first = sampler.sample()
+        try await Task.sleep(nanoseconds: 200_000_000)
+        // While the first read hangs, a second scrape does not queue another behind it.
+        let second = await sampler.sample()
+        XCTAssertEqual("\(second)".contains("a previous read of the queue has not finished"), true, "\(second)")
+        let result = await first
+        let waited = Date().timeIntervalSince(started)
+        guard case .failure(let error) = result else { return XCTFail("a server that never answers gave \(result)") }
+        XCTAssertFalse("\(error)".contains("a previous read"), "libpq's connect_timeout ended the read, not the scrape's own wait: \(error)")
+        XCTAssertLessThanOrEqual(waited, Double(QueueSampler.timeoutSeconds) + 3, "the read is bounded by its timeouts")
     }
 }

@@ -6,30 +6,74 @@ import Queue
 
 /// Reads the queue's shape from PostgreSQL for a scrape, on its own connection and its own serial
 /// queue: a scrape never touches the main loop's connection or waits for it. The connection is kept
-/// between scrapes and opened again after a failure; connect and statement timeouts bound a scrape
-/// while the database is unreachable.
+/// between scrapes and opened again after a failure. Connect, statement and TCP timeouts bound a read
+/// while the database is unreachable, and a scrape waits for a read at most `timeoutSeconds` + 1 s:
+/// past that it is answered without the queue, and no second read starts while one still hangs.
 public final class QueueSampler: @unchecked Sendable {
     public static let timeoutSeconds = 5
     private let conninfo: String
     private let queue = DispatchQueue(label: "nolad.metrics.queue-sampler")
     private var connection: PostgresConnection?
+    private let lock = NSLock()
+    private var inFlight = false
 
     public init(conninfo: String) {
-        self.conninfo = Self.withConnectTimeout(conninfo, seconds: Self.timeoutSeconds)
+        self.conninfo = Self.withTimeouts(conninfo, seconds: Self.timeoutSeconds)
     }
 
-    /// `conninfo` with libpq's connect_timeout added, in the form it is written in (URI or key=value).
-    static func withConnectTimeout(_ conninfo: String, seconds: Int) -> String {
-        if conninfo.contains("connect_timeout") { return conninfo }
-        if conninfo.hasPrefix("postgresql://") || conninfo.hasPrefix("postgres://") {
-            return conninfo + (conninfo.contains("?") ? "&" : "?") + "connect_timeout=\(seconds)"
+    /// `conninfo` with libpq's connect_timeout, TCP keepalives and tcp_user_timeout added (the last two
+    /// apply to TCP connections only), in the form it is written in (URI or key=value). Keys the
+    /// operator wrote stay as written.
+    public static func withTimeouts(_ conninfo: String, seconds: Int) -> String {
+        let settings = [("connect_timeout", "\(seconds)"), ("keepalives", "1"), ("keepalives_idle", "\(seconds)"),
+                        ("keepalives_interval", "1"), ("keepalives_count", "\(seconds)"), ("tcp_user_timeout", "\(seconds * 1000)")]
+            .filter { !conninfo.contains($0.0) }
+        let uri = conninfo.hasPrefix("postgresql://") || conninfo.hasPrefix("postgres://")
+        var result = conninfo
+        for (key, value) in settings {
+            if uri {
+                result += (result.contains("?") ? "&" : "?") + "\(key)=\(value)"
+            } else {
+                result += (result.isEmpty ? "" : " ") + "\(key)=\(value)"
+            }
         }
-        return conninfo + (conninfo.isEmpty ? "" : " ") + "connect_timeout=\(seconds)"
+        return result
+    }
+
+    struct Busy: Error, CustomStringConvertible {
+        let description = "a previous read of the queue has not finished"
     }
 
     public func sample() async -> Result<DaemonMetrics.QueueSample, Error> {
-        await withCheckedContinuation { continuation in
-            queue.async { continuation.resume(returning: Result { try self.sampleNow() }) }
+        let start: Bool = lock.withLock {
+            if inFlight { return false }
+            inFlight = true
+            return true
+        }
+        guard start else { return .failure(Busy()) }
+        return await withCheckedContinuation { continuation in
+            let once = Once(continuation)
+            queue.async {
+                let result = Result { try self.sampleNow() }
+                self.lock.withLock { self.inFlight = false }
+                once.resume(result)
+            }
+            DispatchQueue.global().asyncAfter(deadline: .now() + .seconds(Self.timeoutSeconds + 1)) {
+                once.resume(.failure(Busy()))
+            }
+        }
+    }
+
+    private final class Once: @unchecked Sendable {
+        private let lock = NSLock()
+        private var continuation: CheckedContinuation<Result<DaemonMetrics.QueueSample, Error>, Never>?
+        init(_ c: CheckedContinuation<Result<DaemonMetrics.QueueSample, Error>, Never>) { continuation = c }
+        func resume(_ r: Result<DaemonMetrics.QueueSample, Error>) {
+            let c: CheckedContinuation<Result<DaemonMetrics.QueueSample, Error>, Never>? = lock.withLock {
+                defer { continuation = nil }
+                return continuation
+            }
+            c?.resume(returning: r)
         }
     }
 
