@@ -62,7 +62,7 @@ public final class DaemonMetrics: WorkerObserver, @unchecked Sendable {
         leaseRenewalsFailed = r.makeCounter(descriptor: Self.name("lease_renewals_failed", "total",
             "Lease renewals that found a running job no longer ours (another worker or the rescuer took it)."))
         imagesProcessed = r.makeCounter(descriptor: Self.name("images_processed", "total",
-            "Collection files examined by the discover stage, the first stage of every job (one per file per attempt)."))
+            "Collection files examined by the discover stage, which every job runs (one per file per attempt)."))
         r.makeGauge(descriptor: Self.name("build_info", "", "The running nolad's version (the value is always 1)."),
                     labels: [("version", version)]).set(to: 1)
     }
