@@ -43,7 +43,25 @@ public struct ServeCommand: ParsableCommand {
         let config: NoladConfig
         do { config = try options.load() } catch { throw fail("\(error)") }
         let logger = makeLogger(level: config.logLevel)
-        let worker = Worker(config: config, stages: JobStages.standard(config: config), logger: logger)
+        // The optional /metrics, /healthz, /readyz listener (docs/operations.md); off unless metrics_listen is set.
+        var metrics: DaemonMetrics?
+        var listener: MetricsListener?
+        let address: ListenAddress?
+        do { address = try config.metricsAddress() } catch { throw fail("\(error)") }
+        if let address {
+            let m = DaemonMetrics(version: noladVersion, concurrency: config.concurrency, livenessBound: config.leaseSeconds)
+            do {
+                listener = try MetricsListener.start(address: address, metrics: m, sampler: QueueSampler(conninfo: config.conninfo), logger: logger)
+            } catch {
+                logger.error("serve stopped", metadata: ["error": "\(error)"])
+                throw fail("\(error)")
+            }
+            metrics = m
+        }
+        defer { listener?.stop() }
+        let worker = Worker(config: config, stages: JobStages.standard(config: config), logger: logger,
+                            observer: metrics ?? NoWorkerObserver())
+        metrics?.setWorkerID(worker.id)
         let signals = SignalWatcher(signals: [SIGTERM, SIGINT]) { [worker] signal in
             logger.info("received signal", metadata: ["signal": "\(signal == SIGTERM ? "SIGTERM" : "SIGINT")"])
             worker.requestShutdown()

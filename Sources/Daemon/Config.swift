@@ -67,6 +67,11 @@ public struct NoladConfig: Equatable, Sendable {
     public var memoryBudgetMB: Int = 4096
     /// How often prompt tuning saves a checkpoint between epochs (always at the end of an epoch).
     public var checkpointSeconds: Double = 120
+    /// `host:port` of the optional HTTP listener for /metrics, /healthz and /readyz (docs/operations.md);
+    /// nil (the default): no listener. Loopback addresses only unless `metricsAllowRemote`.
+    public var metricsListen: String? = nil
+    /// Lets `metrics_listen` name a non-loopback address (the listener has no authentication or TLS).
+    public var metricsAllowRemote: Bool = false
 
     public init() {}
 
@@ -76,7 +81,7 @@ public struct NoladConfig: Equatable, Sendable {
         "collection_roots", "clip_model", "dino_model", "threads", "concurrency", "lease_seconds",
         "heartbeat_seconds", "database_timeout", "poll_seconds", "shutdown_timeout_seconds", "retry_base_seconds", "log_level",
         "migrations", "image_delay_seconds", "pipeline", "model_root", "llm_url", "llm_model", "llm_api_key",
-        "memory_budget_mb", "checkpoint_seconds",
+        "memory_budget_mb", "checkpoint_seconds", "metrics_listen", "metrics_allow_remote",
     ]
 
     /// Reads the YAML file at `path` (if any), then applies NOLAD_* variables from `environment`.
@@ -151,6 +156,13 @@ public struct NoladConfig: Equatable, Sendable {
             }
             return i
         }
+        func boolean() throws -> Bool {
+            switch value.trimmingCharacters(in: .whitespaces).lowercased() {
+            case "true", "yes", "on", "1": return true
+            case "false", "no", "off", "0", "": return false
+            default: throw NoladError(.config, "\(source): \(key) must be true or false, got \"\(value)\"")
+            }
+        }
         let optional: String? = value.isEmpty ? nil : value
         switch key {
         case "database": database = value
@@ -180,6 +192,8 @@ public struct NoladConfig: Equatable, Sendable {
         case "llm_api_key": llmAPIKey = optional
         case "memory_budget_mb": memoryBudgetMB = try integer()
         case "checkpoint_seconds": checkpointSeconds = try number()
+        case "metrics_listen": metricsListen = optional
+        case "metrics_allow_remote": metricsAllowRemote = try boolean()
         default: throw NoladError(.config, "\(source): unknown key \"\(key)\"")
         }
     }
@@ -210,6 +224,22 @@ public struct NoladConfig: Equatable, Sendable {
         }
         let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
         if !levels.contains(logLevel) { throw NoladError(.config, "log_level must be one of \(levels.joined(separator: ", "))") }
+        _ = try metricsAddress()
+    }
+
+    /// The listener's address parsed from `metrics_listen`, nil when the listener is off; throws a
+    /// sentence for a malformed address, and for a non-loopback one unless `metrics_allow_remote` is set.
+    public func metricsAddress() throws -> ListenAddress? {
+        guard let metricsListen else { return nil }
+        let address = try ListenAddress(parsing: metricsListen, key: "metrics_listen")
+        if !address.isLoopback && !metricsAllowRemote {
+            throw NoladError(.config, """
+                metrics_listen \(metricsListen) is not a loopback address: the listener has no authentication or TLS, \
+                so nolad listens on 127.0.0.1 or [::1] only. Set metrics_allow_remote: true to listen on \(address.host) anyway \
+                (then restrict it with a firewall), or put a proxy in front of a loopback listener
+                """)
+        }
+        return address
     }
 
     /// T in seconds: `database_timeout` if set, else 5 s, or (lease_seconds - heartbeat_seconds) / 3 when

@@ -69,6 +69,7 @@ public final class Worker: @unchecked Sendable {
         }
         try control.listen("nola_jobs")
         try control.listen("nola_cancel")
+        observer.databaseReady()
         Systemd.ready(status: "idle, waiting for jobs")
         logger.info("ready", metadata: ["worker": "\(id)"])
 

@@ -2,7 +2,7 @@ import Foundation
 import Queue
 
 /// Hooks the worker calls at the points metrics need (jobs running, stage and progress, attempts by
-/// outcome, database outages and reconnects, failed lease renewals, main-loop turns). Every method has
+/// outcome, readiness, database outages and reconnects, failed lease renewals, main-loop turns). Every method has
 /// a no-op default; calls come from the main loop and from job threads, so implementations must be
 /// thread-safe and quick (no I/O).
 public protocol WorkerObserver: AnyObject, Sendable {
@@ -12,6 +12,8 @@ public protocol WorkerObserver: AnyObject, Sendable {
     func jobProgress(_ job: JobRef, stage: String, done: Int, total: Int)
     /// A job's thread ended; `outcome` is what was written (nil: nothing, the job was no longer ours).
     func jobEnded(_ job: JobRef, outcome: AttemptOutcome?)
+    /// The main loop connected, checked the schema and registered the worker: it is ready to claim.
+    func databaseReady()
     /// The main loop lost the database (once per outage).
     func databaseUnavailable()
     /// The main loop is connected again after an outage of `seconds` and `tries` failed tries.
@@ -26,6 +28,7 @@ public extension WorkerObserver {
     func jobStarted(_ job: JobRef) {}
     func jobProgress(_ job: JobRef, stage: String, done: Int, total: Int) {}
     func jobEnded(_ job: JobRef, outcome: AttemptOutcome?) {}
+    func databaseReady() {}
     func databaseUnavailable() {}
     func databaseReconnected(tries: Int, seconds: Double) {}
     func leaseRenewalFailed(_ job: JobRef) {}
