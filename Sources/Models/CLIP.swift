@@ -18,8 +18,8 @@ public struct CLIPTextConfig: Sendable {
     public var hiddenAct = Activation.quickGelu
     public var layerNormEps: Float = 1e-5
     public var eosTokenId = 49407
-    /// Where a sequence's features are taken (transformers: the first `eos_token_id`, or the highest id
-    /// for configs with the legacy eos_token_id 2; open_clip: the highest id).
+    /// Where a sequence's features are taken: transformers' rule (`.firstEOS`: the first `eos_token_id`,
+    /// or the highest id for configs with the legacy eos_token_id 2), or open_clip's (the highest id).
     public var pooling = TextPooling.firstEOS
 }
 
@@ -60,7 +60,6 @@ public struct CLIPConfig: Sendable {
         textConfig.hiddenAct = try t.activation("hidden_act", .quickGelu)
         textConfig.layerNormEps = try t.float("layer_norm_eps", 1e-5)
         textConfig.eosTokenId = try t.int("eos_token_id", 49407)
-        textConfig.pooling = textConfig.eosTokenId == 2 ? .highestID : .firstEOS
         // What the forward passes assume, checked here so a bad folder fails its job with a sentence.
         try v.checkHeads(visionConfig.hiddenSize, visionConfig.numAttentionHeads)
         try t.checkHeads(textConfig.hiddenSize, textConfig.numAttentionHeads)
@@ -305,11 +304,16 @@ extension CLIPModel {
 // MARK: text
 
 extension CLIPModel {
+    private func poolingAtHighestID(_ ids: [Int32]) -> Int {
+        ids.indices.max { ids[$0] < ids[$1] || (ids[$0] == ids[$1] && $0 > $1) } ?? 0
+    }
+
     /// The position a sequence is pooled at (`TextPooling`): the first `eos_token_id`, or the first
     /// position of the highest id.
     public func poolingPosition(_ ids: [Int32]) -> Int {
         switch config.textConfig.pooling {
-        case .highestID: return ids.indices.max { ids[$0] < ids[$1] || (ids[$0] == ids[$1] && $0 > $1) } ?? 0
+        case .highestID: return poolingAtHighestID(ids)
+        case .firstEOS where config.textConfig.eosTokenId == 2: return poolingAtHighestID(ids)
         case .firstEOS: return ids.firstIndex(of: Int32(config.textConfig.eosTokenId)) ?? 0
         }
     }

@@ -59,7 +59,8 @@ public final class ViTModel: @unchecked Sendable {
             throw CheckpointError.badConfig(file: c.file, reason: "model_type \(type) is not vit or dinov2")
         }
         let kind: Kind = type == "dinov2" ? .dinov2 : .vit
-        try self.init(kind: kind, config: ViTConfig(c, dinov2: kind == .dinov2), weights: openCheckpoint(folder: folder))
+        try self.init(kind: kind, config: ViTConfig(c, dinov2: kind == .dinov2),
+                      weights: TransformersInMemoryNames.wrap(try openCheckpoint(folder: folder)))
     }
 
     /// `weights` nil: random weights of the configured sizes (benchmarks).

@@ -136,6 +136,22 @@ final class ViTParityTests: XCTestCase {
         try check("dino", height: 32, width: 32)
     }
 
+    /// `torch.save(model.state_dict())` under transformers 5 keeps its in-memory names (ViT: `layers.0.attention.q_proj`,
+    /// DINOv2: `encoder.layer.0.attention.q_proj`); both load (fixtures from reference/make_state_dict_fixtures.py).
+    func testStateDictWithTransformers5InMemoryNames_loadsAndMatches() throws {
+        let f = try io("state_dict_io.safetensors")
+        for (family, height, width) in [("vit", 32, 32), ("dinov2", 28, 42)] {
+            let model = try ViTModel(folder: fixtures.appendingPathComponent("\(family)-state-dict"))
+            let pixels = try f.floats("\(family).pixel_values")
+            let cls = pixels.withUnsafeBufferPointer { model.clsFeatures(pixels: $0.baseAddress!, batch: 2, height: height, width: width) }
+            compare("\(family) state dict CLS", cls, try f.floats("\(family).cls"), relTol: 1e-4)
+        }
+        XCTAssertEqual(TransformersInMemoryNames.checkpointName("layers.3.attention.o_proj.bias"), "encoder.layer.3.attention.output.dense.bias")
+        XCTAssertEqual(TransformersInMemoryNames.checkpointName("vit.layers.0.mlp.fc1.weight"), "vit.encoder.layer.0.intermediate.dense.weight")
+        XCTAssertEqual(TransformersInMemoryNames.checkpointName("encoder.layer.1.attention.k_proj.weight"), "encoder.layer.1.attention.attention.key.weight")
+        XCTAssertNil(TransformersInMemoryNames.checkpointName("encoder.layer.1.mlp.fc1.weight"), "DINOv2's MLP names are the same in both")
+    }
+
     /// DINOv2 from a pytorch_model.bin, on a 56×70 input: 4×5 patches, position embeddings interpolated from the 3×3 grid.
     func testDinov2_withLayerScaleAndInterpolatedPositions_matchesTransformers() throws {
         try check("dinov2", height: 56, width: 70)
