@@ -13,7 +13,8 @@ Writes Tests/MethodTests/Fixtures/preprocessor/:
 - cases.json: for every (folder, processor, JPEG) the embedding of transformers' AutoImageProcessor with
   backend="pil" (Pillow resize; nolad's reference) + the model (CLIP get_image_features, DINO/DINOv2 the
   final-norm CLS token), and the processed pixel values where they are small (the tiny CLIP and DINO on the
-  first two JPEGs: pixel_values.safetensors, named by the case's "pixel_values"). It prints, for information,
+  first two JPEGs: pixel_values.safetensors, named by the case's "pixel_values").
+- nearest_sweep.json: hashes of Pillow's NEAREST resize of synthetic images to 45 sizes. It prints, for information,
   how far AutoImageProcessor's default torchvision backend is from the Pillow one.
 """
 import json
@@ -116,6 +117,27 @@ def features(out):
     return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
+def fnv1a64(data):
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def nearest_sweep():
+    """Pillow's NEAREST resize of synthetic images (pixel (x, y, c) = (7x + 13y + 29c + xy) mod 256) to many
+    sizes, up and down, odd ratios and 1-pixel sides: FNV-1a 64 of the RGB bytes of each result."""
+    cases = []
+    for (w, h) in [(37, 23), (5, 300), (300, 5), (1, 1), (64, 64)]:
+        x, y = np.meshgrid(np.arange(w), np.arange(h))
+        rgb = np.stack([(7 * x + 13 * y + 29 * c + x * y) % 256 for c in range(3)], axis=-1).astype(np.uint8)
+        image = Image.fromarray(rgb, "RGB")
+        for (ow, oh) in [(1, 1), (3, 7), (16, 16), (32, 17), (100, 3), (91, 203), (224, 224), (w, 2 * h + 1), (2 * w + 3, h)]:
+            out = image.resize((ow, oh), Image.Resampling.NEAREST)
+            cases.append({"width": w, "height": h, "out_width": ow, "out_height": oh, "fnv1a64": fnv1a64(out.tobytes())})
+    return cases
+
+
 def main():
     torch.set_grad_enabled(False)
     if os.path.isdir(OUT):
@@ -158,6 +180,8 @@ def main():
     with open(os.path.join(OUT, "cases.json"), "w") as fh:
         json.dump({"cases": cases, "torchvision_backend_worst_relative": worst_fast}, fh)
     save_file(pixels, os.path.join(OUT, "pixel_values.safetensors"))
+    with open(os.path.join(OUT, "nearest_sweep.json"), "w") as fh:
+        json.dump({"cases": nearest_sweep()}, fh)
     print(f"wrote {len(cases)} cases to {OUT}; torchvision backend worst embedding difference {worst_fast:.3g} relative")
 
 

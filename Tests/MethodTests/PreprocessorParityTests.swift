@@ -111,6 +111,53 @@ final class PreprocessorParityTests: XCTestCase {
                                                                rescaleFactor: own.rescaleFactor, mean: WeakViewConfig.imagenetMean, std: WeakViewConfig.imagenetStd))
     }
 
+    /// Pillow's NEAREST resize (reference/make_preprocessor_fixtures.py: FNV-1a 64 of the RGB bytes) of synthetic
+    /// images to 45 sizes, up and down, odd ratios, 1-pixel sides; and a window of it equals the crop of the whole.
+    func testResizeNearest_overASweepOfSizes_isByteExactWithPillow() throws {
+        struct Sweep: Decodable { let cases: [Entry] }
+        struct Entry: Decodable { let width: Int, height: Int, out_width: Int, out_height: Int, fnv1a64: String }
+        let sweep = try JSONDecoder().decode(Sweep.self, from: Data(contentsOf: Self.fixtures.appendingPathComponent("nearest_sweep.json")))
+        XCTAssertEqual(sweep.cases.count, 45)
+        func fnv(_ bytes: [UInt8]) -> String {
+            var h: UInt64 = 0xCBF29CE484222325
+            for b in bytes { h = (h ^ UInt64(b)) &* 0x100000001B3 }
+            let s = String(h, radix: 16)
+            return String(repeating: "0", count: 16 - s.count) + s
+        }
+        var mismatches = 0
+        for e in sweep.cases {
+            var pixels = [UInt8](repeating: 0, count: e.width * e.height * 3)
+            for y in 0..<e.height { for x in 0..<e.width { for c in 0..<3 { pixels[(y * e.width + x) * 3 + c] = UInt8((7 * x + 13 * y + 29 * c + x * y) % 256) } } }
+            let image = RGBImage(width: e.width, height: e.height, pixels: pixels)
+            let out = resizeNearest(image, width: e.out_width, height: e.out_height)
+            if fnv(out.pixels) != e.fnv1a64 { mismatches += 1; print("nearest \(e.width)×\(e.height) → \(e.out_width)×\(e.out_height) differs from Pillow") }
+            if e.out_width > 2 && e.out_height > 2 {
+                let window = resizeNearest(image, width: e.out_width, height: e.out_height, crop: (1, 1, e.out_width - 2, e.out_height - 2))
+                XCTAssertEqual(window.pixels, cropImage(out, left: 1, top: 1, width: e.out_width - 2, height: e.out_height - 2).pixels)
+            }
+        }
+        print("nearest resize: \(sweep.cases.count - mismatches) of \(sweep.cases.count) sizes byte-equal to Pillow")
+        XCTAssertEqual(mismatches, 0)
+    }
+
+    /// transformers starts a centre crop at floor((side − crop) / 2), torchvision at round-half-even: on the 199×301
+    /// JPEG (resized to 256×387, crop 224: 81.5) they are a pixel apart, and only the floor matches the processor.
+    func testCentreCrop_ofProcessorViews_startsAtTheFloorAsTransformers() throws {
+        let cases = try JSONDecoder().decode(Cases.self, from: Data(contentsOf: Self.fixtures.appendingPathComponent("cases.json"))).cases
+        let c = try XCTUnwrap(cases.first { $0.name == "dinov2_hub" && $0.file.hasSuffix("rgb_422.jpg") })
+        let (model, view) = try load(try folder(model: c.model, processor: Self.fixtures.appendingPathComponent(c.processor)))
+        XCTAssertEqual(view.resizedSize(width: 199, height: 301).height, 387)
+        var torchvision = view
+        torchvision.cropRule = .torchvision
+        let scale = c.embedding.map(abs).max() ?? 1
+        let floor = try embed(model, view, file: c.file).embedding, rounded = try embed(model, torchvision, file: c.file).embedding
+        let floorError = zip(floor, c.embedding).map { abs($0 - $1) }.max() ?? 0
+        let roundedError = zip(rounded, c.embedding).map { abs($0 - $1) }.max() ?? 0
+        print("rgb_422 crop at floor: relative error \(floorError / scale); at round-half-even: \(roundedError / scale)")
+        XCTAssertLessThanOrEqual(floorError, 1e-4 * scale)
+        XCTAssertGreaterThan(roundedError, 1e-3 * scale)
+    }
+
     func parse(_ json: String, modelType: String = "clip") throws -> ImagePreprocessorConfig {
         let object = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])
         return try ImagePreprocessorConfig(object: object, file: "preprocessor_config.json", modelType: modelType)
