@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Imaging
 import Kernels
+import Method
 import Models
 
 /// A model subcommand's failure, printed on stderr (non-zero exit).
@@ -9,48 +10,65 @@ struct ModelCommandError: Error, CustomStringConvertible {
     let description: String
 }
 
-/// What a model folder holds, from its config.json `model_type`.
-enum ImageEncoder {
-    case clip(CLIPModel)
-    case vit(ViTModel)
+/// What a model folder holds (config.json's `model_type`, or an open_clip folder), and the view its images get by default.
+struct ImageEncoder {
+    enum Model {
+        case clip(CLIPModel)
+        case vit(ViTModel)
+    }
+    let model: Model
+    /// The model's standard view: its preprocessor_config.json, else nolad's rules (`defaultView`).
+    let standardView: ImageView
 
     init(folder: URL) throws {
-        switch try modelType(folder: folder) {
-        case "clip": self = .clip(try CLIPModel(folder: folder))
-        case "vit", "dinov2": self = .vit(try ViTModel(folder: folder))
+        let type = try modelType(folder: folder)
+        switch type {
+        case "clip": model = .clip(try CLIPModel(folder: folder))
+        case "vit", "dinov2": model = .vit(try ViTModel(folder: folder))
         case let other:
             throw ModelCommandError(description: "\(folder.path)/config.json: model_type \(other ?? "(none)") is not clip, vit or dinov2")
         }
+        let fallback: WeakViewConfig
+        switch model {
+        case .clip: fallback = Self.clipStyleView(imageSize: Self.imageSize(model))
+        case .vit: fallback = Self.dinoStyleView(imageSize: Self.imageSize(model))
+        }
+        standardView = try Method.standardView(folder: folder, modelType: type!, input: Self.inputRule(model), fallback: fallback)
     }
 
-    /// Square input side the model expects (DINOv2 accepts any multiple of its patch size).
-    var imageSize: Int {
-        switch self {
+    /// Square input side the model is configured for (DINOv2 accepts any multiple of its patch size).
+    static func imageSize(_ model: Model) -> Int {
+        switch model {
         case .clip(let m): return m.config.visionConfig.imageSize
         case .vit(let m): return m.config.imageSize
         }
     }
+    var imageSize: Int { Self.imageSize(model) }
 
-    var sizeRule: String {
-        switch self {
-        case .vit(let m): return m.inputSizeRule
-        case .clip: return "\(imageSize)×\(imageSize)"
+    static func inputRule(_ model: Model) -> InputSizeRule {
+        switch model {
+        case .vit(let m) where m.kind == .dinov2: return .multipleOf(m.config.patchSize)
+        default: return .square(imageSize(model))
         }
     }
+    var inputRule: InputSizeRule { Self.inputRule(model) }
 
-    func accepts(size: Int) -> Bool {
-        switch self {
-        case .clip: return size == imageSize
-        case .vit(let m): return m.accepts(height: size, width: size)
-        }
+    /// Without a preprocessor_config.json, CLIP: shorter side to image_size (bicubic), centre crop, CLIP mean/std.
+    static func clipStyleView(imageSize size: Int) -> WeakViewConfig {
+        WeakViewConfig(resize: size, crop: size, mean: WeakViewConfig.clipMean, std: WeakViewConfig.clipStd)
+    }
+    /// Without a preprocessor_config.json, DINO/DINOv2: shorter side to 256/224 of image_size, centre crop, ImageNet mean/std.
+    static func dinoStyleView(imageSize size: Int) -> WeakViewConfig {
+        WeakViewConfig(resize: Int((Double(size) * 256 / 224).rounded()), crop: size,
+                       mean: WeakViewConfig.imagenetMean, std: WeakViewConfig.imagenetStd)
     }
 
-    /// CLIP: get_image_features; DINO/DINOv2: final-norm CLS token. pixels (B,3,S,S).
-    func embed(_ pixels: [Float], batch: Int, size: Int) -> [Float] {
+    /// CLIP: get_image_features; DINO/DINOv2: final-norm CLS token. pixels (B,3,H,W).
+    func embed(_ pixels: [Float], batch: Int, width: Int, height: Int) -> [Float] {
         pixels.withUnsafeBufferPointer { p in
-            switch self {
+            switch model {
             case .clip(let m): return m.getImageFeatures(pixels: p.baseAddress!, batch: batch)
-            case .vit(let m): return m.clsFeatures(pixels: p.baseAddress!, batch: batch, height: size, width: size)
+            case .vit(let m): return m.clsFeatures(pixels: p.baseAddress!, batch: batch, height: height, width: width)
             }
         }
     }
@@ -137,9 +155,11 @@ struct EmbedImage: ParsableCommand {
         abstract: "Image embeddings as JSON Lines: CLIP get_image_features, or the DINO/DINOv2 final-norm CLS token.",
         discussion: """
         Each FILE is a JPEG or PNG (recognised by content), decoded as Pillow does and given the model's standard \
-        view: CLIP — shorter side to image_size (bicubic), centre crop, CLIP mean/std; DINO/DINOv2 — shorter side \
-        to 256/224 of image_size, centre crop, ImageNet mean/std (`--view clip` gives DINO CLIP's view, as NoLA \
-        feeds it). A FILE ending in .f32 is a raw, already preprocessed tensor instead: little-endian float32, \
+        view: the folder's preprocessor_config.json as transformers' image processor applies it (Pillow backend) \
+        when there is one; else CLIP — shorter side to image_size (bicubic), centre crop, CLIP mean/std; \
+        DINO/DINOv2 — shorter side to 256/224 of image_size, centre crop, ImageNet mean/std. `--view clip` gives \
+        any model NoLA's weak view (CLIP's rules at the model's image_size, as NoLA feeds DINO); `--view dino` \
+        the DINO rules (docs/views.md). A FILE ending in .f32 is a raw, already preprocessed tensor instead: little-endian float32, \
         shape (3,S,S) channel-major.
         """)
 
@@ -147,7 +167,7 @@ struct EmbedImage: ParsableCommand {
 
     @Option(help: "Hugging Face model folder (config.json + model.safetensors or pytorch_model.bin).") var model: String
     @Option(help: "Threads for OpenBLAS and our kernels.") var threads = 2
-    @Option(help: "Preprocessing: standard (the model's own), clip or dino.") var view: View = .standard
+    @Option(help: "Preprocessing: standard (the model's own: preprocessor_config.json, else nolad's rules), clip or dino.") var view: View = .standard
     @Argument(help: "JPEG/PNG files, or raw float32 (3,S,S) .f32 tensors.") var files: [String]
 
     func validate() throws {
@@ -155,42 +175,34 @@ struct EmbedImage: ParsableCommand {
         guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
     }
 
-    /// The weak view this model gets for a decoded image.
-    func viewConfig(_ encoder: ImageEncoder) -> WeakViewConfig {
-        let size = encoder.imageSize
-        let dinoStyle: Bool
-        switch (view, encoder) {
-        case (.clip, _): dinoStyle = false
-        case (.dino, _): dinoStyle = true
-        case (.standard, .clip): dinoStyle = false
-        case (.standard, .vit): dinoStyle = true
+    /// The view this model gets for a decoded image.
+    func imageView(_ encoder: ImageEncoder) -> ImageView {
+        switch view {
+        case .standard: return encoder.standardView
+        case .clip: return ImageView(ImageEncoder.clipStyleView(imageSize: encoder.imageSize))
+        case .dino: return ImageView(ImageEncoder.dinoStyleView(imageSize: encoder.imageSize))
         }
-        if dinoStyle {
-            return WeakViewConfig(resize: Int((Double(size) * 256 / 224).rounded()), crop: size,
-                                  mean: WeakViewConfig.imagenetMean, std: WeakViewConfig.imagenetStd)
-        }
-        return WeakViewConfig(resize: size, crop: size, mean: WeakViewConfig.clipMean, std: WeakViewConfig.clipStd)
     }
 
     func run() throws {
         setThreads(threads)
         let encoder: ImageEncoder
         do { encoder = try ImageEncoder(folder: URL(fileURLWithPath: model)) } catch { throw fail("embed-image", error) }
+        let imageView = imageView(encoder)
         var failed = 0
         for file in files {
             do {
-                let pixels: [Float], size: Int
+                let pixels: [Float], width: Int, height: Int
                 if file.hasSuffix(".f32") {
-                    (pixels, size) = try readRawImage(file)
+                    let raw = try readRawImage(file)
+                    (pixels, width, height) = (raw.pixels, raw.size, raw.size)
                 } else {
-                    let config = viewConfig(encoder)
-                    pixels = weakView(try decodeImage(at: URL(fileURLWithPath: file), options: DecodeOptions()), config: config)
-                    size = config.crop
+                    (pixels, width, height) = imageView.apply(try decodeImage(at: URL(fileURLWithPath: file), options: DecodeOptions()))
                 }
-                guard encoder.accepts(size: size) else {
-                    throw ModelCommandError(description: "\(file): image is \(size)×\(size), the model needs \(encoder.sizeRule)")
+                guard encoder.inputRule.accepts(width: width, height: height) else {
+                    throw ModelCommandError(description: "\(file): image is \(width)×\(height), the model takes \(encoder.inputRule.description)")
                 }
-                let embedding = try finite(encoder.embed(pixels, batch: 1, size: size)[...], of: file)
+                let embedding = try finite(encoder.embed(pixels, batch: 1, width: width, height: height)[...], of: file)
                 print(jsonLine(["file": file, "embedding": embedding]))
             } catch {
                 failed += 1
