@@ -50,7 +50,7 @@ struct EncodeStage: PipelineStage {
 
         // Decode the next batch on another thread while this one is encoded.
         let batches = stride(from: 0, to: missing.count, by: Self.batchSize).map { Array(missing[$0..<min(missing.count, $0 + Self.batchSize)]) }
-        let threads = context.config.threads
+        let threads = context.threads
         let config = run.weakConfig
         func decode(_ batch: [Int]) -> (tensor: [Float], errors: [Int: ImageError]) {
             weakViewBatch(batch.map { context.collection.appendingPathComponent(run.images[$0].path) }, config: config, threads: threads)

@@ -43,15 +43,19 @@ final class DecodedImages: @unchecked Sendable {
         var failure: String?
         out.withUnsafeMutableBufferPointer { buffer in
             let base = buffer.baseAddress!
-            DispatchQueue.concurrentPerform(iterations: indices.count) { j in
-                let i = indices[j]
-                do {
-                    let image = try self.image(i)
-                    var rng = AugmentRNG(seed: strongViewSeed(jobSeed: seed, epoch: epoch, image: i))
-                    let view = strongView(image, config: config, rng: &rng)
-                    view.withUnsafeBufferPointer { (base + j * slot).update(from: $0.baseAddress!, count: slot) }
-                } catch {
-                    self.lock.withLock { failure = "\(error)" }
+            // The job's threads (`self.threads`), not every core: a view depends only on its image's seed.
+            let parts = min(threads, indices.count)
+            DispatchQueue.concurrentPerform(iterations: parts) { part in
+                for j in (indices.count * part / parts)..<(indices.count * (part + 1) / parts) {
+                    let i = indices[j]
+                    do {
+                        let image = try self.image(i)
+                        var rng = AugmentRNG(seed: strongViewSeed(jobSeed: seed, epoch: epoch, image: i))
+                        let view = strongView(image, config: config, rng: &rng)
+                        view.withUnsafeBufferPointer { (base + j * slot).update(from: $0.baseAddress!, count: slot) }
+                    } catch {
+                        self.lock.withLock { failure = "\(error)" }
+                    }
                 }
             }
         }
@@ -110,7 +114,7 @@ struct TuneStage: PipelineStage {
         }
         let micro = p.promptMicroBatchSize ?? promptMicroBatchSize(memoryBudgetBytes: context.config.memoryBudgetMB << 20,
                                                                    bytesPerImage: encoder.trainingBytesPerImage, logicalBatch: p.promptBatchSize)
-        let decoded = DecodedImages(urls: (0..<n).map { run.url(context, readableIndex: $0) }, threads: context.config.threads)
+        let decoded = DecodedImages(urls: (0..<n).map { run.url(context, readableIndex: $0) }, threads: context.threads)
         var strong = StrongViewConfig()
         strong.size = run.imageSize
         if !p.colourJitter {
@@ -229,7 +233,7 @@ struct LabelStage: PipelineStage {
         for from in stride(from: 0, to: n, by: batch) {
             try context.reportProgress(stage: name, done: from, total: n)
             let indices = Array(from..<min(n, from + batch))
-            let (pixels, errors) = weakViewBatch(indices.map { run.url(context, readableIndex: $0) }, config: run.weakConfig, threads: context.config.threads)
+            let (pixels, errors) = weakViewBatch(indices.map { run.url(context, readableIndex: $0) }, config: run.weakConfig, threads: context.threads)
             if let (j, error) = errors.first {
                 throw JobError.transient("\(run.images[run.readable[indices[j]]].path) became unreadable: \(error)")
             }
