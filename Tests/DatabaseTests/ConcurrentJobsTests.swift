@@ -45,7 +45,7 @@ final class ConcurrentJobsTests: DatabaseTestCase {
                    coalesce(zero_shot_label, '') AS zs, coalesce(unreadable, '') AS unreadable
             FROM nola.labels WHERE job_id = $1 ORDER BY path
             """, [id])
-        // float8 text output is shortest-exact (extra_float_digits defaults to 1), so equal text is equal bits.
+        // real/float8 text output is shortest-exact (extra_float_digits defaults to 1): equal text is equal bits.
         let labels = try rows.rows.map { row in
             [try row.string("path"), try row.string("label"), try row.string("confidence"), try row.string("zs"),
              try row.string("unreadable").isEmpty ? "" : "unreadable"].joined(separator: " | ")
@@ -53,17 +53,17 @@ final class ConcurrentJobsTests: DatabaseTestCase {
         let blob = try db.query("SELECT safetensors FROM nola.prompts WHERE job_id = $1", [id])
         XCTAssertEqual(blob.count, 1, "job \(id) stored its tuned prompts")
         let path = root + "/prompts-\(id).safetensors"
-        FileManager.default.createFile(atPath: path, contents: Data(try blob[0].bytes("safetensors")))
+        _ = FileManager.default.createFile(atPath: path, contents: Data(try blob[0].bytes("safetensors")))
         let file = try SafeTensorsFile(path: path)
         var prompts: [String: [Float]] = [:]
         for name in file.tensorNames { prompts[name] = try file.floats(name) }
         return Result(labels: labels, prompts: prompts)
     }
 
-    func eventTimes(_ id: Int64, stage: String? = nil) throws -> [Double] {
+    func eventTimes(_ id: Int64, kind: String? = nil) throws -> [Double] {
         let rows = try db.query("""
-            SELECT extract(epoch FROM at)::float8 AS t FROM nola.events WHERE job_id = $1 AND ($2::text IS NULL OR stage = $2) ORDER BY id
-            """, [id, stage])
+            SELECT extract(epoch FROM at)::float8 AS t FROM nola.events WHERE job_id = $1 AND ($2::text IS NULL OR kind = $2) ORDER BY id
+            """, [id, kind])
         return try rows.rows.map { try $0.double("t") }
     }
 
@@ -72,18 +72,21 @@ final class ConcurrentJobsTests: DatabaseTestCase {
         let daemon = try startDaemon("threads", settings: [
             "pipeline": "nola", "model_root": pipelineFixtures.appendingPathComponent("models").path,
             "clip_model": "tiny-clip", "dino_model": "tiny-dino", "threads": "2", "concurrency": "2", "checkpoint_seconds": "60"])
-        let parametersA = #"{"prompt_epochs": 4, "prompt_batch_size": 8, "alignment_epochs": 5, "min_k": 2, "seed": 3, "threads": 1}"#
-        let parametersB = #"{"prompt_epochs": 4, "prompt_batch_size": 8, "alignment_epochs": 5, "min_k": 2, "seed": 5, "threads": 2}"#
+        let parametersA = #"{"prompt_epochs": 12, "prompt_batch_size": 8, "alignment_epochs": 5, "min_k": 2, "seed": 3, "threads": 1}"#
+        let parametersB = #"{"prompt_epochs": 12, "prompt_batch_size": 8, "alignment_epochs": 5, "min_k": 2, "seed": 5, "threads": 2}"#
 
         // At once: both claimed by the one daemon, both tuning while the other is still at work.
         let jobA = try submitJob(a, parameters: parametersA), jobB = try submitJob(b, parameters: parametersB)
         try waitSucceeded(jobA, timeout: 300)
         try waitSucceeded(jobB, timeout: 300)
         let timesA = try eventTimes(jobA), timesB = try eventTimes(jobB)
-        let tuneA = try eventTimes(jobA, stage: "tune"), tuneB = try eventTimes(jobB, stage: "tune")
-        XCTAssertFalse(tuneA.isEmpty || tuneB.isEmpty)
-        XCTAssertLessThan(tuneA.first ?? .infinity, timesB.last ?? 0, "job A tuned while job B was running")
-        XCTAssertLessThan(tuneB.first ?? .infinity, timesA.last ?? 0, "job B tuned while job A was running")
+        let tuneA = try eventTimes(jobA, kind: "epoch"), tuneB = try eventTimes(jobB, kind: "epoch")
+        XCTAssertEqual(tuneA.count, 12)
+        XCTAssertEqual(tuneB.count, 12)
+        // The epochs of the two jobs interleave: each finished an epoch while the other was between epochs.
+        XCTAssertLessThan(max(tuneA.first ?? .infinity, tuneB.first ?? .infinity), min(tuneA.last ?? 0, tuneB.last ?? 0),
+                          "both jobs were tuning at the same time")
+        XCTAssertLessThan(max(timesA.first ?? .infinity, timesB.first ?? .infinity), min(timesA.last ?? 0, timesB.last ?? 0))
         let togetherA = try result(jobA), togetherB = try result(jobB)
 
         // Alone, one after the other, with the feature cache emptied so each computes its features again.
@@ -102,10 +105,19 @@ final class ConcurrentJobsTests: DatabaseTestCase {
         XCTAssertEqual(togetherA.prompts, resultAloneA.prompts)
         XCTAssertEqual(togetherB.prompts, resultAloneB.prompts)
         XCTAssertFalse(togetherA.prompts.isEmpty)
-        print("concurrent jobs: threads 1 and threads 2 results \(togetherA.prompts == togetherB.prompts ? "equal" : "differ") (different seeds)")
+
+        // Nor does the thread count change a result (docs/threading.md): job A's inputs with 2 threads, alone.
+        try db.query("DELETE FROM nola.feature_cache")
+        let twoThreads = try submitJob(a, parameters: parametersA.replacingOccurrences(of: #""threads": 1"#, with: #""threads": 2"#))
+        try waitSucceeded(twoThreads, timeout: 300)
+        let resultTwo = try result(twoThreads)
+        let differing = zip(resultTwo.labels, resultAloneA.labels).filter { $0 != $1 }
+        for (two, one) in differing.prefix(3) { print("  threads 2: \(two)\n  threads 1: \(one)") }
+        XCTAssertEqual(differing.count, 0, "label rows that differ between threads 1 and 2")
+        XCTAssertEqual(resultTwo.prompts, resultAloneA.prompts, "tuned tensors with threads 1 and 2")
 
         // Each job ran with the threads it asked for, and OpenBLAS stayed at one thread after every job.
-        for (id, threads) in [(jobA, 1), (jobB, 2), (aloneA, 1), (aloneB, 2)] {
+        for (id, threads) in [(jobA, 1), (jobB, 2), (aloneA, 1), (aloneB, 2), (twoThreads, 2)] {
             let parameters = try XCTUnwrap(try events(id, kind: "parameters").first?.metrics)
             XCTAssertEqual(parameters["threads"] as? Int, threads, "job \(id)")
             XCTAssertEqual(parameters["threads_requested"] as? Int, threads, "job \(id)")

@@ -116,6 +116,28 @@ final class ThreadsTests: XCTestCase {
         }
     }
 
+    /// Sub-batches are the same for every thread count (so are the bits), and their threads add up to at most the bound count.
+    func testBatchParallel_subBatchesDoNotDependOnThreads() {
+        for b in [1, 7, 8, 16, 19, 64] {
+            var seen: [[Range<Int>]] = []
+            for threads in [1, 2, 3, 4, 16] {
+                let pieces = Locked<[Range<Int>]>([]), used = Locked(0)
+                withThreads(threads) {
+                    batchParallel(b) { r in
+                        pieces.update { $0.append(r) }
+                        used.update { $0 = max($0, KernelThreads.current) }
+                    }
+                }
+                let sorted = pieces.value.sorted { $0.lowerBound < $1.lowerBound }
+                XCTAssertEqual(sorted.reduce(0) { $0 + $1.count }, b)
+                XCTAssertLessThanOrEqual(used.value, threads)
+                seen.append(sorted)
+            }
+            XCTAssertTrue(seen.allSatisfy { $0 == seen[0] }, "batch \(b): \(seen)")
+            XCTAssertEqual(seen[0].count, (b + batchPiece - 1) / batchPiece)
+        }
+    }
+
     func testGEMMGrid_blocksCoverC_andStayLargeEnough() {
         for (m, n, k, threads) in [(1056, 768, 768, 2), (1056, 3072, 768, 16), (50, 50, 64, 4), (3152, 768, 768, 7),
                                    (16, 10, 512, 8), (192, 320, 256, 4), (800, 64, 50, 3)] {
