@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Method
 import Queue
 
 /// How a stage ends a job early. Throw `.badInput` for anything retrying cannot fix (the job fails
@@ -53,6 +54,12 @@ public final class JobContext: @unchecked Sendable {
     public let parametersJSON: String
     public let config: NoladConfig
     public let logger: Logger
+    /// The threads the job's numeric work runs with (bound by the executor around every stage, see
+    /// docs/threading.md): the job's `threads` parameter, at most the daemon's `threads`; the daemon's
+    /// `threads` when the job names none.
+    public let threads: Int
+    /// The job's `threads` parameter, nil when not given.
+    public let threadsRequested: Int?
 
     private let database: Database
     private let lock = NSLock()
@@ -71,6 +78,9 @@ public final class JobContext: @unchecked Sendable {
         self.descriptionsJSON = descriptionsJSON
         self.parametersJSON = parametersJSON
         self.config = config
+        let requested = (try? JobParameters(json: Data(parametersJSON.utf8)))?.threads
+        threadsRequested = requested
+        threads = min(requested ?? config.threads, config.threads)
         self.database = database
         self.logger = logger
         self.onProgress = onProgress

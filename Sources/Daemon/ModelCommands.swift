@@ -114,7 +114,7 @@ struct EmbedText: ParsableCommand {
         abstract: "CLIP text embeddings (transformers' get_text_features) as JSON Lines, one object per text.")
 
     @Option(help: "CLIP model folder (config.json or open_clip_config.json, weights, vocab.json, merges.txt).") var model: String
-    @Option(help: "Threads for OpenBLAS and our kernels.") var threads = 2
+    @Option(help: "Threads for the numeric kernels (GEMMs included).") var threads = 2
     @Argument(help: "Texts to embed.") var texts: [String]
 
     func validate() throws {
@@ -122,8 +122,10 @@ struct EmbedText: ParsableCommand {
         guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
     }
 
-    func run() throws {
-        setThreads(threads)
+    /// Every kernel of the command runs with `--threads` threads (docs/threading.md).
+    func run() throws { try withThreads(threads) { try runWithThreads() } }
+
+    func runWithThreads() throws {
         let folder = URL(fileURLWithPath: model)
         let clip: CLIPModel, tokenizer: CLIPTokenizer
         do {
@@ -166,7 +168,7 @@ struct EmbedImage: ParsableCommand {
     enum View: String, ExpressibleByArgument { case standard, clip, dino }
 
     @Option(help: "Hugging Face model folder (config.json + model.safetensors or pytorch_model.bin).") var model: String
-    @Option(help: "Threads for OpenBLAS and our kernels.") var threads = 2
+    @Option(help: "Threads for the numeric kernels (GEMMs included).") var threads = 2
     @Option(help: "Preprocessing: standard (the model's own: preprocessor_config.json, else nolad's rules), clip or dino.") var view: View = .standard
     @Argument(help: "JPEG/PNG files, or raw float32 (3,S,S) .f32 tensors.") var files: [String]
 
@@ -184,8 +186,10 @@ struct EmbedImage: ParsableCommand {
         }
     }
 
-    func run() throws {
-        setThreads(threads)
+    /// Every kernel of the command runs with `--threads` threads (docs/threading.md).
+    func run() throws { try withThreads(threads) { try runWithThreads() } }
+
+    func runWithThreads() throws {
         let encoder: ImageEncoder
         do { encoder = try ImageEncoder(folder: URL(fileURLWithPath: model)) } catch { throw fail("embed-image", error) }
         let imageView = imageView(encoder)
@@ -218,7 +222,7 @@ struct Bench: ParsableCommand {
         abstract: "Speed of CLIP ViT-B/32 (image, text, prompt-tuning step) and DINO ViT-B/16 with random full-size weights.",
         discussion: "Compare with reference/bench_torch.py run with the same --threads and --batch.")
 
-    @Option(help: "Threads for OpenBLAS and our kernels.") var threads = 2
+    @Option(help: "Threads for the numeric kernels (GEMMs included).") var threads = 2
     @Option(help: "Images per batch.") var batch = 16
     @Option(help: "Timed repetitions after one warm-up.") var iterations = 3
     @Option(help: "Tokens per text, BOS and EOS included.") var textTokens = 20
@@ -243,8 +247,10 @@ struct Bench: ParsableCommand {
                               seconds.cpu / Double(items) * 1000, unit))
     }
 
-    func run() throws {
-        setThreads(threads)
+    /// Every kernel of the command runs with `--threads` threads (docs/threading.md).
+    func run() throws { try withThreads(threads) { try runWithThreads() } }
+
+    func runWithThreads() throws {
         print("nolad bench: threads \(threads), batch \(batch), \(iterations) iterations after a warm-up, random weights")
         let clip = try CLIPModel(config: CLIPConfig(), weights: nil)
         let dino = try ViTModel(kind: .vit, config: ViTConfig(), weights: nil)

@@ -1,5 +1,7 @@
 import Foundation
+import Kernels
 import Logging
+import Method
 import Queue
 
 /// The executor: one thread with its own connection per claimed job. The job's `JobLifecycle` decides
@@ -102,13 +104,24 @@ extension Worker {
                 return job.lifecycle.stopReason
             }
             if let pending { context.requestStop(pending) }
-            for (index, stage) in stages.enumerated() {
-                try context.checkCancelled()
-                lock.withLock { job.stage = stage.name; job.done = 0; job.total = 0 }
-                observer.jobProgress(ref, stage: stage.name, done: 0, total: 0)
-                try context.write { try JobStore.startStage($0, ref, stage: stage.name, index: index, count: self.stages.count) }
-                logger.info("stage started", metadata: ["stage": "\(stage.name)"])
-                try stage.run(context)
+            logger.info("job threads", metadata: ["threads": "\(context.threads)",
+                                                  "requested": "\(context.threadsRequested.map(String.init) ?? "none")",
+                                                  "daemon_threads": "\(config.threads)"])
+            // Every kernel of every stage runs with the job's own thread count (docs/threading.md).
+            try withThreads(context.threads) {
+                for (index, stage) in stages.enumerated() {
+                    try context.checkCancelled()
+                    lock.withLock { job.stage = stage.name; job.done = 0; job.total = 0 }
+                    observer.jobProgress(ref, stage: stage.name, done: 0, total: 0)
+                    try context.write { try JobStore.startStage($0, ref, stage: stage.name, index: index, count: self.stages.count) }
+                    logger.info("stage started", metadata: ["stage": "\(stage.name)"])
+                    try stage.run(context)
+                }
+                // What the kernels ran with, read after the last stage: the job's threads on this thread,
+                // and OpenBLAS still at one thread (no job ever changes it).
+                try context.recordEvent(stage: stages.last?.name ?? "none", kind: "threads", metrics: [
+                    "threads": .number(Double(KernelThreads.current)), "blas_threads": .number(Double(KernelThreads.blas)),
+                ])
             }
             return (.succeeded, nil)
         } catch let error as JobError {

@@ -1,13 +1,3 @@
-import COpenBLAS
-
-/// Our threads each run one head's small GEMMs: OpenBLAS must not start threads of its own meanwhile.
-/// Returns the thread count to restore.
-func singleThreadedBLAS() -> Int32 {
-    let n = openblas_get_num_threads()
-    openblas_set_num_threads(1)
-    return n
-}
-
 /// Softmax of each row in place over its first `valid` entries (the rest set to 0).
 /// row is (n); valid ≥ 1.
 @inline(__always)
@@ -41,8 +31,6 @@ public func attentionForward(_ out: UnsafeMutablePointer<Float>, probs: UnsafeMu
     let hd = d / heads
     let scale = 1 / Float(hd).squareRoot()
     let rows = onlyRow == nil ? t : 1, first = onlyRow ?? 0
-    let blasThreads = singleThreadedBLAS()
-    defer { openblas_set_num_threads(blasThreads) }
     parallelFor(b * heads) { items in
         for item in items {
             let bi = item / heads, h = item % heads
@@ -68,8 +56,6 @@ public func attentionBackward(dqkv: UnsafeMutablePointer<Float>, _ dout: UnsafeP
     let hd = d / heads
     let scale = 1 / Float(hd).squareRoot()
     let rows = onlyRow == nil ? t : 1, first = onlyRow ?? 0
-    let blasThreads = singleThreadedBLAS()
-    defer { openblas_set_num_threads(blasThreads) }
     parallelFor(b * heads) { items in
         let dp = UnsafeMutablePointer<Float>.allocate(capacity: rows * t)
         defer { dp.deallocate() }

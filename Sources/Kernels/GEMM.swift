@@ -1,11 +1,38 @@
 import COpenBLAS
+import Foundation
 
 /// C (m,n) = alpha · op(A) · op(B) + beta · C, row-major; op(A) is (m,k), op(B) is (k,n).
+/// With more than one thread (`KernelThreads.current`) a large product is split into blocks of C
+/// (`GEMMGrid`), each a single-threaded OpenBLAS call on one of our threads.
 @inline(__always)
 public func sgemm(transA: Bool = false, transB: Bool = false, m: Int, n: Int, k: Int,
                   alpha: Float = 1, a: UnsafePointer<Float>, lda: Int,
                   b: UnsafePointer<Float>, ldb: Int,
                   beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int) {
+    let threads = KernelThreads.current
+    let grid = threads == 1 ? GEMMGrid(rows: 1, columns: 1) : GEMMGrid(m: m, n: n, k: k, threads: threads)
+    if grid.rows * grid.columns == 1 {
+        sgemmOneThread(transA: transA, transB: transB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda,
+                       b: b, ldb: ldb, beta: beta, c: c, ldc: ldc)
+        return
+    }
+    DispatchQueue.concurrentPerform(iterations: grid.rows * grid.columns) { block in
+        let i = block / grid.columns, j = block % grid.columns
+        let r0 = GEMMGrid.start(i, of: grid.rows, size: m), r1 = GEMMGrid.start(i + 1, of: grid.rows, size: m)
+        let c0 = GEMMGrid.start(j, of: grid.columns, size: n), c1 = GEMMGrid.start(j + 1, of: grid.columns, size: n)
+        // Rows r0..<r1 of op(A) and columns c0..<c1 of op(B), wherever they lie in memory.
+        let aBlock = transA ? a + r0 : a + r0 * lda
+        let bBlock = transB ? b + c0 * ldb : b + c0
+        sgemmOneThread(transA: transA, transB: transB, m: r1 - r0, n: c1 - c0, k: k, alpha: alpha, a: aBlock, lda: lda,
+                       b: bBlock, ldb: ldb, beta: beta, c: c + r0 * ldc + c0, ldc: ldc)
+    }
+}
+
+/// One OpenBLAS call, on the calling thread (OpenBLAS is kept at one thread, `blasSingleThreaded`).
+@inline(__always)
+func sgemmOneThread(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
+                    b: UnsafePointer<Float>, ldb: Int, beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
+    _ = blasSingleThreaded
     cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
                 Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
 }

@@ -78,9 +78,10 @@ public struct NolaParameters: Equatable, Sendable {
     fileprivate init(object: [String: JSONValue], daemonKeys: Bool) throws {
         self.init()
         for name in object.keys.sorted() {
-            if daemonKeys && name == ParameterSpec.promptsFromJob.name { continue }
+            if daemonKeys && ParameterSpec.daemonKeys.contains(where: { $0.name == name }) { continue }
             guard let key = Key(rawValue: name) else {
-                let known = ParameterSpec.all.map(\.name).filter { daemonKeys || $0 != ParameterSpec.promptsFromJob.name }
+                let daemonOnly = Set(ParameterSpec.daemonKeys.map(\.name))
+                let known = ParameterSpec.all.map(\.name).filter { daemonKeys || !daemonOnly.contains($0) }
                 throw MethodError(.badParameter, name, "unknown parameter (known: \(known.joined(separator: ", ")))")
             }
             guard let value = object[name] else { continue }
@@ -151,11 +152,14 @@ public struct NolaParameters: Equatable, Sendable {
 }
 
 /// A job's `parameters` column as the pipeline reads it: the method's parameters, the keys the job set
-/// itself, and the daemon's own `prompts_from_job` (an earlier job whose tuned prompts label this one).
+/// itself, and the daemon's own `prompts_from_job` (an earlier job whose tuned prompts label this one) and
+/// `threads` (the job's thread count, docs/threading.md).
 public struct JobParameters: Equatable, Sendable {
     public var method = NolaParameters()
     public var given: Set<String> = []
     public var promptsFromJob: Int64?
+    /// The threads the job asks for (nil: the daemon's `threads`).
+    public var threads: Int?
 
     public init(json data: Data) throws {
         try self.init(json: data, daemonKeys: true)
@@ -175,6 +179,12 @@ public struct JobParameters: Equatable, Sendable {
                 throw MethodError(.badParameter, ParameterSpec.promptsFromJob.name, refusal)
             }
             if case .integer(let id) = value { promptsFromJob = Int64(id) }
+        }
+        if daemonKeys, let value = object[ParameterSpec.threads.name] {
+            if let refusal = ParameterSpec.threads.refusal(value) {
+                throw MethodError(.badParameter, ParameterSpec.threads.name, refusal)
+            }
+            if case .integer(let n) = value { threads = n }
         }
     }
 }

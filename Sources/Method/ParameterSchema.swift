@@ -33,10 +33,15 @@ public struct ParameterSpec: Equatable, Sendable {
     }
 
     /// Every parameter a job may carry: the method's (`NolaParameters.Key`) and the daemon's own
-    /// `prompts_from_job` (read by the pipeline's validate stage).
-    public static let all: [ParameterSpec] = NolaParameters.Key.allCases.map(\.spec) + [promptsFromJob]
+    /// `prompts_from_job` (read by the pipeline's validate stage) and `threads` (read by the executor).
+    public static let all: [ParameterSpec] = NolaParameters.Key.allCases.map(\.spec) + daemonKeys
+
+    /// The parameters the daemon reads itself; `NolaParameters` does not see them.
+    public static let daemonKeys = [promptsFromJob, threads]
 
     public static let promptsFromJob = ParameterSpec("prompts_from_job", .integer, min: 1)
+    /// Threads for the job's numeric work, at most the daemon's `threads` (docs/threading.md).
+    public static let threads = ParameterSpec("threads", .integer, min: 1, max: 1024)
 
     /// What values are allowed, as the refusal states it: "an integer from 1 to 1000000",
     /// "a number greater than 0 and at most 1", "true or false". `nola.parameter_allowed` in SQL builds

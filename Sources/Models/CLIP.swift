@@ -268,7 +268,7 @@ extension CLIPModel {
         out.withUnsafeMutableBufferPointer { o in
             let o = o.baseAddress!
             batchParallel(b) { r in
-                let part = imageFeaturesOneThread(pixels: pixels + r.lowerBound * image, batch: r.count, prompts: prompts,
+                let part = imageFeaturesOfSubBatch(pixels: pixels + r.lowerBound * image, batch: r.count, prompts: prompts,
                                                   promptCount: p, norms: norms)
                 (o + r.lowerBound * e).update(from: part, count: part.count)
             }
@@ -282,7 +282,7 @@ extension CLIPModel {
         return pixels.withUnsafeBufferPointer { getImageFeatures(pixels: $0.baseAddress!, batch: b) }
     }
 
-    func imageFeaturesOneThread(pixels: UnsafePointer<Float>, batch b: Int, prompts: UnsafePointer<Float>?, promptCount p: Int,
+    func imageFeaturesOfSubBatch(pixels: UnsafePointer<Float>, batch b: Int, prompts: UnsafePointer<Float>?, promptCount p: Int,
                                 norms: CLIPVisionNorms) -> [Float] {
         let c = config.visionConfig, d = c.hiddenSize, last = c.numHiddenLayers - 1
         let x = visionHiddenStates(pixels: pixels, batch: b, prompts: prompts, promptCount: p, norms: norms,

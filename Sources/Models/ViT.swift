@@ -167,14 +167,14 @@ public final class ViTModel: @unchecked Sendable {
         out.withUnsafeMutableBufferPointer { o in
             let o = o.baseAddress!
             batchParallel(b) { r in
-                let part = clsFeaturesOneThread(pixels: pixels + r.lowerBound * image, batch: r.count, height: h, width: w)
+                let part = clsFeaturesOfSubBatch(pixels: pixels + r.lowerBound * image, batch: r.count, height: h, width: w)
                 (o + r.lowerBound * d).update(from: part, count: part.count)
             }
         }
         return out
     }
 
-    func clsFeaturesOneThread(pixels: UnsafePointer<Float>, batch b: Int, height h: Int, width w: Int) -> [Float] {
+    func clsFeaturesOfSubBatch(pixels: UnsafePointer<Float>, batch b: Int, height h: Int, width w: Int) -> [Float] {
         let c = config, d = c.hiddenSize
         let x = hiddenStates(pixels: pixels, batch: b, height: h, width: w, layerCount: layers.count - 1)
         let t = x.count / (b * d)

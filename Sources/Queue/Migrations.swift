@@ -12,7 +12,7 @@ public struct Migration: Sendable {
 /// Applies Migrations/*.sql in order, each in one transaction, under an advisory lock, recorded in
 /// `nola.schema_migrations`. The schema version this build of nolad expects is `Migrator.expectedVersion`.
 public enum Migrator {
-    public static let expectedVersion = 5
+    public static let expectedVersion = 6
     /// Arbitrary constant key for pg_advisory_lock, shared by every nolad.
     static let lockKey: Int64 = 0x6e6f_6c61_6d69_6772 // "nolamigr"
 
@@ -154,7 +154,7 @@ public enum SchemaCatalog {
                    "stage text", "kind text", "metrics jsonb"],
         "workers": ["id text", "name text", "host text", "pid integer", "version text", "started_at timestamp with time zone",
                     "heartbeat_at timestamp with time zone", "stopped_at timestamp with time zone", "current_jobs bigint[]"],
-        "images": ["job_id bigint", "path text", "size_bytes bigint", "sha256 text", "format text"],
+        "images": ["job_id bigint", "path text", "size_bytes bigint", "sha256 text", "format text", "path_bytes bytea"],
         "labels": ["job_id bigint", "path text", "label text", "confidence real", "zero_shot_label text",
                    "zero_shot_confidence real", "unreadable text"],
         "prompts": ["job_id bigint", "safetensors bytea", "shapes jsonb", "backbone jsonb", "parameters jsonb",

@@ -41,7 +41,8 @@ func check(_ name: String, _ got: [Float], _ want: [Double], relTol: Double, fil
 }
 
 final class KernelsTests: XCTestCase {
-    override func setUp() { setThreads(2) }
+    /// Each test runs with two kernel threads, bound to the test's thread.
+    override func invokeTest() { withThreads(2) { super.invokeTest() } }
 
     func testLinear_forwardAndBackward_matchReference() {
         var rng = Rng(state: 1)

@@ -79,6 +79,19 @@ final class ParametersTests: XCTestCase {
         XCTAssertEqual(try JobParameters(json: Data()).method, NolaParameters())
     }
 
+    func testJobParameters_takesThreads_andRefusesOutOfRangeInASentence() throws {
+        let job = try JobParameters(json: Data(#"{"threads": 3, "seed": 1}"#.utf8))
+        XCTAssertEqual(job.threads, 3)
+        XCTAssertEqual(job.method.seed, 1)
+        XCTAssertNil(try JobParameters(json: Data(#"{"seed": 1}"#.utf8)).threads)
+        expectError(#"{"threads": 3}"#, key: "threads", reason: "unknown parameter")
+        for bad in ["0", "1025", "2.5", "\"4\""] {
+            XCTAssertThrowsError(try JobParameters(json: Data("{\"threads\": \(bad)}".utf8))) { error in
+                XCTAssertEqual("\(error)", "parameter 'threads': must be an integer from 1 to 1024, got \(bad)")
+            }
+        }
+    }
+
     func testEncode_thenDecode_roundTrips() throws {
         var p = NolaParameters()
         p.seed = 42; p.kFraction = 0.3; p.promptMicroBatchSize = 12; p.templates = false; p.clipModel = "clip-x"

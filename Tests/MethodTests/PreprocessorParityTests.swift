@@ -21,7 +21,7 @@ final class PreprocessorParityTests: XCTestCase {
     static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
     static let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures/preprocessor")
 
-    override func setUp() { setThreads(2) }
+    override func invokeTest() { withThreads(2) { super.invokeTest() } }
 
     /// A temporary folder with links to `model`'s files and `processor` (if any) as its preprocessor_config.json.
     func folder(model: String, processor: URL?) throws -> URL {

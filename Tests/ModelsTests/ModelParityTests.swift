@@ -20,7 +20,8 @@ func compare(_ name: String, _ got: [Float], _ want: [Float], relTol: Float, fil
 }
 
 final class CLIPParityTests: XCTestCase {
-    override func setUp() { setThreads(2) }
+    /// Each test runs with two kernel threads, bound to the test's thread.
+    override func invokeTest() { withThreads(2) { super.invokeTest() } }
 
     func testCLIPVision_hiddenStatesPooledAndImageFeatures_matchTransformers() throws {
         let model = try CLIPModel(folder: fixtures.appendingPathComponent("clip"))
@@ -115,7 +116,8 @@ final class CLIPParityTests: XCTestCase {
 }
 
 final class ViTParityTests: XCTestCase {
-    override func setUp() { setThreads(2) }
+    /// Each test runs with two kernel threads, bound to the test's thread.
+    override func invokeTest() { withThreads(2) { super.invokeTest() } }
 
     func check(_ family: String, height: Int, width: Int) throws {
         let model = try ViTModel(folder: fixtures.appendingPathComponent(family))

@@ -7,7 +7,7 @@ import XCTest
 @testable import Models
 
 final class OpenCLIPTests: XCTestCase {
-    override func setUp() { setThreads(2) }
+    override func invokeTest() { withThreads(2) { super.invokeTest() } }
 
     /// Both weight files (safetensors, torch.save), QuickGELU and GELU, and MetaCLIP's config (GELU, the
     /// legacy eos_token_id 2: pooled at the highest id), image and text, against open_clip / transformers.

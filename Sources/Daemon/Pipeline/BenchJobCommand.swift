@@ -18,7 +18,7 @@ struct BenchJob: ParsableCommand {
     @Option(help: "Prompt-tuning epochs (E).") var epochs = 1
     @Option(help: "Prompt-tuning logical batch (the reference's is 512).") var batch = 32
     @Option(help: "Prompt-tuning micro-batch.") var microBatch = 32
-    @Option(help: "Threads for OpenBLAS and our kernels.") var threads = 2
+    @Option(help: "Threads for the numeric kernels (GEMMs included).") var threads = 2
     @Option(help: "Sentences per class (tokens each: 20).") var sentences = 9
 
     /// The same synthetic image the PyTorch script draws: 320×240, value (7x + 13y + 29c + 31i) mod 256.
@@ -29,8 +29,10 @@ struct BenchJob: ParsableCommand {
         return RGBImage(width: w, height: h, pixels: pixels)
     }
 
-    func run() throws {
-        setThreads(threads)
+    /// Every kernel of the command runs with `--threads` threads (docs/threading.md).
+    func run() throws { try withThreads(threads) { try runWithThreads() } }
+
+    func runWithThreads() throws {
         let clip = try CLIPModel(config: CLIPConfig(), weights: nil)
         let dino = try ViTModel(kind: .vit, config: ViTConfig(), weights: nil)
         let rgb = (0..<images).map(Self.syntheticImage)
@@ -79,10 +81,12 @@ struct BenchJob: ParsableCommand {
                 let slot = 3 * 224 * 224
                 out.withUnsafeMutableBufferPointer { buffer in
                     let base = buffer.baseAddress!
-                    DispatchQueue.concurrentPerform(iterations: indices.count) { j in
-                        var r = AugmentRNG(seed: strongViewSeed(jobSeed: parameters.seed, epoch: epoch, image: indices[j]))
-                        let view = strongView(rgb[indices[j]], rng: &r)
-                        view.withUnsafeBufferPointer { (base + j * slot).update(from: $0.baseAddress!, count: slot) }
+                    parallelFor(indices.count) { part in
+                        for j in part {
+                            var r = AugmentRNG(seed: strongViewSeed(jobSeed: parameters.seed, epoch: epoch, image: indices[j]))
+                            let view = strongView(rgb[indices[j]], rng: &r)
+                            view.withUnsafeBufferPointer { (base + j * slot).update(from: $0.baseAddress!, count: slot) }
+                        }
                     }
                 }
                 return out

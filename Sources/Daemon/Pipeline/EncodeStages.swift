@@ -49,7 +49,7 @@ struct EncodeStage: PipelineStage {
 
         // Decode the next batch on another thread while this one is encoded.
         let batches = stride(from: 0, to: missing.count, by: Self.batchSize).map { Array(missing[$0..<min(missing.count, $0 + Self.batchSize)]) }
-        let threads = context.config.threads
+        let threads = context.threads
         let config = run.weakConfig
         func decode(_ batch: [Int]) -> (tensor: [Float], errors: [Int: ImageError]) {
             weakViewBatch(batch.map { run.file(context, image: $0) }, config: config, threads: threads)

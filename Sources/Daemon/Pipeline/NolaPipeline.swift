@@ -143,12 +143,13 @@ struct ValidateStage: PipelineStage {
         let run = PipelineRun(job: context.job, parameters: parameters, parametersJSON: String(decoding: parameters.encodedJSON(), as: UTF8.self),
                               clipFolder: clip, dinoFolder: dino, promptsFromJob: promptsFromJob)
         NolaPipeline.runs.start(run)
-        setThreads(context.config.threads)
         try context.recordEvent(stage: name, kind: "parameters", metrics: [
             "parameters": (try? JSONDecoder().decode(JSONValue.self, from: parameters.encodedJSON())) ?? .null,
             "clip_model": .string(clip.path), "dino_model": dino.map { .string($0.path) } ?? .null,
             "prompts_from_job": promptsFromJob.map { .number(Double($0)) } ?? .null,
-            "threads": number(context.config.threads),
+            "threads": number(context.threads),
+            "threads_requested": context.threadsRequested.map { number($0) } ?? .null,
+            "daemon_threads": number(context.config.threads),
         ])
     }
 

@@ -54,15 +54,19 @@ final class DecodedImages: @unchecked Sendable {
         var failure: String?
         out.withUnsafeMutableBufferPointer { buffer in
             let base = buffer.baseAddress!
-            DispatchQueue.concurrentPerform(iterations: indices.count) { j in
-                let i = indices[j]
-                do {
-                    let image = try self.image(i)
-                    var rng = AugmentRNG(seed: strongViewSeed(jobSeed: seed, epoch: epoch, image: i))
-                    let view = strongView(image, config: config, rng: &rng)
-                    view.withUnsafeBufferPointer { (base + j * slot).update(from: $0.baseAddress!, count: slot) }
-                } catch {
-                    self.lock.withLock { failure = "\(error)" }
+            // The job's threads (`self.threads`), not every core: a view depends only on its image's seed.
+            let parts = min(threads, indices.count)
+            DispatchQueue.concurrentPerform(iterations: parts) { part in
+                for j in (indices.count * part / parts)..<(indices.count * (part + 1) / parts) {
+                    let i = indices[j]
+                    do {
+                        let image = try self.image(i)
+                        var rng = AugmentRNG(seed: strongViewSeed(jobSeed: seed, epoch: epoch, image: i))
+                        let view = strongView(image, config: config, rng: &rng)
+                        view.withUnsafeBufferPointer { (base + j * slot).update(from: $0.baseAddress!, count: slot) }
+                    } catch {
+                        self.lock.withLock { failure = "\(error)" }
+                    }
                 }
             }
         }
@@ -134,7 +138,7 @@ struct TuneStage: PipelineStage {
             let gib = Double(used) * Double(encoder.trainingBytesPerImage) / Double(1 << 30)
             throw JobError.badInput("\(MethodError(.badParameter, NolaParameters.Key.promptMicroBatchSize.rawValue, "\(used) images need about \(String(format: "%.1f", gib)) GiB of prompt-tuning activations, more than this worker's memory_budget_mb \(context.config.memoryBudgetMB); use at most \(budgetMicro), or leave it unset to size it from the budget"))")
         }
-        let decoded = DecodedImages(files: (0..<n).map { run.file(context, readableIndex: $0) }, threads: context.config.threads)
+        let decoded = DecodedImages(files: (0..<n).map { run.file(context, readableIndex: $0) }, threads: context.threads)
         var strong = StrongViewConfig()
         strong.size = run.imageSize
         if !p.colourJitter {
@@ -272,7 +276,7 @@ struct LabelStage: PipelineStage {
         for from in stride(from: 0, to: n, by: batch) {
             try context.reportProgress(stage: name, done: from, total: n)
             let indices = Array(from..<min(n, from + batch))
-            let (pixels, errors) = weakViewBatch(indices.map { run.file(context, readableIndex: $0) }, config: run.weakConfig, threads: context.config.threads)
+            let (pixels, errors) = weakViewBatch(indices.map { run.file(context, readableIndex: $0) }, config: run.weakConfig, threads: context.threads)
             if let (j, error) = errors.first {
                 throw JobError.transient("\(run.images[run.readable[indices[j]]].path) became unreadable: \(error)")
             }
