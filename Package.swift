@@ -1,13 +1,35 @@
 // swift-tools-version:6.0
 // nolad: a daemon that labels unlabeled image collections with the NoLA method.
 // Layers, lowest first (DESIGN.md): C shims → Kernels → Models, Imaging → Method → Queue → Daemon → nolad.
+import Foundation
 import PackageDescription
 
-/// Numeric targets are always optimised and compiled for AVX2 + FMA (Zen 3 / Haswell and later),
-/// also in debug builds, so tests and the daemon run the same fast code paths.
+/// Which CPU the numeric targets are compiled for (docs/platforms.md): `x86-64-v3` (AVX2 + FMA, Haswell /
+/// Zen and later) or `generic` (the target's baseline: SSE2 on x86-64, NEON on aarch64). The default follows
+/// the machine that evaluates this manifest, which is the build target of a native build: x86-64-v3 on
+/// x86-64, generic elsewhere. Set NOLAD_CPU when that is not the target (cross-compiling, or an x86-64 CPU
+/// without AVX2), e.g. `NOLAD_CPU=generic swift build`.
+let noladCPU: String = {
+    if let chosen = ProcessInfo.processInfo.environment["NOLAD_CPU"], !chosen.isEmpty { return chosen }
+    #if arch(x86_64)
+    return "x86-64-v3"
+    #else
+    return "generic"
+    #endif
+}()
+guard ["x86-64-v3", "generic"].contains(noladCPU) else {
+    fatalError("NOLAD_CPU is \"\(noladCPU)\"; use x86-64-v3 (AVX2 + FMA) or generic (docs/platforms.md)")
+}
+let x86_64_v3 = noladCPU == "x86-64-v3"
+
+/// Numeric targets are always optimised, also in debug builds, so tests and the daemon run the same fast
+/// code paths; for x86-64-v3 they may use AVX2 + FMA (-Xcc -march also sets the CPU of Swift's code generator).
 let numeric: [SwiftSetting] = [
-    .unsafeFlags(["-O", "-Xcc", "-march=x86-64-v3", "-Xcc", "-mtune=znver3"]),
+    .unsafeFlags(["-O"] + (x86_64_v3 ? ["-Xcc", "-march=x86-64-v3", "-Xcc", "-mtune=znver3"] : [])),
 ]
+/// The executable's start-up check refuses a CPU without x86-64-v3 (Sources/Daemon/CPUCheck.swift) when
+/// the numeric code needs it. Daemon and nolad themselves are compiled for the baseline, so the check runs.
+let cpuCheck: [SwiftSetting] = x86_64_v3 ? [.define("NOLAD_X86_64_V3")] : []
 
 let package = Package(
     name: "nolad",
@@ -33,7 +55,8 @@ let package = Package(
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd"),
         // libcurl for the LLM endpoint (http and https), driven with curl_multi_poll so waits can be stopped.
         .systemLibrary(name: "CCurl", pkgConfig: "libcurl"),
-        // libjpeg/libpng calls behind setjmp (their errors longjmp, which Swift cannot survive).
+        // libjpeg/libpng calls behind setjmp (their errors longjmp, which Swift cannot survive), and the
+        // x86-64-v3 CPU check (cpu_features.c). Compiled for the baseline CPU: never add -march here.
         .target(name: "CImageSupport", dependencies: ["CJPEG", "CPNG"],
                 cSettings: [.unsafeFlags(["-O2"])],
                 linkerSettings: [.linkedLibrary("jpeg"), .linkedLibrary("png16")]),
@@ -53,14 +76,14 @@ let package = Package(
         ]),
         // Daemon: configuration, the worker service, systemd integration, CLI commands.
         .target(name: "Daemon", dependencies: [
-            "Queue", "Method", "Models", "Imaging", "Kernels", "CSystemd",
+            "Queue", "Method", "Models", "Imaging", "Kernels", "CSystemd", "CImageSupport",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
             .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "FlyingFox", package: "FlyingFox"),
             .product(name: "FlyingSocks", package: "FlyingFox"),
-        ]),
+        ], swiftSettings: cpuCheck),
         .executableTarget(name: "nolad", dependencies: [
             "Daemon", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),

@@ -3,8 +3,9 @@ normalised tensors (torchvision), each strong-view op's output for fixed paramet
 
 Run with the reference environment (outside the repo):
     "$NOLAD_REFERENCE_PYTHON" reference/make_image_fixtures.py
-Output: Tests/ImagingTests/Fixtures/{images,bad,ref}/ and Tests/ImagingTests/Fixtures/manifest.json.
-Raw outputs are uint8 HWC RGB (.rgb) or float32 little-endian CHW (.f32).
+Output: Tests/ImagingTests/Fixtures/{images,bad,ref,sweep}/ and Tests/ImagingTests/Fixtures/manifest.json.
+Raw outputs are uint8 HWC RGB (.rgb) or float32 little-endian CHW (.f32); the shape sweep stores its
+reference outputs as lossless RGB PNGs (.png) to stay small.
 """
 import io
 import json
@@ -24,6 +25,7 @@ import torchvision.transforms.functional as F
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Tests", "ImagingTests", "Fixtures")
 IMAGES = os.path.join(ROOT, "images")
+SWEEP = os.path.join(ROOT, "sweep")
 BAD = os.path.join(ROOT, "bad")
 REF = os.path.join(ROOT, "ref")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -33,7 +35,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TENSOR_CASES = ("rgb_420_baseline.jpg", "cmyk.jpg", "palette_trns.png")
 
 
-def photo_like(w, h, seed):
+def photo_like(w, h, seed, noise=6):
     """Smooth gradients + blobs + shapes + text-like edges + sensor noise: exercises every DCT band."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
@@ -46,7 +48,7 @@ def photo_like(w, h, seed):
         r = rng.uniform(0.05, 0.4) * max(w, h)
         col = rng.uniform(-80, 80, 3)
         img += np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None] * col
-    img += rng.normal(0, 6, img.shape)
+    img += rng.normal(0, noise, img.shape)
     im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
     d = ImageDraw.Draw(im)
     for _ in range(5):
@@ -91,8 +93,105 @@ def png_chunk(kind, data):
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
+def sweep_png(name, im):
+    """A reference output as a lossless PNG under sweep/ (the tests decode it with nolad's PNG decoder,
+    which is byte-exact against Pillow on every PNG fixture)."""
+    im.save(os.path.join(SWEEP, name), "PNG", optimize=True)
+    return "sweep/" + name
+
+
+def pillow_horizontal_first(w, h, ow, oh):
+    """Pillow 13's pass order (libImaging/Resample.c ImagingResampleInner): vertical pass first when the
+    height shrinks by more than twice as many pixels as the width. Recorded so the sweep provably covers both."""
+    return not ((h - oh) > 0 and (h - oh) > (w - ow) * 2)
+
+
+def shape_sweep():
+    """Weak views (Resize(n, BICUBIC) + CenterCrop) of generated files in many shapes, Pillow resizes of crops
+    of one photo to many sizes, and RandomResizedCrop's resized_crop on many boxes: every shape class the
+    issue lists (tall, wide, odd, smaller than the crop, exactly the crop, over 1000 px, 1:20, 1xN)."""
+    sweep = {"views": [], "resizes": [], "resized_crops": []}
+    # (file, width, height, format, mode, [(resize, crop), ...]). Low sensor noise keeps the big files small.
+    shapes = [
+        ("p_333x1000.jpg", 333, 1000, "progressive", "RGB", [(224, 224), (256, 224)]),
+        ("b_1000x333.jpg", 1000, 333, "baseline", "RGB", [(224, 224)]),
+        ("b_224x224.jpg", 224, 224, "baseline", "RGB", [(224, 224), (256, 224)]),
+        ("b_224x500.jpg", 224, 500, "baseline", "RGB", [(224, 224)]),
+        ("p_500x224.jpg", 500, 224, "progressive", "RGB", [(224, 224)]),
+        ("b_225x1000.jpg", 225, 1000, "baseline", "RGB", [(224, 224)]),
+        ("p_301x299.jpg", 301, 299, "progressive", "RGB", [(224, 224)]),
+        ("b_299x301.jpg", 299, 301, "baseline", "RGB", [(224, 224)]),
+        ("b_100x2000.jpg", 100, 2000, "baseline", "RGB", [(224, 224), (32, 32)]),
+        ("p_2000x100.jpg", 2000, 100, "progressive", "RGB", [(224, 224)]),
+        ("b_1500x1100.jpg", 1500, 1100, "baseline", "RGB", [(224, 224), (256, 224)]),
+        ("p_1100x1537.jpg", 1100, 1537, "progressive", "RGB", [(224, 224)]),
+        ("b_639x641.jpg", 639, 641, "baseline", "RGB", [(224, 224)]),
+        ("p_223x225.jpg", 223, 225, "progressive", "RGB", [(224, 224)]),
+        ("b_100x150.jpg", 100, 150, "baseline", "RGB", [(224, 224)]),
+        ("g_150x457.jpg", 150, 457, "baseline", "L", [(224, 224)]),
+        ("c_120x400.jpg", 120, 400, "baseline", "CMYK", [(224, 224)]),
+        ("s_7x9.png", 7, 9, "png", "RGB", [(224, 224)]),
+        ("s_9x7.png", 9, 7, "png", "RGB", [(224, 224)]),
+        ("s_1x500.png", 1, 500, "png", "RGB", [(16, 16)]),
+        ("s_500x1.png", 500, 1, "png", "RGB", [(16, 16)]),
+        ("s_3x2.png", 3, 2, "png", "RGB", [(224, 224)]),
+    ]
+    for seed, (name, w, h, fmt, mode, specs) in enumerate(shapes, start=100):
+        im = photo_like(w, h, seed, noise=1.5)
+        if mode != "RGB":
+            im = im.convert(mode)
+        path = os.path.join(SWEEP, name)
+        if fmt == "png":
+            im.save(path, "PNG")
+        else:
+            im.save(path, "JPEG", quality=80, subsampling=2, progressive=fmt == "progressive")
+        with Image.open(path) as im0:
+            rgb = im0.convert("RGB")
+        for resize, crop in specs:
+            ow, oh = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+            v = weak_view(rgb, resize, crop)
+            sweep["views"].append({"file": "sweep/" + name, "width": w, "height": h, "mode": mode, "format": fmt,
+                                   "resize": resize, "crop": crop, "resized": [ow, oh],
+                                   "horizontal_first": pillow_horizontal_first(w, h, ow, oh),
+                                   "view": sweep_png(f"{name}.weak_{resize}_{crop}.png", v)})
+
+    # Pillow resizes of crops of one decoded sweep photo: (crop width, crop height) -> [(out width, out height)].
+    photo = Image.open(os.path.join(SWEEP, "b_1500x1100.jpg")).convert("RGB")
+    pairs = [
+        ((333, 750), [(224, 504), (50, 113), (150, 700)]),
+        ((750, 333), [(504, 224), (700, 150)]),
+        ((37, 740), [(10, 200), (37, 100), (74, 300)]),   # 1:20
+        ((740, 37), [(200, 10), (100, 37)]),              # 20:1
+        ((1500, 1100), [(224, 164), (13, 700), (700, 13)]),
+        ((97, 101), [(224, 224), (13, 11), (97, 50), (50, 101)]),
+        ((5, 3), [(1, 1), (224, 131)]),
+        ((1, 700), [(1, 50), (3, 224)]),
+    ]
+    for (cw, ch), outs in pairs:
+        src = photo.crop((0, 0, cw, ch))
+        for ow, oh in outs:
+            for filt, tag in ((Image.BICUBIC, "bicubic"), (Image.BILINEAR, "bilinear")):
+                out = src.resize((ow, oh), filt)
+                sweep["resizes"].append({"source": "sweep/b_1500x1100.jpg", "crop": [cw, ch], "size": [ow, oh],
+                                         "filter": tag, "horizontal_first": pillow_horizontal_first(cw, ch, ow, oh),
+                                         "out": sweep_png(f"resize_{cw}x{ch}_{ow}x{oh}_{tag}.png", out)})
+
+    # torchvision's resized_crop (RandomResizedCrop's op: crop, then bilinear resize to size x size).
+    boxes = [(0, 0, 750, 333, (64, 224)), (10, 20, 700, 200, (64, 224)), (5, 600, 740, 37, (64,)),
+             (100, 40, 60, 61, (64,)), (0, 0, 1100, 1500, (64, 224)), (3, 900, 300, 100, (64,)),
+             (1, 1, 223, 225, (64, 224)), (70, 0, 20, 400, (64,))]  # (top, left, height, width, sizes)
+    for top, left, bh, bw, sizes in boxes:
+        for size in sizes:
+            out = F.resized_crop(photo, top, left, bh, bw, [size, size], T.InterpolationMode.BILINEAR)
+            sweep["resized_crops"].append({"source": "sweep/b_1500x1100.jpg", "top": top, "left": left,
+                                           "height": bh, "width": bw, "size": size,
+                                           "horizontal_first": pillow_horizontal_first(bw, bh, size, size),
+                                           "out": sweep_png(f"rrc_{top}_{left}_{bh}x{bw}_{size}.png", out)})
+    return sweep
+
+
 def main():
-    for d in (IMAGES, BAD, REF):
+    for d in (IMAGES, BAD, REF, SWEEP):
         os.makedirs(d, exist_ok=True)
         for f in os.listdir(d):
             os.remove(os.path.join(d, f))
@@ -346,6 +445,8 @@ def main():
     manifest["resized_crop_distribution"] = {"width": 500, "height": 375, "draws": 20000,
                                              "mean_area": float(np.mean(areas)), "std_area": float(np.std(areas)),
                                              "mean_ratio": float(np.mean(ratios))}
+
+    manifest["sweep"] = shape_sweep()
 
     with open(os.path.join(ROOT, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)

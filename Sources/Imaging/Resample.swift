@@ -80,9 +80,19 @@ struct ResampleAxis {
     return s < 0 ? 0 : s > 255 ? 255 : UInt8(s)
 }
 
-/// Pillow's `Image.resize((width, height), filter)` for an RGB image: horizontal pass then vertical pass,
-/// each rounding and clipping to uint8. `crop` (in output coordinates) limits the work to a window of the
-/// result; the pixels are bit-identical to cropping the full resize.
+/// Whether Pillow (13 and later, libImaging/Resample.c ImagingResampleInner) runs the horizontal pass
+/// first: it runs the vertical pass first when the height shrinks by more than twice as many pixels as
+/// the width does, `(inH - outH) > 0 && (inH - outH) > (inW - outW) * 2`. Each pass rounds to uint8, so
+/// the order changes the result. Pillow 12 and earlier always ran the horizontal pass first.
+func horizontalPassFirst(inWidth: Int, inHeight: Int, outWidth: Int, outHeight: Int) -> Bool {
+    let dy = inHeight - outHeight, dx = inWidth - outWidth
+    return !(dy > 0 && dy > dx * 2)
+}
+
+/// Pillow's `Image.resize((width, height), filter)` for an RGB image: two separable passes, each
+/// rounding and clipping to uint8, in Pillow's order (see `horizontalPassFirst`). `crop` (in output
+/// coordinates) limits the work to a window of the result; the pixels are bit-identical to cropping the
+/// full resize, because every output pixel of a pass depends only on its own index.
 public func resample(_ image: RGBImage, width: Int, height: Int, filter: ResampleFilter,
                      crop: (x: Int, y: Int, width: Int, height: Int)? = nil) -> RGBImage {
     precondition(width > 0 && height > 0 && image.width > 0 && image.height > 0, "resample: empty image or size")
@@ -94,75 +104,93 @@ public func resample(_ image: RGBImage, width: Int, height: Int, filter: Resampl
     }
     let needHorizontal = width != image.width
     let needVertical = height != image.height
-    let vertical = ResampleAxis(inSize: image.height, outSize: height, range: window.y..<(window.y + window.height), filter: filter)
-    // Rows of the source the vertical pass reads.
-    let rowFirst = needVertical ? vertical.first[0] : window.y
-    let rowEnd = needVertical ? vertical.first[window.height - 1] + vertical.taps[window.height - 1] : window.y + window.height
+    let vertical = needVertical ? ResampleAxis(inSize: image.height, outSize: height, range: window.y..<(window.y + window.height), filter: filter) : nil
+    let horizontal = needHorizontal ? ResampleAxis(inSize: image.width, outSize: width, range: window.x..<(window.x + window.width), filter: filter) : nil
+    // Source rows the vertical pass reads and source columns the horizontal pass reads.
+    let rows = vertical.map { $0.first[0]..<($0.first[window.height - 1] + $0.taps[window.height - 1]) } ?? window.y..<(window.y + window.height)
+    let columns = horizontal.map { $0.first[0]..<($0.first[window.width - 1] + $0.taps[window.width - 1]) } ?? window.x..<(window.x + window.width)
 
-    // Horizontal pass: (rowEnd - rowFirst, window.width, 3).
-    var temp: [UInt8]
-    let tempRows = rowEnd - rowFirst
-    if needHorizontal {
-        let horizontal = ResampleAxis(inSize: image.width, outSize: width, range: window.x..<(window.x + window.width), filter: filter)
-        temp = [UInt8](repeating: 0, count: tempRows * window.width * 3)
-        let ks = horizontal.kernelSize
-        // Each row is split into three Int32 planes, zero-padded by ks so SIMD8 loads past the last
-        // tap stay in bounds (their weights are zero). Integer sums: the order of taps does not matter.
-        let plane = image.width + ks
-        let planes = UnsafeMutablePointer<Int32>.allocate(capacity: 3 * plane)
-        planes.initialize(repeating: 0, count: 3 * plane)
-        defer { planes.deallocate() }
-        let r = planes, g = planes + plane, b = planes + 2 * plane
-        image.pixels.withUnsafeBufferPointer { src in
-            temp.withUnsafeMutableBufferPointer { dst in
-                horizontal.weights.withUnsafeBufferPointer { kk in
-                    for y in 0..<tempRows {
-                        let lineIn = src.baseAddress! + (y + rowFirst) * image.width * 3
-                        let lineOut = dst.baseAddress! + y * window.width * 3
-                        for x in 0..<image.width {
-                            r[x] = Int32(lineIn[x * 3])
-                            g[x] = Int32(lineIn[x * 3 + 1])
-                            b[x] = Int32(lineIn[x * 3 + 2])
+    if horizontalPassFirst(inWidth: image.width, inHeight: image.height, outWidth: width, outHeight: height) {
+        // (rows, window.width) after the horizontal pass, then (window.height, window.width).
+        let temp = horizontal.map { horizontalPass(image, rows: rows, columns: 0..<image.width, axis: $0) }
+            ?? cropImage(image, left: window.x, top: rows.lowerBound, width: window.width, height: rows.count)
+        guard let vertical else { return temp }
+        return verticalPass(temp, rowOffset: rows.lowerBound, axis: vertical)
+    } else {
+        // Pillow's vertical-first branch implies the height shrinks, so the vertical pass is needed:
+        // (window.height, columns) after it, then (window.height, window.width).
+        let source = columns.count == image.width && rows.count == image.height
+            ? image : cropImage(image, left: columns.lowerBound, top: rows.lowerBound, width: columns.count, height: rows.count)
+        let temp = verticalPass(source, rowOffset: rows.lowerBound, axis: vertical!)
+        guard let horizontal else { return temp }
+        return horizontalPass(temp, rows: 0..<temp.height, columns: columns, axis: horizontal)
+    }
+}
+
+/// The horizontal pass over `rows` of `image`, whose columns are the source columns `columns`
+/// (`axis.first` is in source coordinates): (rows.count, axis outputs) pixels.
+private func horizontalPass(_ image: RGBImage, rows: Range<Int>, columns: Range<Int>, axis: ResampleAxis) -> RGBImage {
+    precondition(columns.count == image.width && rows.upperBound <= image.height, "horizontalPass: bad source window")
+    let outWidth = axis.first.count
+    var temp = [UInt8](repeating: 0, count: rows.count * outWidth * 3)
+    let ks = axis.kernelSize
+    // Each row is split into three Int32 planes, zero-padded by ks so SIMD8 loads past the last
+    // tap stay in bounds (their weights are zero). Integer sums: the order of taps does not matter.
+    let plane = image.width + ks
+    let planes = UnsafeMutablePointer<Int32>.allocate(capacity: 3 * plane)
+    planes.initialize(repeating: 0, count: 3 * plane)
+    defer { planes.deallocate() }
+    let r = planes, g = planes + plane, b = planes + 2 * plane
+    image.pixels.withUnsafeBufferPointer { src in
+        temp.withUnsafeMutableBufferPointer { dst in
+            axis.weights.withUnsafeBufferPointer { kk in
+                for (y, sourceRow) in rows.enumerated() {
+                    let lineIn = src.baseAddress! + sourceRow * image.width * 3
+                    let lineOut = dst.baseAddress! + y * outWidth * 3
+                    for x in 0..<image.width {
+                        r[x] = Int32(lineIn[x * 3])
+                        g[x] = Int32(lineIn[x * 3 + 1])
+                        b[x] = Int32(lineIn[x * 3 + 2])
+                    }
+                    for xx in 0..<outWidth {
+                        let xmin = axis.first[xx] - columns.lowerBound, n = axis.taps[xx]
+                        let k = kk.baseAddress! + xx * ks
+                        var s0 = SIMD8<Int32>(), s1 = s0, s2 = s0
+                        var t = 0
+                        while t < n {
+                            let w = UnsafeRawPointer(k + t).loadUnaligned(as: SIMD8<Int32>.self)
+                            s0 &+= w &* UnsafeRawPointer(r + xmin + t).loadUnaligned(as: SIMD8<Int32>.self)
+                            s1 &+= w &* UnsafeRawPointer(g + xmin + t).loadUnaligned(as: SIMD8<Int32>.self)
+                            s2 &+= w &* UnsafeRawPointer(b + xmin + t).loadUnaligned(as: SIMD8<Int32>.self)
+                            t += 8
                         }
-                        for xx in 0..<window.width {
-                            let xmin = horizontal.first[xx], n = horizontal.taps[xx]
-                            let k = kk.baseAddress! + xx * ks
-                            var s0 = SIMD8<Int32>(), s1 = s0, s2 = s0
-                            var t = 0
-                            while t < n {
-                                let w = UnsafeRawPointer(k + t).loadUnaligned(as: SIMD8<Int32>.self)
-                                s0 &+= w &* UnsafeRawPointer(r + xmin + t).loadUnaligned(as: SIMD8<Int32>.self)
-                                s1 &+= w &* UnsafeRawPointer(g + xmin + t).loadUnaligned(as: SIMD8<Int32>.self)
-                                s2 &+= w &* UnsafeRawPointer(b + xmin + t).loadUnaligned(as: SIMD8<Int32>.self)
-                                t += 8
-                            }
-                            let half: Int32 = 1 << Int32(precisionBits - 1)
-                            lineOut[xx * 3] = clip8(s0.wrappedSum() &+ half)
-                            lineOut[xx * 3 + 1] = clip8(s1.wrappedSum() &+ half)
-                            lineOut[xx * 3 + 2] = clip8(s2.wrappedSum() &+ half)
-                        }
+                        let half: Int32 = 1 << Int32(precisionBits - 1)
+                        lineOut[xx * 3] = clip8(s0.wrappedSum() &+ half)
+                        lineOut[xx * 3 + 1] = clip8(s1.wrappedSum() &+ half)
+                        lineOut[xx * 3 + 2] = clip8(s2.wrappedSum() &+ half)
                     }
                 }
             }
         }
-    } else {
-        temp = cropImage(image, left: window.x, top: rowFirst, width: window.width, height: tempRows).pixels
     }
-    if !needVertical {
-        return RGBImage(width: window.width, height: window.height, pixels: temp)
-    }
+    return RGBImage(width: outWidth, height: rows.count, pixels: temp)
+}
 
-    // Vertical pass over the horizontally resampled rows: (window.height, window.width, 3).
-    let rowLength = window.width * 3
-    var out = [UInt8](repeating: 0, count: window.height * rowLength)
-    let ks = vertical.kernelSize
-    temp.withUnsafeBufferPointer { src in
+/// The vertical pass over all columns of `image`, whose row 0 is source row `rowOffset`
+/// (`axis.first` is in source coordinates): (axis outputs, image.width) pixels.
+private func verticalPass(_ image: RGBImage, rowOffset: Int, axis: ResampleAxis) -> RGBImage {
+    let outHeight = axis.first.count
+    let rowLength = image.width * 3
+    var out = [UInt8](repeating: 0, count: outHeight * rowLength)
+    let ks = axis.kernelSize
+    image.pixels.withUnsafeBufferPointer { src in
         out.withUnsafeMutableBufferPointer { dst in
-            vertical.weights.withUnsafeBufferPointer { kk in
+            axis.weights.withUnsafeBufferPointer { kk in
                 var acc = [Int32](repeating: 0, count: rowLength)
                 acc.withUnsafeMutableBufferPointer { acc in
-                    for yy in 0..<window.height {
-                        let ymin = vertical.first[yy] - rowFirst, n = vertical.taps[yy]
+                    for yy in 0..<outHeight {
+                        let ymin = axis.first[yy] - rowOffset, n = axis.taps[yy]
+                        precondition(ymin >= 0 && ymin + n <= image.height, "verticalPass: rows outside the source window")
                         let k = kk.baseAddress! + yy * ks
                         for i in 0..<rowLength { acc[i] = 1 << Int32(precisionBits - 1) }
                         for y in 0..<n {
@@ -177,7 +205,7 @@ public func resample(_ image: RGBImage, width: Int, height: Int, filter: Resampl
             }
         }
     }
-    return RGBImage(width: window.width, height: window.height, pixels: out)
+    return RGBImage(width: image.width, height: outHeight, pixels: out)
 }
 
 /// Pillow's resize with its bicubic filter.

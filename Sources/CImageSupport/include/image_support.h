@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cpu_features.h"  // the start-up CPU check shares this baseline-compiled target
+
 typedef enum {
     NOLAD_IMG_OK = 0,
     NOLAD_IMG_TRUNCATED = 1,   // data ended before the image did
