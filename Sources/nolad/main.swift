@@ -7,7 +7,7 @@ import Foundation
 // numeric modules are initialised lazily, on first use, so nothing of theirs has run yet.)
 if let refusal = CPUCheck.startupRefusal() {
     FileHandle.standardError.write(Data("nolad: \(refusal)\n".utf8))
-    exit(1)
+    exit(78)  // EX_CONFIG: the units do not restart on it (RestartPreventExitStatus=78)
 }
 
 /// Runs the async entry point of AsyncParsableCommand (in top-level code plain `main()` resolves to the
