@@ -92,7 +92,7 @@ let package = Package(
         .testTarget(name: "ModelsTests", dependencies: ["Models", "Kernels"], exclude: ["Fixtures"], swiftSettings: numeric),
         .testTarget(name: "ImagingTests", dependencies: ["Imaging"], exclude: ["Fixtures"], swiftSettings: numeric),
         .testTarget(name: "MethodTests", dependencies: ["Method"], exclude: ["Fixtures"], swiftSettings: numeric),
-        .testTarget(name: "QueueTests", dependencies: ["Queue", "Daemon", "Imaging"]),
+        .testTarget(name: "QueueTests", dependencies: ["Queue", "Daemon", "Imaging", "Models"]),
         .testTarget(name: "DatabaseTests", dependencies: ["Queue", "Daemon", "Models", "Method"], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v5]

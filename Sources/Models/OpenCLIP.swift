@@ -301,3 +301,17 @@ public func weightsFile(folder: URL) -> URL? {
     let names = OpenCLIPFolder.isOpenCLIP(folder) ? OpenCLIPFolder.weightFiles : ["model.safetensors", "pytorch_model.bin"]
     return names.map { folder.appendingPathComponent($0) }.first { FileManager.default.fileExists(atPath: $0.path) }
 }
+
+/// Every file the weights are read from, in the order `openCheckpoint` / `OpenCLIPFolder` pick: one file,
+/// or a shard index followed by its shards (sorted). Empty when there is none, or the index cannot be read.
+public func weightsFiles(folder: URL) -> [URL] {
+    if OpenCLIPFolder.isOpenCLIP(folder) { return weightsFile(folder: folder).map { [$0] } ?? [] }
+    for name in ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"] {
+        let url = folder.appendingPathComponent(name)
+        guard FileManager.default.fileExists(atPath: url.path) else { continue }
+        guard name.hasSuffix(".index.json") else { return [url] }
+        guard let object = try? readJSONObject(url), let map = object["weight_map"] as? [String: String] else { return [] }
+        return [url] + Set(map.values).sorted().map { folder.appendingPathComponent($0) }
+    }
+    return []
+}

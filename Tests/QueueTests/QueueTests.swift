@@ -1,6 +1,7 @@
 // QueueTests — everything of the queue and daemon layers that needs no database: the job lifecycle
 // state machine, retry backoff, SHA-256, libpq text formats, configuration, collection checks.
 @testable import Daemon
+import Models
 import Foundation
 import Imaging
 @testable import Queue
@@ -449,5 +450,23 @@ final class CollectionTests: XCTestCase {
     func testLabelsCSV_quotesPerRFC4180() {
         let rows = PostgresRows(columns: ["path", "label"], values: [["a,b.jpg", "say \"x\""], ["c.jpg", nil]], affected: 0)
         XCTAssertEqual(LabelsCommand.csv(rows), "path,label\n\"a,b.jpg\",\"say \"\"x\"\"\"\nc.jpg,\n")
+    }
+}
+
+final class ModelIdentityTests: XCTestCase {
+    /// A sharded checkpoint's identity covers its index and every shard; a single file keeps its own hash.
+    func testShardedCheckpoint_identityHashesTheIndexAndEveryShard() throws {
+        let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("ModelsTests/Fixtures/checkpoints")
+        let sharded = fixtures.appendingPathComponent("sharded")
+        XCTAssertEqual(weightsFiles(folder: sharded).map(\.lastPathComponent),
+                       ["model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
+        let identity = try ModelIdentity.of(folder: sharded)
+        XCTAssertEqual(identity.weightsSHA256.count, 64)
+        let single = fixtures.appendingPathComponent("good")
+        let files = weightsFiles(folder: single)
+        XCTAssertEqual(files.count, 1)
+        XCTAssertEqual(try ModelIdentity.of(folder: single).weightsSHA256, try CollectionAccess.inspectAnyFile(files[0].path))
+        XCTAssertThrowsError(try ModelIdentity.of(folder: fixtures.appendingPathComponent("no-such-folder")))
     }
 }

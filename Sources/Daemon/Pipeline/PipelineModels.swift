@@ -13,14 +13,23 @@ struct ModelIdentity: Equatable, Sendable {
     var key: String { name + "@" + weightsSHA256.prefix(16) }
     var json: JSONValue { ["folder": .string(name), "weights_sha256": .string(weightsSHA256)] }
 
-    /// Hashes the folder's weights file (model.safetensors, else pytorch_model.bin).
+    /// Hashes the folder's weights: the file's SHA-256, or for a sharded checkpoint the SHA-256 of the
+    /// lines "<file name> <SHA-256>" of its index and shards.
     static func of(folder: URL) throws -> ModelIdentity {
-        guard let weights = weightsFile(folder: folder) else {
-            let names = OpenCLIPFolder.isOpenCLIP(folder) ? OpenCLIPFolder.weightFiles : ["model.safetensors", "pytorch_model.bin"]
-            throw JobError.badInput("model folder \(folder.path) has no \(names.joined(separator: " or "))")
+        let files = weightsFiles(folder: folder)
+        guard !files.isEmpty else {
+            let names = OpenCLIPFolder.isOpenCLIP(folder) ? OpenCLIPFolder.weightFiles
+                : ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
+            throw JobError.badInput("model folder \(folder.path) has no \(names.joined(separator: " or ")) (or its shard index cannot be read)")
         }
-        let info = try CollectionAccess.inspectAnyFile(weights.path)
-        return ModelIdentity(folder: folder, weightsSHA256: info)
+        if files.count == 1 {
+            return ModelIdentity(folder: folder, weightsSHA256: try CollectionAccess.inspectAnyFile(files[0].path))
+        }
+        var lines = ""
+        for file in files { lines += "\(file.lastPathComponent) \(try CollectionAccess.inspectAnyFile(file.path))\n" }
+        var hasher = SHA256()
+        hasher.update(Array(lines.utf8))
+        return ModelIdentity(folder: folder, weightsSHA256: SHA256.hex(hasher.finalize()))
     }
 }
 
