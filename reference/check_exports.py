@@ -3,8 +3,10 @@
   --imagefolder TREE     torchvision.datasets.ImageFolder: every image is decoded through it
   --labelstudio TASKS    label-studio-sdk: the config next to TASKS is parsed by LabelInterface and
                          every task's prediction is validated against it
-  --fiftyone DIR         fiftyone's FiftyOneImageClassificationDatasetImporter: every sample parsed
-                         (no database needed); with --fiftyone-dataset also fo.Dataset.from_dir
+  --fiftyone DIR         fiftyone's FiftyOneImageClassificationDatasetImporter (what
+                         fo.Dataset.from_dir iterates): every sample parsed into a Classification and
+                         an in-memory fo.Sample, no database needed; with --fiftyone-dataset also
+                         fo.Dataset.from_dir itself, which needs FiftyOne's MongoDB
 
 Each check prints one line with what it read and exits non-zero on the first failure. torchvision is in
 the reference environment (reference/requirements.txt); label-studio-sdk and fiftyone are heavy and
@@ -65,25 +67,30 @@ def check_labelstudio(tasks_path):
 
 
 def check_fiftyone(folder, with_database):
-    import fiftyone.utils.data as foud
+    import fiftyone as fo
     import fiftyone.core.labels as fol
+    import fiftyone.utils.data as foud
 
+    with open(os.path.join(folder, "labels.json")) as f:
+        classes = json.load(f)["classes"]
     importer = foud.FiftyOneImageClassificationDatasetImporter(dataset_dir=folder)
     count, confident = 0, 0
     with importer:
         for image_path, _metadata, label in importer:
-            assert os.path.isfile(image_path), image_path
-            assert isinstance(label, fol.Classification), label
-            assert label.label in importer._classes if hasattr(importer, "_classes") and importer._classes else True
+            assert os.path.isfile(image_path), image_path  # follows the link
+            assert isinstance(label, fol.Classification), (image_path, label)
+            assert label.label in classes, label  # the index was mapped to its class name
             if label.confidence is not None:
                 assert 0.0 <= label.confidence <= 1.0
                 confident += 1
+            # What fo.Dataset.from_dir makes of each (path, metadata, label), short of the database.
+            sample = fo.Sample(filepath=image_path)
+            sample["nolad"] = label
+            assert sample.filepath == os.path.abspath(image_path)
             count += 1
     print(f"fiftyone: FiftyOneImageClassificationDatasetImporter read {count} samples, "
           f"{confident} with a confidence")
     if with_database:
-        import fiftyone as fo
-
         dataset = fo.Dataset.from_dir(dataset_dir=folder, dataset_type=fo.types.FiftyOneImageClassificationDataset,
                                       label_field="nolad")
         print(f"fiftyone: fo.Dataset.from_dir loaded {len(dataset)} samples; "

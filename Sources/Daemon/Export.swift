@@ -101,14 +101,15 @@ enum Export {
         return plan.sorted { $0.image.path < $1.image.path }
     }
 
-    /// Where each labelled image goes in a FiftyOne dataset: "data/<flat name>", unique also without
-    /// the extension (FiftyOne keys labels by the file name without it).
+    /// Where each labelled image goes in a FiftyOne dataset: "data/<flat name>" with '\' written as '_'
+    /// (FiftyOne reads a backslash as a path separator, and the text form of a name that is not UTF-8
+    /// has them), unique also without the extension (FiftyOne keys labels by the name without it).
     static func fiftyOnePlan(images: [Image]) -> [(image: Image, destination: String)] {
         let labelled = images.filter { $0.label != nil }
         var takenStems = Set<String>()
         var names: [String] = []
         for image in labelled {
-            let name = flatName(image)
+            let name = flatName(image).replacingOccurrences(of: "\\", with: "_")
             let dot = name.lastIndex(of: ".")!
             let stem = String(name[..<dot]), ext = String(name[dot...])
             var candidate = stem, n = 2

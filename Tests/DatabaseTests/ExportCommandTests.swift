@@ -180,13 +180,14 @@ final class ExportCommandTests: DatabaseTestCase {
         XCTAssertEqual(status, 0, out)
         XCTAssertEqual(Set(try FileManager.default.contentsOfDirectory(atPath: fiftyone)), ["data", "labels.json", ".nolad-export"])
         let dataFiles = try FileManager.default.contentsOfDirectory(atPath: fiftyone + "/data").sorted()
-        XCTAssertEqual(dataFiles, labelled.keys.map { $0.replacingOccurrences(of: "/", with: "__") }.sorted())
+        func fiftyOneName(_ path: String) -> String { path.replacingOccurrences(of: "/", with: "__").replacingOccurrences(of: "\\", with: "_") }
+        XCTAssertEqual(dataFiles, labelled.keys.map(fiftyOneName).sorted())
         let document = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: fiftyone + "/labels.json"))) as? [String: Any])
         XCTAssertEqual(document["classes"] as? [String], Self.classes)
         let fiftyLabels = try XCTUnwrap(document["labels"] as? [String: [String: Any]])
         XCTAssertEqual(fiftyLabels.count, 19)
         for (path, l) in labelled {
-            let stem = (path.replacingOccurrences(of: "/", with: "__") as NSString).deletingPathExtension
+            let stem = (fiftyOneName(path) as NSString).deletingPathExtension
             let target = try XCTUnwrap(fiftyLabels[stem], stem)
             XCTAssertEqual(target["label"] as? Int, Self.classes.firstIndex(of: l.label))
             XCTAssertEqual(try XCTUnwrap(target["confidence"] as? Double), l.confidence, accuracy: 1e-6)

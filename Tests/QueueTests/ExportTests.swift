@@ -44,6 +44,9 @@ final class ExportTests: XCTestCase {
     func testFiftyOnePlan_namesAreUniqueWithoutTheirExtension() {
         let plan = Export.fiftyOnePlan(images: [image("a/x.jpg", "c"), image("a/x.png", "c", format: "png"), image("b.jpg", nil)])
         XCTAssertEqual(plan.map(\.destination), ["data/a__x.jpg", "data/a__x~2.png"])
+        let latin1 = image("caf\\xE9.jpg", "c", raw: Array("caf".utf8) + [0xE9] + Array(".jpg".utf8))
+        XCTAssertEqual(Export.fiftyOnePlan(images: [latin1, image("caf_xE9.jpg", "c")]).map(\.destination),
+                       ["data/caf_xE9.jpg", "data/caf_xE9~2.jpg"], "no backslash: FiftyOne reads it as a path separator")
         let labels = Export.fiftyOneLabels(classes: ["d", "c"], plan: plan)
         XCTAssertEqual(labels.jsonText, #"{"classes":["d","c"],"labels":{"a__x":{"confidence":0.75,"label":1},"a__x~2":{"confidence":0.75,"label":1}}}"#)
     }
