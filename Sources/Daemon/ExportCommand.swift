@@ -264,7 +264,7 @@ enum ExportWriter {
         }
         guard ok else {
             if link == .hardlink && Glibc.errno == EXDEV {
-                throw NoladError(.usage, "cannot hardlink \(display) into \(folder): the output is on another file system than the collection; use --link symlink or --link copy")
+                throw NoladError(.usage, "cannot hardlink \(display): the output is on another file system than the collection; use --link symlink or --link copy")
             }
             throw systemError("cannot \(link == .copy ? "copy" : "link") \(display) to \(destination)")
         }
