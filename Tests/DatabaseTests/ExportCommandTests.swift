@@ -19,7 +19,7 @@ final class ExportCommandTests: DatabaseTestCase {
     func makeJobCollection() throws {
         collection = root + "/shapes"
         try FileManager.default.copyItem(atPath: pipelineFixtures.appendingPathComponent("collection").path, toPath: collection)
-        FileManager.default.createFile(atPath: collection + "/green_leaf/empty.jpg", contents: Data())
+        XCTAssertTrue(FileManager.default.createFile(atPath: collection + "/green_leaf/empty.jpg", contents: Data()))
         let sky = try Data(contentsOf: URL(fileURLWithPath: collection + "/blue_sky/00.jpg")) + Data([0])
         let fd = (Array(collection.utf8) + [UInt8(ascii: "/")] + Self.latin1Name + [0]).withUnsafeBufferPointer {
             $0.withMemoryRebound(to: CChar.self) { open($0.baseAddress!, O_CREAT | O_WRONLY, 0o644) }
@@ -117,7 +117,7 @@ final class ExportCommandTests: DatabaseTestCase {
         }
         let mine = root + "/mine"
         try FileManager.default.createDirectory(atPath: mine, withIntermediateDirectories: true)
-        FileManager.default.createFile(atPath: mine + "/keep.txt", contents: Data("mine".utf8))
+        XCTAssertTrue(FileManager.default.createFile(atPath: mine + "/keep.txt", contents: Data("mine".utf8)))
         (status, out) = try export([String(id), "--format", "imagefolder", "--output", mine, "--force"])
         XCTAssertEqual(status, 1)
         XCTAssertTrue(out.contains("was not written by nolad export"), out)
