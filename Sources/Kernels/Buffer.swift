@@ -37,3 +37,15 @@ public final class Buffer: @unchecked Sendable {
 @inline(__always) func store8(_ p: UnsafeMutablePointer<Float>, _ v: SIMD8<Float>) {
     UnsafeMutableRawPointer(p).storeBytes(of: v, as: SIMD8<Float>.self)
 }
+
+/// dst[0..<count] = src[0..<count], timed as `KernelOp.copy` when a profile collects.
+@inline(__always)
+public func copyFloats(_ dst: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, count: Int) {
+    profiled(.copy) { dst.update(from: src, count: count) }
+}
+
+/// dst[0..<count] = 0, timed as `KernelOp.copy` when a profile collects.
+@inline(__always)
+public func zeroFloats(_ dst: UnsafeMutablePointer<Float>, count: Int) {
+    profiled(.copy) { dst.update(repeating: 0, count: count) }
+}
