@@ -113,9 +113,10 @@ struct Bench: ParsableCommand {
         let overall = allTime > 0 ? allFlops / allTime / 1e9 : 0
         say("")
         say(String(format: "sgemm through nolad's wrapper, %d threads, on the linear layers' shapes (m×n×k as called; C = op(A)·op(B)): %.1f GFLOP/s FLOP-weighted", threads, overall))
-        for shape in shapes {
-            let share = figures.flatMap { $0.profile.gemmShapes }.filter { $0.shape == shape }.reduce(0.0) { $0 + Double($1.flops) } / max(allFlops, 1)
-            say(String(format: "  %-24@ %8.1f GFLOP/s   (%4.1f %% of the GEMM FLOPs below)", shape.description as NSString, rates[shape]! / 1e9, share * 100))
+        let shares = Dictionary(figures.flatMap { $0.profile.gemmShapes }.map { ($0.shape, Double($0.flops) / max(allFlops, 1)) }, uniquingKeysWith: +)
+        for shape in shapes.sorted(by: { shares[$0]! > shares[$1]! }) {
+            say("  " + shape.description.padding(toLength: 22, withPad: " ", startingAt: 0)
+                + String(format: "%8.1f GFLOP/s   (%4.1f %% of the linear layers' FLOPs below)", rates[shape]! / 1e9, shares[shape]! * 100))
         }
         for figure in figures { say(""); for line in figure.report(rates: rates, threads: threads) { say(line) } }
         if json {
@@ -217,13 +218,13 @@ struct BenchFigure {
     }
 
     /// Breakdown rows: (label, key, forward ms, backward ms, GFLOP/s within the op or nil), and the attention parts.
-    func rows(threads: Int) -> [(label: String, key: String, forward: Double, backward: Double, gflops: Double?)] {
+    func rows(threads: Int) -> [(label: String, key: String, forward: Double, backward: Double, backwardCalls: Int, gflops: Double?)] {
         KernelOp.allCases.compactMap { op in
             let f = profile.entry(op, .forward), b = profile.entry(op, .backward)
             guard f.calls + b.calls > 0 else { return nil }
             let seconds = (f.threadSeconds + b.threadSeconds) / Double(threads)
             let flops = Double(f.flops + b.flops)
-            return (op.label, op.key, ms(f.threadSeconds, threads: threads), ms(b.threadSeconds, threads: threads),
+            return (op.label, op.key, ms(f.threadSeconds, threads: threads), ms(b.threadSeconds, threads: threads), b.calls,
                     flops > 0 && seconds > 0 ? flops / seconds / 1e9 : nil)
         }
     }
@@ -234,7 +235,7 @@ struct BenchFigure {
     func report(rates: [GEMMShape: Double], threads: Int) -> [String] {
         var lines: [String] = []
         let per = flops / Double(items)
-        var head = String(format: "%@: %.3f GFLOP/%@ counted (all GEMMs, attention's included), %.1f GFLOP/s", name, per / 1e9, unit, gflops)
+        var head = per == 0 ? "\(name): no GEMM" : String(format: "%@: %.3f GFLOP/%@ counted (all GEMMs, attention's included), %.1f GFLOP/s", name, per / 1e9, unit, gflops)
         if let rate = sgemmRate(rates) {
             head += String(format: ", %.0f %% of the sgemm rate on its linear-layer shapes (%.1f GFLOP/s)", gflops * 1e9 / rate * 100, rate / 1e9)
         }
@@ -248,7 +249,7 @@ struct BenchFigure {
                 + (g.map { String(format: "%10.1f", $0) } ?? "")
         }
         for r in rows(threads: threads) {
-            lines.append(row(r.label, r.forward, r.backward, r.gflops))
+            lines.append(row(r.label, r.forward, r.backwardCalls > 0 ? r.backward : nil, r.gflops))
             if r.key == KernelOp.attention.key {
                 for part in AttentionPart.allCases {
                     lines.append(row("  " + part.label, ms(profile.attentionPart(part, .forward), threads: threads),
@@ -270,7 +271,7 @@ struct BenchFigure {
         var breakdown: [String: [String: Double]] = ["forward": [:], "backward": [:]]
         for r in rows(threads: threads) {
             breakdown["forward"]![r.key] = r.forward
-            if r.backward > 0 { breakdown["backward"]![r.key] = r.backward }
+            if r.backwardCalls > 0 { breakdown["backward"]![r.key] = r.backward }
         }
         var parts: [String: [String: Double]] = ["forward": [:], "backward": [:]]
         for part in AttentionPart.allCases {
