@@ -266,7 +266,7 @@ struct BenchFigure {
             }
         }
         let accounted = accountedMs(threads: threads)
-        lines.append(row("sum", accounted, nil, nil))
+        lines.append(row(backward ? "sum, forward + backward" : "sum", accounted, nil, nil))
         lines.append("    " + "unaccounted (timed run − sum)".padding(toLength: 44, withPad: " ", startingAt: 0)
                      + String(format: "%9.2f  (%.1f %% of the timed run)", profiledMs - accounted, (profiledMs - accounted) / profiledMs * 100))
         return lines
