@@ -217,65 +217,6 @@ struct EmbedImage: ParsableCommand {
     }
 }
 
-struct Bench: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "Speed of CLIP ViT-B/32 (image, text, prompt-tuning step) and DINO ViT-B/16 with random full-size weights.",
-        discussion: "Compare with reference/bench_torch.py run with the same --threads and --batch.")
-
-    @Option(help: "Threads for the numeric kernels (GEMMs included).") var threads = 2
-    @Option(help: "Images per batch.") var batch = 16
-    @Option(help: "Timed repetitions after one warm-up.") var iterations = 3
-    @Option(help: "Tokens per text, BOS and EOS included.") var textTokens = 20
-    @Option(help: "Prompt tokens for the prompt-tuning step.") var prompts = 16
-    @Option(help: "Comma-separated subset of: clip-image, clip-text, prompt-step, dino.") var only: String?
-
-    func wanted(_ name: String) -> Bool { only.map { $0.split(separator: ",").contains(Substring(name)) } ?? true }
-
-    /// Wall-clock and process CPU seconds per repetition.
-    func time(_ body: () -> Void) -> (wall: Double, cpu: Double) {
-        body()
-        let wall = DispatchTime.now().uptimeNanoseconds, cpu = processCPUSeconds()
-        for _ in 0..<iterations { body() }
-        return (Double(DispatchTime.now().uptimeNanoseconds - wall) / 1e9 / Double(iterations),
-                (processCPUSeconds() - cpu) / Double(iterations))
-    }
-
-    func report(_ name: String, seconds: (wall: Double, cpu: Double), items: Int, unit: String) {
-        let padded = name.padding(toLength: 36, withPad: " ", startingAt: 0)
-        print(padded + String(format: "%9.1f ms/%@  %8.1f %@/s   (CPU time %.1f ms/%@ over all threads)",
-                              seconds.wall / Double(items) * 1000, unit, Double(items) / seconds.wall, unit,
-                              seconds.cpu / Double(items) * 1000, unit))
-    }
-
-    /// Every kernel of the command runs with `--threads` threads (docs/threading.md).
-    func run() throws { try withThreads(threads) { try runWithThreads() } }
-
-    func runWithThreads() throws {
-        print("nolad bench: threads \(threads), batch \(batch), \(iterations) iterations after a warm-up, random weights")
-        let clip = try CLIPModel(config: CLIPConfig(), weights: nil)
-        let dino = try ViTModel(kind: .vit, config: ViTConfig(), weights: nil)
-        var rng = SplitMix64(seed: 1)
-        let pixels = (0..<(batch * 3 * 224 * 224)).map { _ in Float.random(in: -2...2, using: &rng) }
-        pixels.withUnsafeBufferPointer { px in
-            let p = px.baseAddress!
-            if wanted("clip-image") { report("CLIP ViT-B/32 image", seconds: time { _ = clip.getImageFeatures(pixels: p, batch: batch) }, items: batch, unit: "img") }
-            let texts = (0..<(4 * batch)).map { _ in [49406] + (0..<(textTokens - 2)).map { _ in Int32.random(in: 1..<49406, using: &rng) } + [49407] }
-            if wanted("clip-text") { report("CLIP text (\(textTokens) tokens)", seconds: time { _ = clip.getTextFeatures(texts) }, items: texts.count, unit: "text") }
-            let d = clip.config.visionConfig.hiddenSize, classes = 10
-            let state = CLIPPromptTuning(model: clip, prompts: (0..<(prompts * d)).map { _ in Float.random(in: -0.1...0.1, using: &rng) }, promptCount: prompts,
-                                         head: (0..<(classes * clip.projectionDim)).map { _ in Float.random(in: -0.1...0.1, using: &rng) }, classCount: classes)
-            let labels = (0..<batch).map { $0 % classes }
-            if wanted("prompt-step") { report("CLIP prompt-tuning step (P=\(prompts))", seconds: time {
-                _ = clip.promptTuningStep(state, pixels: p, batch: batch) { logits, dlogits in
-                    crossEntropyForwardBackward(dlogits: dlogits, logits, labels: labels, n: batch, c: classes, smoothing: 0.1)
-                }
-            }, items: batch, unit: "img") }
-            if wanted("dino") { report("DINO ViT-B/16 image", seconds: time { _ = dino.clsFeatures(pixels: p, batch: batch, height: 224, width: 224) }, items: batch, unit: "img") }
-        }
-        print(String(format: "peak memory (both models, batch %d): %.0f MB", batch, peakResidentMegabytes()))
-    }
-}
-
 func processCPUSeconds() -> Double {
     var ts = timespec()
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts)

@@ -70,17 +70,19 @@ func map8(_ count: Int, _ f: (Int, Int) -> Void) {
 /// out = act(inp); out, inp are (count). out may alias inp.
 public func activationForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>,
                               count: Int, _ act: Activation) {
-    map8(count) { lo, hi in
-        var i = lo
-        while i + 8 <= hi {
-            let x = load8(inp + i)
-            store8(out + i, act == .gelu ? gelu8(x) : quickGelu8(x))
-            i += 8
-        }
-        while i < hi {
-            var x = SIMD8<Float>(repeating: 0); x[0] = inp[i]
-            out[i] = (act == .gelu ? gelu8(x) : quickGelu8(x))[0]
-            i += 1
+    profiled(.activation, .forward) {
+        map8(count) { lo, hi in
+            var i = lo
+            while i + 8 <= hi {
+                let x = load8(inp + i)
+                store8(out + i, act == .gelu ? gelu8(x) : quickGelu8(x))
+                i += 8
+            }
+            while i < hi {
+                var x = SIMD8<Float>(repeating: 0); x[0] = inp[i]
+                out[i] = (act == .gelu ? gelu8(x) : quickGelu8(x))[0]
+                i += 1
+            }
         }
     }
 }
@@ -89,21 +91,23 @@ public func activationForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafeP
 /// memory instead of three. out may alias pre (inference, where the pre-activation is not kept).
 public func biasActivationForward(_ out: UnsafeMutablePointer<Float>, _ pre: UnsafeMutablePointer<Float>,
                                   _ bias: UnsafePointer<Float>, n: Int, c: Int, _ act: Activation) {
-    parallelFor(n, grain: 8) { rows in
-        for r in rows {
-            let p = pre + r * c, o = out + r * c
-            var i = 0
-            while i + 8 <= c {
-                let x = load8(p + i) + load8(bias + i)
-                store8(p + i, x)
-                store8(o + i, act == .gelu ? gelu8(x) : quickGelu8(x))
-                i += 8
-            }
-            while i < c {
-                var x = SIMD8<Float>(repeating: 0); x[0] = p[i] + bias[i]
-                p[i] = x[0]
-                o[i] = (act == .gelu ? gelu8(x) : quickGelu8(x))[0]
-                i += 1
+    profiled(.activation, .forward) {
+        parallelFor(n, grain: 8) { rows in
+            for r in rows {
+                let p = pre + r * c, o = out + r * c
+                var i = 0
+                while i + 8 <= c {
+                    let x = load8(p + i) + load8(bias + i)
+                    store8(p + i, x)
+                    store8(o + i, act == .gelu ? gelu8(x) : quickGelu8(x))
+                    i += 8
+                }
+                while i < c {
+                    var x = SIMD8<Float>(repeating: 0); x[0] = p[i] + bias[i]
+                    p[i] = x[0]
+                    o[i] = (act == .gelu ? gelu8(x) : quickGelu8(x))[0]
+                    i += 1
+                }
             }
         }
     }
@@ -112,17 +116,19 @@ public func biasActivationForward(_ out: UnsafeMutablePointer<Float>, _ pre: Uns
 /// Backward of `out = act(inp)`: dinp += act′(inp) · dout. All are (count).
 public func activationBackward(dinp: UnsafeMutablePointer<Float>, _ dout: UnsafePointer<Float>,
                                _ inp: UnsafePointer<Float>, count: Int, _ act: Activation) {
-    map8(count) { lo, hi in
-        var i = lo
-        while i + 8 <= hi {
-            let x = load8(inp + i)
-            store8(dinp + i, load8(dinp + i) + load8(dout + i) * (act == .gelu ? geluGrad8(x) : quickGeluGrad8(x)))
-            i += 8
-        }
-        while i < hi {
-            var x = SIMD8<Float>(repeating: 0); x[0] = inp[i]
-            dinp[i] += dout[i] * (act == .gelu ? geluGrad8(x) : quickGeluGrad8(x))[0]
-            i += 1
+    profiled(.activation, .backward) {
+        map8(count) { lo, hi in
+            var i = lo
+            while i + 8 <= hi {
+                let x = load8(inp + i)
+                store8(dinp + i, load8(dinp + i) + load8(dout + i) * (act == .gelu ? geluGrad8(x) : quickGeluGrad8(x)))
+                i += 8
+            }
+            while i < hi {
+                var x = SIMD8<Float>(repeating: 0); x[0] = inp[i]
+                dinp[i] += dout[i] * (act == .gelu ? geluGrad8(x) : quickGeluGrad8(x))[0]
+                i += 1
+            }
         }
     }
 }
@@ -130,21 +136,27 @@ public func activationBackward(dinp: UnsafeMutablePointer<Float>, _ dout: Unsafe
 /// out = a + b, all (count). out may alias a or b. (Its backward passes dout to both.)
 public func residualForward(_ out: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>,
                             _ b: UnsafePointer<Float>, count: Int) {
-    map8(count) { lo, hi in
-        var i = lo
-        while i + 8 <= hi { store8(out + i, load8(a + i) + load8(b + i)); i += 8 }
-        while i < hi { out[i] = a[i] + b[i]; i += 1 }
+    profiled(.residual) {
+        map8(count) { lo, hi in
+            var i = lo
+            while i + 8 <= hi { store8(out + i, load8(a + i) + load8(b + i)); i += 8 }
+            while i < hi { out[i] = a[i] + b[i]; i += 1 }
+        }
     }
 }
 
 /// out = inp · scale per channel (layer scale); out, inp are (N,C), scale is (C). out may alias inp.
 public func channelScaleForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>,
                                 _ scale: UnsafePointer<Float>, n: Int, c: Int) {
-    for r in 0..<n { for i in 0..<c { out[r * c + i] = inp[r * c + i] * scale[i] } }
+    profiled(.residual, .forward) {
+        for r in 0..<n { for i in 0..<c { out[r * c + i] = inp[r * c + i] * scale[i] } }
+    }
 }
 
 /// Backward of channelScaleForward: dinp += dout · scale.
 public func channelScaleBackward(dinp: UnsafeMutablePointer<Float>, _ dout: UnsafePointer<Float>,
                                  _ scale: UnsafePointer<Float>, n: Int, c: Int) {
-    for r in 0..<n { for i in 0..<c { dinp[r * c + i] += dout[r * c + i] * scale[i] } }
+    profiled(.residual, .backward) {
+        for r in 0..<n { for i in 0..<c { dinp[r * c + i] += dout[r * c + i] * scale[i] } }
+    }
 }

@@ -17,8 +17,10 @@ func softmaxRow(_ row: UnsafeMutablePointer<Float>, n: Int, valid: Int) {
 
 /// out = softmax(inp) per row; out, inp are (N,C). out may alias inp.
 public func softmaxForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, n: Int, c: Int) {
-    if UnsafePointer(out) != inp { out.update(from: inp, count: n * c) }
-    for r in 0..<n { softmaxRow(out + r * c, n: c, valid: c) }
+    profiled(.softmax, .forward) {
+        if UnsafePointer(out) != inp { out.update(from: inp, count: n * c) }
+        for r in 0..<n { softmaxRow(out + r * c, n: c, valid: c) }
+    }
 }
 
 /// Multi-head self-attention on packed projections.
@@ -28,21 +30,29 @@ public func softmaxForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePoin
 public func attentionForward(_ out: UnsafeMutablePointer<Float>, probs: UnsafeMutablePointer<Float>,
                              _ qkv: UnsafePointer<Float>, b: Int, t: Int, d: Int, heads: Int, causal: Bool,
                              onlyRow: Int? = nil) {
-    let hd = d / heads
-    let scale = 1 / Float(hd).squareRoot()
-    let rows = onlyRow == nil ? t : 1, first = onlyRow ?? 0
-    parallelFor(b * heads) { items in
-        for item in items {
-            let bi = item / heads, h = item % heads
-            let k = qkv + bi * t * 3 * d + d + h * hd, v = k + d
-            let q = k - d + first * 3 * d
-            let p = probs + item * rows * t
-            // p (rows,T) = scale · q (rows,hd) · kᵀ
-            sgemm(transB: true, m: rows, n: t, k: hd, alpha: scale, a: q, lda: 3 * d, b: k, ldb: 3 * d,
-                  c: p, ldc: t)
-            for i in 0..<rows { softmaxRow(p + i * t, n: t, valid: causal ? first + i + 1 : t) }
-            // out (rows,hd) = p · v
-            sgemm(m: rows, n: hd, k: t, a: p, lda: t, b: v, ldb: 3 * d, c: out + bi * rows * d + h * hd, ldc: d)
+    profiled(.attention, .forward) {
+        let hd = d / heads
+        let scale = 1 / Float(hd).squareRoot()
+        let rows = onlyRow == nil ? t : 1, first = onlyRow ?? 0
+        parallelFor(b * heads) { items in
+            for item in items {
+                let bi = item / heads, h = item % heads
+                let k = qkv + bi * t * 3 * d + d + h * hd, v = k + d
+                let q = k - d + first * 3 * d
+                let p = probs + item * rows * t
+                // p (rows,T) = scale · q (rows,hd) · kᵀ
+                attentionPart(.scoreGEMM) {
+                    sgemm(transB: true, m: rows, n: t, k: hd, alpha: scale, a: q, lda: 3 * d, b: k, ldb: 3 * d,
+                          c: p, ldc: t)
+                }
+                attentionPart(.softmax) {
+                    for i in 0..<rows { softmaxRow(p + i * t, n: t, valid: causal ? first + i + 1 : t) }
+                }
+                // out (rows,hd) = p · v
+                attentionPart(.valueGEMM) {
+                    sgemm(m: rows, n: hd, k: t, a: p, lda: t, b: v, ldb: 3 * d, c: out + bi * rows * d + h * hd, ldc: d)
+                }
+            }
         }
     }
 }
@@ -53,33 +63,43 @@ public func attentionForward(_ out: UnsafeMutablePointer<Float>, probs: UnsafeMu
 public func attentionBackward(dqkv: UnsafeMutablePointer<Float>, _ dout: UnsafePointer<Float>,
                               _ qkv: UnsafePointer<Float>, probs: UnsafePointer<Float>,
                               b: Int, t: Int, d: Int, heads: Int, onlyRow: Int? = nil) {
-    let hd = d / heads
-    let scale = 1 / Float(hd).squareRoot()
-    let rows = onlyRow == nil ? t : 1, first = onlyRow ?? 0
-    parallelFor(b * heads) { items in
-        let dp = UnsafeMutablePointer<Float>.allocate(capacity: rows * t)
-        defer { dp.deallocate() }
-        for item in items {
-            let bi = item / heads, h = item % heads
-            let off = bi * t * 3 * d + h * hd
-            let k = qkv + off + d, v = k + d, q = qkv + off + first * 3 * d
-            let dk = dqkv + off + d, dv = dk + d, dq = dqkv + off + first * 3 * d
-            let dO = dout + bi * rows * d + h * hd
-            let p = probs + item * rows * t
-            // dp (rows,T) = dO (rows,hd) · vᵀ ; dv += pᵀ · dO
-            sgemm(transB: true, m: rows, n: t, k: hd, a: dO, lda: d, b: v, ldb: 3 * d, c: dp, ldc: t)
-            sgemm(transA: true, m: t, n: hd, k: rows, a: p, lda: t, b: dO, ldb: d, beta: 1, c: dv, ldc: 3 * d)
-            // ds = p ⊙ (dp − Σⱼ p·dp), written over dp
-            for i in 0..<rows {
-                let pr = p + i * t, dr = dp + i * t
-                var dot: Float = 0
-                for j in 0..<t { dot += pr[j] * dr[j] }
-                for j in 0..<t { dr[j] = pr[j] * (dr[j] - dot) }
+    profiled(.attention, .backward) {
+        let hd = d / heads
+        let scale = 1 / Float(hd).squareRoot()
+        let rows = onlyRow == nil ? t : 1, first = onlyRow ?? 0
+        parallelFor(b * heads) { items in
+            let dp = UnsafeMutablePointer<Float>.allocate(capacity: rows * t)
+            defer { dp.deallocate() }
+            for item in items {
+                let bi = item / heads, h = item % heads
+                let off = bi * t * 3 * d + h * hd
+                let k = qkv + off + d, v = k + d, q = qkv + off + first * 3 * d
+                let dk = dqkv + off + d, dv = dk + d, dq = dqkv + off + first * 3 * d
+                let dO = dout + bi * rows * d + h * hd
+                let p = probs + item * rows * t
+                // dp (rows,T) = dO (rows,hd) · vᵀ ; dv += pᵀ · dO
+                attentionPart(.scoreGEMM) {
+                    sgemm(transB: true, m: rows, n: t, k: hd, a: dO, lda: d, b: v, ldb: 3 * d, c: dp, ldc: t)
+                }
+                attentionPart(.valueGEMM) {
+                    sgemm(transA: true, m: t, n: hd, k: rows, a: p, lda: t, b: dO, ldb: d, beta: 1, c: dv, ldc: 3 * d)
+                }
+                // ds = p ⊙ (dp − Σⱼ p·dp), written over dp
+                attentionPart(.softmax) {
+                    for i in 0..<rows {
+                        let pr = p + i * t, dr = dp + i * t
+                        var dot: Float = 0
+                        for j in 0..<t { dot += pr[j] * dr[j] }
+                        for j in 0..<t { dr[j] = pr[j] * (dr[j] - dot) }
+                    }
+                }
+                // dq += scale · ds · k ; dk += scale · dsᵀ · q
+                attentionPart(.valueGEMM) {
+                    sgemm(m: rows, n: hd, k: t, alpha: scale, a: dp, lda: t, b: k, ldb: 3 * d, beta: 1, c: dq, ldc: 3 * d)
+                    sgemm(transA: true, m: t, n: hd, k: rows, alpha: scale, a: dp, lda: t, b: q, ldb: 3 * d, beta: 1,
+                          c: dk, ldc: 3 * d)
+                }
             }
-            // dq += scale · ds · k ; dk += scale · dsᵀ · q
-            sgemm(m: rows, n: hd, k: t, alpha: scale, a: dp, lda: t, b: k, ldb: 3 * d, beta: 1, c: dq, ldc: 3 * d)
-            sgemm(transA: true, m: t, n: hd, k: rows, alpha: scale, a: dp, lda: t, b: q, ldb: 3 * d, beta: 1,
-                  c: dk, ldc: 3 * d)
         }
     }
 }

@@ -12,7 +12,8 @@ public final class Buffer: @unchecked Sendable {
         precondition(count >= 0)
         self.count = count
         data = .allocate(capacity: max(count, 1))
-        data.initialize(repeating: 0, count: max(count, 1))
+        let data = data
+        profiled(.copy) { data.initialize(repeating: 0, count: max(count, 1)) }
     }
 
     public convenience init(_ values: [Float]) {
@@ -23,7 +24,7 @@ public final class Buffer: @unchecked Sendable {
     deinit { data.deallocate() }
 
     public var array: [Float] { Array(UnsafeBufferPointer(start: data, count: count)) }
-    public func zero() { data.update(repeating: 0, count: count) }
+    public func zero() { profiled(.copy) { data.update(repeating: 0, count: count) } }
 }
 
 // SIMD helpers: unaligned 8-wide loads and stores.
@@ -35,4 +36,16 @@ public final class Buffer: @unchecked Sendable {
 }
 @inline(__always) func store8(_ p: UnsafeMutablePointer<Float>, _ v: SIMD8<Float>) {
     UnsafeMutableRawPointer(p).storeBytes(of: v, as: SIMD8<Float>.self)
+}
+
+/// dst[0..<count] = src[0..<count], timed as `KernelOp.copy` when a profile collects.
+@inline(__always)
+public func copyFloats(_ dst: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, count: Int) {
+    profiled(.copy) { dst.update(from: src, count: count) }
+}
+
+/// dst[0..<count] = 0, timed as `KernelOp.copy` when a profile collects.
+@inline(__always)
+public func zeroFloats(_ dst: UnsafeMutablePointer<Float>, count: Int) {
+    profiled(.copy) { dst.update(repeating: 0, count: count) }
 }

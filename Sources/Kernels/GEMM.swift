@@ -9,6 +9,25 @@ public func sgemm(transA: Bool = false, transB: Bool = false, m: Int, n: Int, k:
                   alpha: Float = 1, a: UnsafePointer<Float>, lda: Int,
                   b: UnsafePointer<Float>, ldb: Int,
                   beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int) {
+    if Profiling.on, let context = Profiling.context {
+        // Its FLOPs go to the timed op it runs in (attention), else it is timed as a GEMM itself.
+        let shape = GEMMShape(m: m, n: n, k: k, transA: transA, transB: transB)
+        let (op, phase) = context.inside ?? (.gemm, context.phase)
+        context.profile.addFlops(op, phase, shape)
+        profiled(.gemm, phase) {
+            sgemmSplit(transA: transA, transB: transB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda,
+                       b: b, ldb: ldb, beta: beta, c: c, ldc: ldc)
+        }
+        return
+    }
+    sgemmSplit(transA: transA, transB: transB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda,
+               b: b, ldb: ldb, beta: beta, c: c, ldc: ldc)
+}
+
+/// `sgemm` without the profile: the product on this thread, or split into blocks over the caller's threads.
+@inline(__always)
+func sgemmSplit(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
+                b: UnsafePointer<Float>, ldb: Int, beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
     let threads = KernelThreads.current
     let grid = threads == 1 ? GEMMGrid(rows: 1, columns: 1) : GEMMGrid(m: m, n: n, k: k, threads: threads)
     if grid.rows * grid.columns == 1 {
@@ -43,8 +62,10 @@ public func linearForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePoint
                           _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>?,
                           n: Int, inFeatures: Int, outFeatures: Int) {
     if let bias {
-        parallelFor(n, grain: 64) { rows in
-            for r in rows { (out + r * outFeatures).update(from: bias, count: outFeatures) }
+        profiled(.bias, .forward) {
+            parallelFor(n, grain: 64) { rows in
+                for r in rows { (out + r * outFeatures).update(from: bias, count: outFeatures) }
+            }
         }
     }
     sgemm(transB: true, m: n, n: outFeatures, k: inFeatures, a: inp, lda: inFeatures,
@@ -58,18 +79,22 @@ public func linearBackward(dinp: UnsafeMutablePointer<Float>?, dweight: UnsafeMu
                            dbias: UnsafeMutablePointer<Float>?,
                            _ dout: UnsafePointer<Float>, _ inp: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
                            n: Int, inFeatures: Int, outFeatures: Int) {
-    if let dinp {
-        sgemm(m: n, n: inFeatures, k: outFeatures, a: dout, lda: outFeatures,
-              b: weight, ldb: inFeatures, beta: 1, c: dinp, ldc: inFeatures)
-    }
-    if let dweight {
-        sgemm(transA: true, m: outFeatures, n: inFeatures, k: n, a: dout, lda: outFeatures,
-              b: inp, ldb: inFeatures, beta: 1, c: dweight, ldc: inFeatures)
+    withProfilePhase(.backward) {
+        if let dinp {
+            sgemm(m: n, n: inFeatures, k: outFeatures, a: dout, lda: outFeatures,
+                  b: weight, ldb: inFeatures, beta: 1, c: dinp, ldc: inFeatures)
+        }
+        if let dweight {
+            sgemm(transA: true, m: outFeatures, n: inFeatures, k: n, a: dout, lda: outFeatures,
+                  b: inp, ldb: inFeatures, beta: 1, c: dweight, ldc: inFeatures)
+        }
     }
     if let dbias {
-        for r in 0..<n {
-            let row = dout + r * outFeatures
-            for o in 0..<outFeatures { dbias[o] += row[o] }
+        profiled(.bias, .backward) {
+            for r in 0..<n {
+                let row = dout + r * outFeatures
+                for o in 0..<outFeatures { dbias[o] += row[o] }
+            }
         }
     }
 }

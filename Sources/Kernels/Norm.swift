@@ -4,31 +4,33 @@ public func layerNormForward(_ out: UnsafeMutablePointer<Float>, mean: UnsafeMut
                              rstd: UnsafeMutablePointer<Float>?, _ inp: UnsafePointer<Float>,
                              _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>,
                              n: Int, c: Int, eps: Float) {
-    let c8 = c & ~7
-    parallelFor(n, grain: 16) { rows in
-        for r in rows {
-            let x = inp + r * c, y = out + r * c
-            var s8 = SIMD8<Float>(repeating: 0)
-            var i = 0
-            while i < c8 { s8 += load8(x + i); i += 8 }
-            var s = s8.sum()
-            while i < c { s += x[i]; i += 1 }
-            let m = s / Float(c)
-            let m8 = SIMD8<Float>(repeating: m)
-            var v8 = SIMD8<Float>(repeating: 0)
-            i = 0
-            while i < c8 { let d = load8(x + i) - m8; v8 += d * d; i += 8 }
-            var v = v8.sum()
-            while i < c { let d = x[i] - m; v += d * d; i += 1 }
-            let rs = 1 / (v / Float(c) + eps).squareRoot()
-            let rs8 = SIMD8<Float>(repeating: rs)
-            i = 0
-            while i < c8 {
-                store8(y + i, (load8(x + i) - m8) * rs8 * load8(weight + i) + load8(bias + i)); i += 8
+    profiled(.layerNorm, .forward) {
+        let c8 = c & ~7
+        parallelFor(n, grain: 16) { rows in
+            for r in rows {
+                let x = inp + r * c, y = out + r * c
+                var s8 = SIMD8<Float>(repeating: 0)
+                var i = 0
+                while i < c8 { s8 += load8(x + i); i += 8 }
+                var s = s8.sum()
+                while i < c { s += x[i]; i += 1 }
+                let m = s / Float(c)
+                let m8 = SIMD8<Float>(repeating: m)
+                var v8 = SIMD8<Float>(repeating: 0)
+                i = 0
+                while i < c8 { let d = load8(x + i) - m8; v8 += d * d; i += 8 }
+                var v = v8.sum()
+                while i < c { let d = x[i] - m; v += d * d; i += 1 }
+                let rs = 1 / (v / Float(c) + eps).squareRoot()
+                let rs8 = SIMD8<Float>(repeating: rs)
+                i = 0
+                while i < c8 {
+                    store8(y + i, (load8(x + i) - m8) * rs8 * load8(weight + i) + load8(bias + i)); i += 8
+                }
+                while i < c { y[i] = (x[i] - m) * rs * weight[i] + bias[i]; i += 1 }
+                mean?[r] = m
+                rstd?[r] = rs
             }
-            while i < c { y[i] = (x[i] - m) * rs * weight[i] + bias[i]; i += 1 }
-            mean?[r] = m
-            rstd?[r] = rs
         }
     }
 }
@@ -40,33 +42,35 @@ public func layerNormBackward(dinp: UnsafeMutablePointer<Float>?, dweight: Unsaf
                               dbias: UnsafeMutablePointer<Float>?,
                               _ dout: UnsafePointer<Float>, _ inp: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
                               mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>, n: Int, c: Int) {
-    if dweight != nil || dbias != nil {
-        for r in 0..<n {
-            let x = inp + r * c, dy = dout + r * c
-            let m = mean[r], rs = rstd[r]
-            for i in 0..<c {
-                dweight?[i] += dy[i] * (x[i] - m) * rs
-                dbias?[i] += dy[i]
+    profiled(.layerNorm, .backward) {
+        if dweight != nil || dbias != nil {
+            for r in 0..<n {
+                let x = inp + r * c, dy = dout + r * c
+                let m = mean[r], rs = rstd[r]
+                for i in 0..<c {
+                    dweight?[i] += dy[i] * (x[i] - m) * rs
+                    dbias?[i] += dy[i]
+                }
             }
         }
-    }
-    guard let dinp else { return }
-    parallelFor(n, grain: 16) { rows in
-        for r in rows {
-            let x = inp + r * c, dy = dout + r * c
-            let m = mean[r], rs = rstd[r]
-            // dx̂ = dy · weight;  dx = rstd · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ · x̂))
-            var sumG: Float = 0, sumGX: Float = 0
-            for i in 0..<c {
-                let g = dy[i] * weight[i]
-                sumG += g
-                sumGX += g * (x[i] - m) * rs
-            }
-            let mg = sumG / Float(c), mgx = sumGX / Float(c)
-            let dx = dinp + r * c
-            for i in 0..<c {
-                let xh = (x[i] - m) * rs
-                dx[i] += rs * (dy[i] * weight[i] - mg - xh * mgx)
+        guard let dinp else { return }
+        parallelFor(n, grain: 16) { rows in
+            for r in rows {
+                let x = inp + r * c, dy = dout + r * c
+                let m = mean[r], rs = rstd[r]
+                // dx̂ = dy · weight;  dx = rstd · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ · x̂))
+                var sumG: Float = 0, sumGX: Float = 0
+                for i in 0..<c {
+                    let g = dy[i] * weight[i]
+                    sumG += g
+                    sumGX += g * (x[i] - m) * rs
+                }
+                let mg = sumG / Float(c), mgx = sumGX / Float(c)
+                let dx = dinp + r * c
+                for i in 0..<c {
+                    let xh = (x[i] - m) * rs
+                    dx[i] += rs * (dy[i] * weight[i] - mg - xh * mgx)
+                }
             }
         }
     }
@@ -75,21 +79,25 @@ public func layerNormBackward(dinp: UnsafeMutablePointer<Float>?, dweight: Unsaf
 /// out = inp / ‖inp‖ per row; norms (N) saved for the backward. out, inp are (N,C).
 public func l2NormalizeForward(_ out: UnsafeMutablePointer<Float>, norms: UnsafeMutablePointer<Float>?,
                                _ inp: UnsafePointer<Float>, n: Int, c: Int) {
-    for r in 0..<n {
-        var s: Float = 0
-        for i in 0..<c { s += inp[r * c + i] * inp[r * c + i] }
-        let norm = max(s.squareRoot(), 1e-12)
-        for i in 0..<c { out[r * c + i] = inp[r * c + i] / norm }
-        norms?[r] = norm
+    profiled(.loss, .forward) {
+        for r in 0..<n {
+            var s: Float = 0
+            for i in 0..<c { s += inp[r * c + i] * inp[r * c + i] }
+            let norm = max(s.squareRoot(), 1e-12)
+            for i in 0..<c { out[r * c + i] = inp[r * c + i] / norm }
+            norms?[r] = norm
+        }
     }
 }
 
 /// Backward of `out = inp / ‖inp‖`: dinp += (dout − out · (out·dout)) / ‖inp‖.
 public func l2NormalizeBackward(dinp: UnsafeMutablePointer<Float>, _ dout: UnsafePointer<Float>,
                                 _ out: UnsafePointer<Float>, norms: UnsafePointer<Float>, n: Int, c: Int) {
-    for r in 0..<n {
-        var d: Float = 0
-        for i in 0..<c { d += out[r * c + i] * dout[r * c + i] }
-        for i in 0..<c { dinp[r * c + i] += (dout[r * c + i] - out[r * c + i] * d) / norms[r] }
+    profiled(.loss, .backward) {
+        for r in 0..<n {
+            var d: Float = 0
+            for i in 0..<c { d += out[r * c + i] * dout[r * c + i] }
+            for i in 0..<c { dinp[r * c + i] += (dout[r * c + i] - out[r * c + i] * d) / norms[r] }
+        }
     }
 }

@@ -232,8 +232,8 @@ extension CLIPModel {
         v.patchEmbedding.forward(patches.data, cols.data, n: b * np)
         for bi in 0..<b {
             let row = emb.data + bi * seq * d
-            row.update(from: v.classEmbedding.data, count: d)
-            (row + d).update(from: patches.data + bi * np * d, count: np * d)
+            copyFloats(row, v.classEmbedding.data, count: d)
+            copyFloats(row + d, patches.data + bi * np * d, count: np * d)
             residualForward(row, row, v.positionEmbedding.data, count: seq * d)
         }
         // pre_layrnorm, then x (B,T,D) = [CLS; prompts; patches]
@@ -242,9 +242,9 @@ extension CLIPModel {
         let x = Buffer(count: b * t * d)
         for bi in 0..<b {
             let dst = x.data + bi * t * d, src = pre.data + bi * seq * d
-            dst.update(from: src, count: d)
-            if let prompts { (dst + d).update(from: prompts, count: p * d) }
-            (dst + (1 + p) * d).update(from: src + d, count: np * d)
+            copyFloats(dst, src, count: d)
+            if let prompts { copyFloats(dst + d, prompts, count: p * d) }
+            copyFloats(dst + (1 + p) * d, src + d, count: np * d)
         }
         let shared = tape == nil ? LayerActivations(b: b, t: t, d: d, heads: c.numAttentionHeads, intermediate: c.intermediateSize, keepsInputs: false) : nil
         for (i, layer) in v.layers.prefix(layerCount).enumerated() {
@@ -270,7 +270,7 @@ extension CLIPModel {
             batchParallel(b) { r in
                 let part = imageFeaturesOfSubBatch(pixels: pixels + r.lowerBound * image, batch: r.count, prompts: prompts,
                                                   promptCount: p, norms: norms)
-                (o + r.lowerBound * e).update(from: part, count: part.count)
+                copyFloats(o + r.lowerBound * e, part, count: part.count)
             }
         }
         return out

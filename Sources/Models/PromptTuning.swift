@@ -77,7 +77,7 @@ extension CLIPModel {
         let cls = encoderLayerForwardRow(visionModel.layers[last], x.data, row: 0, tape.layers[last], heads: c.numAttentionHeads,
                                          activation: c.hiddenAct, causal: false,
                                          norm1: s.norms.layers[last].layerNorm1, norm2: s.norms.layers[last].layerNorm2)
-        tape.cls.data.update(from: cls.data, count: b * d)
+        copyFloats(tape.cls.data, cls.data, count: b * d)
         s.norms.postLayernorm.forward(tape.pooled.data, mean: tape.postMean.data, rstd: tape.postRstd.data, tape.cls.data, n: b)
         let features = Buffer(count: b * pd), normalized = Buffer(count: b * pd), featureNorms = Buffer(count: b)
         visualProjection.forward(features.data, tape.pooled.data, n: b)
@@ -87,45 +87,48 @@ extension CLIPModel {
         linearForward(logits.data, headInput.data, s.head.data, nil, n: b, inFeatures: pd, outFeatures: classes)
         let value = loss(logits.data, dlogits.data)
 
-        // logits = headInput · headᵀ
-        let dHeadInput = Buffer(count: b * pd)
-        linearBackward(dinp: dHeadInput.data, dweight: s.headGrad.data, dbias: nil, dlogits.data, headInput.data, s.head.data,
-                       n: b, inFeatures: pd, outFeatures: classes)
-        // normalized = features / ‖features‖
-        let dFeatures: Buffer
-        if s.normalizesFeatures {
-            dFeatures = Buffer(count: b * pd)
-            l2NormalizeBackward(dinp: dFeatures.data, dHeadInput.data, normalized.data, norms: featureNorms.data, n: b, c: pd)
-        } else { dFeatures = dHeadInput }
-        // features = pooled · visual_projectionᵀ ; pooled = post_layernorm(cls)
-        let dPooled = Buffer(count: b * d), dCls = Buffer(count: b * d)
-        linearBackward(dinp: dPooled.data, dweight: nil, dbias: nil, dFeatures.data, tape.pooled.data, visualProjection.weight.data,
-                       n: b, inFeatures: d, outFeatures: pd)
-        let g = s.normGrads
-        layerNormBackward(dinp: dCls.data, dweight: g.last!.weight.data, dbias: g.last!.bias.data, dPooled.data, tape.cls.data,
-                          s.norms.postLayernorm.weight.data, mean: tape.postMean.data, rstd: tape.postRstd.data, n: b, c: d)
-        // cls = last_layer(x)[:, 0]; then the other encoder layers in reverse
-        let dx = Buffer(count: b * t * d)
-        encoderLayerBackwardRow(visionModel.layers[last], dx: dx.data, dCls.data, row: 0, tape.layers[last], scratch,
-                                heads: c.numAttentionHeads, activation: c.hiddenAct, norm1: s.norms.layers[last].layerNorm1,
-                                norm2: s.norms.layers[last].layerNorm2, g1: g[1 + 2 * last], g2: g[2 + 2 * last])
-        for i in (0..<last).reversed() {
-            encoderLayerBackward(visionModel.layers[i], dx.data, tape.layers[i], scratch, heads: c.numAttentionHeads,
-                                 activation: c.hiddenAct, norm1: s.norms.layers[i].layerNorm1, norm2: s.norms.layers[i].layerNorm2,
-                                 g1: g[1 + 2 * i], g2: g[2 + 2 * i])
+        withProfilePhase(.backward) {
+            // logits = headInput · headᵀ
+            let dHeadInput = Buffer(count: b * pd)
+            linearBackward(dinp: dHeadInput.data, dweight: s.headGrad.data, dbias: nil, dlogits.data, headInput.data, s.head.data,
+                           n: b, inFeatures: pd, outFeatures: classes)
+            // normalized = features / ‖features‖
+            let dFeatures: Buffer
+            if s.normalizesFeatures {
+                dFeatures = Buffer(count: b * pd)
+                l2NormalizeBackward(dinp: dFeatures.data, dHeadInput.data, normalized.data, norms: featureNorms.data, n: b, c: pd)
+            } else { dFeatures = dHeadInput }
+            // features = pooled · visual_projectionᵀ ; pooled = post_layernorm(cls)
+            let dPooled = Buffer(count: b * d), dCls = Buffer(count: b * d)
+            linearBackward(dinp: dPooled.data, dweight: nil, dbias: nil, dFeatures.data, tape.pooled.data, visualProjection.weight.data,
+                           n: b, inFeatures: d, outFeatures: pd)
+            let g = s.normGrads
+            layerNormBackward(dinp: dCls.data, dweight: g.last!.weight.data, dbias: g.last!.bias.data, dPooled.data, tape.cls.data,
+                              s.norms.postLayernorm.weight.data, mean: tape.postMean.data, rstd: tape.postRstd.data, n: b, c: d)
+            // cls = last_layer(x)[:, 0]; then the other encoder layers in reverse
+            let dx = Buffer(count: b * t * d)
+            encoderLayerBackwardRow(visionModel.layers[last], dx: dx.data, dCls.data, row: 0, tape.layers[last], scratch,
+                                    heads: c.numAttentionHeads, activation: c.hiddenAct, norm1: s.norms.layers[last].layerNorm1,
+                                    norm2: s.norms.layers[last].layerNorm2, g1: g[1 + 2 * last], g2: g[2 + 2 * last])
+            for i in (0..<last).reversed() {
+                encoderLayerBackward(visionModel.layers[i], dx.data, tape.layers[i], scratch, heads: c.numAttentionHeads,
+                                     activation: c.hiddenAct, norm1: s.norms.layers[i].layerNorm1, norm2: s.norms.layers[i].layerNorm2,
+                                     g1: g[1 + 2 * i], g2: g[2 + 2 * i])
+            }
+            // x = [pre_layrnorm(emb)[:, :1]; prompts; pre_layrnorm(emb)[:, 1:]]
+            let dPre = Buffer(count: b * seq * d)
+            for bi in 0..<b {
+                let src = dx.data + bi * t * d, dst = dPre.data + bi * seq * d
+                copyFloats(dst, src, count: d)
+                profiled(.copy) { for j in 0..<(p * d) { s.promptsGrad.data[j] += src[d + j] } }
+                copyFloats(dst + d, src + (1 + p) * d, count: np * d)
+            }
+            layerNormBackward(dinp: nil, dweight: g[0].weight.data, dbias: g[0].bias.data, dPre.data, tape.embeddings.data,
+                              s.norms.preLayrnorm.weight.data, mean: tape.preMean.data, rstd: tape.preRstd.data, n: b * seq, c: d)
+            withExtendedLifetime((dHeadInput, dFeatures, dPooled, dCls, dx, dPre)) {}
         }
-        // x = [pre_layrnorm(emb)[:, :1]; prompts; pre_layrnorm(emb)[:, 1:]]
-        let dPre = Buffer(count: b * seq * d)
-        for bi in 0..<b {
-            let src = dx.data + bi * t * d, dst = dPre.data + bi * seq * d
-            dst.update(from: src, count: d)
-            for j in 0..<(p * d) { s.promptsGrad.data[j] += src[d + j] }
-            (dst + d).update(from: src + (1 + p) * d, count: np * d)
-        }
-        layerNormBackward(dinp: nil, dweight: g[0].weight.data, dbias: g[0].bias.data, dPre.data, tape.embeddings.data,
-                          s.norms.preLayrnorm.weight.data, mean: tape.preMean.data, rstd: tape.preRstd.data, n: b * seq, c: d)
-        withExtendedLifetime((tape, x, features, normalized, featureNorms, logits, dlogits, dHeadInput, dFeatures)) {}
-        withExtendedLifetime((dPooled, dCls, dx, scratch, dPre, cls)) {}
+        withExtendedLifetime((tape, x, features, normalized, featureNorms, logits, dlogits)) {}
+        withExtendedLifetime((scratch, cls)) {}
         return value
     }
 }

@@ -86,14 +86,14 @@ func encoderLayerForward(_ layer: EncoderLayer, _ x: UnsafeMutablePointer<Float>
                          heads: Int, activation: Activation, causal: Bool,
                          norm1: LayerNorm? = nil, norm2: LayerNorm? = nil) {
     let n = a.b * a.t, d = layer.d
-    if a.keepsInputs { a.input.data.update(from: x, count: n * d) }
+    if a.keepsInputs { copyFloats(a.input.data, x, count: n * d) }
     (norm1 ?? layer.norm1).forward(a.ln1.data, mean: a.mean1.data, rstd: a.rstd1.data, x, n: n)
     layer.qkv.forward(a.qkv.data, a.ln1.data, n: n)
     attentionForward(a.att.data, probs: a.probs.data, a.qkv.data, b: a.b, t: a.t, d: d, heads: heads, causal: causal)
     layer.out.forward(a.proj.data, a.att.data, n: n)
     if let s = layer.scale1 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: n, c: d) }
     residualForward(x, x, a.proj.data, count: n * d)
-    if a.keepsInputs { a.mid.data.update(from: x, count: n * d) }
+    if a.keepsInputs { copyFloats(a.mid.data, x, count: n * d) }
     mlpForward(layer, x, a, n: n, activation: activation, norm2: norm2)
     residualForward(x, x, a.proj.data, count: n * d)
 }
@@ -120,7 +120,7 @@ func encoderLayerForwardRow(_ layer: EncoderLayer, _ x: UnsafePointer<Float>, ro
     let b = a.b, t = a.t, n = b * t, d = layer.d
     let y = Buffer(count: b * d), midBuffer = a.keepsInputs ? a.mid : Buffer(count: b * d)
     let mid = midBuffer.data
-    if a.keepsInputs { a.input.data.update(from: x, count: n * d) }
+    if a.keepsInputs { copyFloats(a.input.data, x, count: n * d) }
     (norm1 ?? layer.norm1).forward(a.ln1.data, mean: a.mean1.data, rstd: a.rstd1.data, x, n: n)
     layer.qkv.forward(a.qkv.data, a.ln1.data, n: n)
     attentionForward(a.att.data, probs: a.probs.data, a.qkv.data, b: b, t: t, d: d, heads: heads, causal: causal, onlyRow: row)
@@ -153,35 +153,37 @@ final class LayerGradScratch {
 func encoderLayerBackwardRow(_ layer: EncoderLayer, dx: UnsafeMutablePointer<Float>, _ dy: UnsafePointer<Float>, row: Int,
                              _ a: LayerActivations, _ s: LayerGradScratch, heads: Int, activation: Activation,
                              norm1: LayerNorm, norm2: LayerNorm, g1: LayerNormGrads, g2: LayerNormGrads) {
-    precondition(a.keepsInputs)
-    let b = a.b, t = a.t, n = b * t, d = layer.d, inter = layer.intermediate
-    let dm = s.dm.data, dmid = Buffer(count: b * d)
-    // y = mid + scale2 ⊙ fc2(act(fc1(norm2(mid)))), one row per sequence
-    dmid.data.update(from: dy, count: b * d)
-    dm.update(repeating: 0, count: b * d)
-    if let s2 = layer.scale2 { channelScaleBackward(dinp: dm, dy, s2.data, n: b, c: d) } else { dm.update(from: dy, count: b * d) }
-    s.dhidden.data.update(repeating: 0, count: b * inter)
-    linearBackward(dinp: s.dhidden.data, dweight: nil, dbias: nil, dm, a.act.data, layer.fc2.weight.data, n: b, inFeatures: inter, outFeatures: d)
-    s.dfc1.data.update(repeating: 0, count: b * inter)
-    activationBackward(dinp: s.dfc1.data, s.dhidden.data, a.fc1.data, count: b * inter, activation)
-    s.dln.data.update(repeating: 0, count: b * d)
-    linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dfc1.data, a.ln2.data, layer.fc1.weight.data, n: b, inFeatures: d, outFeatures: inter)
-    layerNormBackward(dinp: dmid.data, dweight: g2.weight.data, dbias: g2.bias.data, s.dln.data, a.mid.data, norm2.weight.data,
-                      mean: a.mean2.data, rstd: a.rstd2.data, n: b, c: d)
-    // mid = x[:, row] + scale1 ⊙ out(attention_row(qkv(norm1(x))))
-    dm.update(repeating: 0, count: b * d)
-    if let s1 = layer.scale1 { channelScaleBackward(dinp: dm, dmid.data, s1.data, n: b, c: d) } else { dm.update(from: dmid.data, count: b * d) }
-    s.datt.data.update(repeating: 0, count: b * d)
-    linearBackward(dinp: s.datt.data, dweight: nil, dbias: nil, dm, a.att.data, layer.out.weight.data, n: b, inFeatures: d, outFeatures: d)
-    s.dqkv.zero()
-    attentionBackward(dqkv: s.dqkv.data, s.datt.data, a.qkv.data, probs: a.probs.data, b: b, t: t, d: d, heads: heads, onlyRow: row)
-    s.dln.zero()
-    linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dqkv.data, a.ln1.data, layer.qkv.weight.data, n: n, inFeatures: d, outFeatures: 3 * d)
-    dx.update(repeating: 0, count: n * d)
-    for bi in 0..<b { (dx + (bi * t + row) * d).update(from: dmid.data + bi * d, count: d) }
-    layerNormBackward(dinp: dx, dweight: g1.weight.data, dbias: g1.bias.data, s.dln.data, a.input.data, norm1.weight.data,
-                      mean: a.mean1.data, rstd: a.rstd1.data, n: n, c: d)
-    withExtendedLifetime(dmid) {}
+    withProfilePhase(.backward) {
+        precondition(a.keepsInputs)
+        let b = a.b, t = a.t, n = b * t, d = layer.d, inter = layer.intermediate
+        let dm = s.dm.data, dmid = Buffer(count: b * d)
+        // y = mid + scale2 ⊙ fc2(act(fc1(norm2(mid)))), one row per sequence
+        copyFloats(dmid.data, dy, count: b * d)
+        zeroFloats(dm, count: b * d)
+        if let s2 = layer.scale2 { channelScaleBackward(dinp: dm, dy, s2.data, n: b, c: d) } else { copyFloats(dm, dy, count: b * d) }
+        zeroFloats(s.dhidden.data, count: b * inter)
+        linearBackward(dinp: s.dhidden.data, dweight: nil, dbias: nil, dm, a.act.data, layer.fc2.weight.data, n: b, inFeatures: inter, outFeatures: d)
+        zeroFloats(s.dfc1.data, count: b * inter)
+        activationBackward(dinp: s.dfc1.data, s.dhidden.data, a.fc1.data, count: b * inter, activation)
+        zeroFloats(s.dln.data, count: b * d)
+        linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dfc1.data, a.ln2.data, layer.fc1.weight.data, n: b, inFeatures: d, outFeatures: inter)
+        layerNormBackward(dinp: dmid.data, dweight: g2.weight.data, dbias: g2.bias.data, s.dln.data, a.mid.data, norm2.weight.data,
+                          mean: a.mean2.data, rstd: a.rstd2.data, n: b, c: d)
+        // mid = x[:, row] + scale1 ⊙ out(attention_row(qkv(norm1(x))))
+        zeroFloats(dm, count: b * d)
+        if let s1 = layer.scale1 { channelScaleBackward(dinp: dm, dmid.data, s1.data, n: b, c: d) } else { copyFloats(dm, dmid.data, count: b * d) }
+        zeroFloats(s.datt.data, count: b * d)
+        linearBackward(dinp: s.datt.data, dweight: nil, dbias: nil, dm, a.att.data, layer.out.weight.data, n: b, inFeatures: d, outFeatures: d)
+        s.dqkv.zero()
+        attentionBackward(dqkv: s.dqkv.data, s.datt.data, a.qkv.data, probs: a.probs.data, b: b, t: t, d: d, heads: heads, onlyRow: row)
+        s.dln.zero()
+        linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dqkv.data, a.ln1.data, layer.qkv.weight.data, n: n, inFeatures: d, outFeatures: 3 * d)
+        zeroFloats(dx, count: n * d)
+        for bi in 0..<b { copyFloats(dx + (bi * t + row) * d, dmid.data + bi * d, count: d) }
+        layerNormBackward(dinp: dx, dweight: g1.weight.data, dbias: g1.bias.data, s.dln.data, a.input.data, norm1.weight.data,
+                          mean: a.mean1.data, rstd: a.rstd1.data, n: n, c: d)
+        withExtendedLifetime(dmid) {}
+    }
 }
 
 /// Backward of encoderLayerForward: dx (B,T,D) holds ∂L/∂output on entry and ∂L/∂input on return.
@@ -189,21 +191,23 @@ func encoderLayerBackwardRow(_ layer: EncoderLayer, dx: UnsafeMutablePointer<Flo
 func encoderLayerBackward(_ layer: EncoderLayer, _ dx: UnsafeMutablePointer<Float>, _ a: LayerActivations,
                           _ s: LayerGradScratch, heads: Int, activation: Activation,
                           norm1: LayerNorm, norm2: LayerNorm, g1: LayerNormGrads, g2: LayerNormGrads) {
-    precondition(a.keepsInputs)
-    let n = a.b * a.t, d = layer.d, inter = layer.intermediate
-    // x = mid + scale2 ⊙ fc2(act(fc1(norm2(mid)))): dmid = dx + …
-    let dm = s.dm.data
-    if let s2 = layer.scale2 { s.dm.zero(); channelScaleBackward(dinp: dm, dx, s2.data, n: n, c: d) } else { dm.update(from: dx, count: n * d) }
-    s.dhidden.zero(); linearBackward(dinp: s.dhidden.data, dweight: nil, dbias: nil, dm, a.act.data, layer.fc2.weight.data, n: n, inFeatures: inter, outFeatures: d)
-    s.dfc1.zero(); activationBackward(dinp: s.dfc1.data, s.dhidden.data, a.fc1.data, count: n * inter, activation)
-    s.dln.zero(); linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dfc1.data, a.ln2.data, layer.fc1.weight.data, n: n, inFeatures: d, outFeatures: inter)
-    layerNormBackward(dinp: dx, dweight: g2.weight.data, dbias: g2.bias.data, s.dln.data, a.mid.data, norm2.weight.data,
-                      mean: a.mean2.data, rstd: a.rstd2.data, n: n, c: d)
-    // mid = input + scale1 ⊙ out(attention(qkv(norm1(input))))
-    if let s1 = layer.scale1 { s.dm.zero(); channelScaleBackward(dinp: dm, dx, s1.data, n: n, c: d) } else { dm.update(from: dx, count: n * d) }
-    s.datt.zero(); linearBackward(dinp: s.datt.data, dweight: nil, dbias: nil, dm, a.att.data, layer.out.weight.data, n: n, inFeatures: d, outFeatures: d)
-    s.dqkv.zero(); attentionBackward(dqkv: s.dqkv.data, s.datt.data, a.qkv.data, probs: a.probs.data, b: a.b, t: a.t, d: d, heads: heads)
-    s.dln.zero(); linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dqkv.data, a.ln1.data, layer.qkv.weight.data, n: n, inFeatures: d, outFeatures: 3 * d)
-    layerNormBackward(dinp: dx, dweight: g1.weight.data, dbias: g1.bias.data, s.dln.data, a.input.data, norm1.weight.data,
-                      mean: a.mean1.data, rstd: a.rstd1.data, n: n, c: d)
+    withProfilePhase(.backward) {
+        precondition(a.keepsInputs)
+        let n = a.b * a.t, d = layer.d, inter = layer.intermediate
+        // x = mid + scale2 ⊙ fc2(act(fc1(norm2(mid)))): dmid = dx + …
+        let dm = s.dm.data
+        if let s2 = layer.scale2 { s.dm.zero(); channelScaleBackward(dinp: dm, dx, s2.data, n: n, c: d) } else { copyFloats(dm, dx, count: n * d) }
+        s.dhidden.zero(); linearBackward(dinp: s.dhidden.data, dweight: nil, dbias: nil, dm, a.act.data, layer.fc2.weight.data, n: n, inFeatures: inter, outFeatures: d)
+        s.dfc1.zero(); activationBackward(dinp: s.dfc1.data, s.dhidden.data, a.fc1.data, count: n * inter, activation)
+        s.dln.zero(); linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dfc1.data, a.ln2.data, layer.fc1.weight.data, n: n, inFeatures: d, outFeatures: inter)
+        layerNormBackward(dinp: dx, dweight: g2.weight.data, dbias: g2.bias.data, s.dln.data, a.mid.data, norm2.weight.data,
+                          mean: a.mean2.data, rstd: a.rstd2.data, n: n, c: d)
+        // mid = input + scale1 ⊙ out(attention(qkv(norm1(input))))
+        if let s1 = layer.scale1 { s.dm.zero(); channelScaleBackward(dinp: dm, dx, s1.data, n: n, c: d) } else { copyFloats(dm, dx, count: n * d) }
+        s.datt.zero(); linearBackward(dinp: s.datt.data, dweight: nil, dbias: nil, dm, a.att.data, layer.out.weight.data, n: n, inFeatures: d, outFeatures: d)
+        s.dqkv.zero(); attentionBackward(dqkv: s.dqkv.data, s.datt.data, a.qkv.data, probs: a.probs.data, b: a.b, t: a.t, d: d, heads: heads)
+        s.dln.zero(); linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dqkv.data, a.ln1.data, layer.qkv.weight.data, n: n, inFeatures: d, outFeatures: 3 * d)
+        layerNormBackward(dinp: dx, dweight: g1.weight.data, dbias: g1.bias.data, s.dln.data, a.input.data, norm1.weight.data,
+                          mean: a.mean1.data, rstd: a.rstd1.data, n: n, c: d)
+    }
 }

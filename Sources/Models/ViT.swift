@@ -111,7 +111,7 @@ public final class ViTModel: @unchecked Sendable {
         let grid = Buffer(count: d * g * g), resized = Buffer(count: d * gh * gw), out = Buffer(count: (1 + gh * gw) * d)
         for i in 0..<(g * g) { for c in 0..<d { grid.data[c * g * g + i] = positionEmbeddings.data[(1 + i) * d + c] } }
         bicubicResize(resized.data, grid.data, c: d, inH: g, inW: g, outH: gh, outW: gw)
-        out.data.update(from: positionEmbeddings.data, count: d)
+        copyFloats(out.data, positionEmbeddings.data, count: d)
         for i in 0..<(gh * gw) { for c in 0..<d { out.data[(1 + i) * d + c] = resized.data[c * gh * gw + i] } }
         withExtendedLifetime((grid, resized)) {}
         return out
@@ -147,8 +147,8 @@ public final class ViTModel: @unchecked Sendable {
         let x = Buffer(count: b * t * d)
         for bi in 0..<b {
             let row = x.data + bi * t * d
-            row.update(from: clsToken.data, count: d)
-            (row + d).update(from: patches.data + bi * np * d, count: np * d)
+            copyFloats(row, clsToken.data, count: d)
+            copyFloats(row + d, patches.data + bi * np * d, count: np * d)
             residualForward(row, row, pos.data, count: t * d)
         }
         let acts = LayerActivations(b: b, t: t, d: d, heads: c.numAttentionHeads, intermediate: c.intermediateSize, keepsInputs: false)
@@ -168,7 +168,7 @@ public final class ViTModel: @unchecked Sendable {
             let o = o.baseAddress!
             batchParallel(b) { r in
                 let part = clsFeaturesOfSubBatch(pixels: pixels + r.lowerBound * image, batch: r.count, height: h, width: w)
-                (o + r.lowerBound * d).update(from: part, count: part.count)
+                copyFloats(o + r.lowerBound * d, part, count: part.count)
             }
         }
         return out

@@ -1,0 +1,296 @@
+import ArgumentParser
+import Foundation
+import Imaging
+import Kernels
+import Method
+import Models
+
+/// `nolad bench`: the networks' speed with random full-size weights, next to the FLOPs they count, the
+/// sgemm rate this machine reaches on their own GEMM shapes in the same run, and where the time goes
+/// (docs/benchmarks.md). reference/bench_torch.py is its PyTorch counterpart.
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Speed of CLIP ViT-B/32 (image, text, prompt-tuning step) and DINO ViT-B/16 with random full-size weights.",
+        discussion: """
+        Each figure is timed first as it runs in a job, then once more with the kernel timers on for its \
+        breakdown and FLOP count. The sgemm rate is measured at the end, through nolad's own sgemm (the one \
+        the models call) at --threads, on every GEMM shape the linear layers ran. \
+        Compare with reference/bench_torch.py run with the same --threads and --batch.
+        """)
+
+    @Option(help: "Threads for the numeric kernels (GEMMs included).") var threads = 2
+    @Option(help: "Images per batch.") var batch = 16
+    @Option(help: "Timed repetitions after one warm-up.") var iterations = 3
+    @Option(help: "Tokens per text, BOS and EOS included.") var textTokens = 20
+    @Option(help: "Prompt tokens for the prompt-tuning step.") var prompts = 16
+    @Option(help: "Comma-separated subset of: clip-image, clip-text, prompt-step, strong-views, dino.") var only: String?
+    @Option(help: "Seconds of sgemm timing per GEMM shape (5 rounds, the best one counts).") var sgemmSeconds = 0.2
+    @Flag(help: "One JSON object on stdout instead of the text report.") var json = false
+
+    static let figureNames = ["clip-image", "clip-text", "prompt-step", "strong-views", "dino"]
+
+    func validate() throws {
+        guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
+        guard batch >= 1 else { throw ValidationError("--batch must be at least 1") }
+        guard iterations >= 1 else { throw ValidationError("--iterations must be at least 1") }
+        guard textTokens >= 2 && textTokens <= 77 else { throw ValidationError("--text-tokens must be 2 to 77 (BOS and EOS included)") }
+        guard prompts >= 0 else { throw ValidationError("--prompts must be 0 or more") }
+        guard sgemmSeconds > 0 else { throw ValidationError("--sgemm-seconds must be positive") }
+        if let only {
+            let unknown = only.split(separator: ",").map(String.init).filter { !Self.figureNames.contains($0) }
+            guard unknown.isEmpty else {
+                throw ValidationError("--only: unknown \(unknown.joined(separator: ", ")); choose from \(Self.figureNames.joined(separator: ", "))")
+            }
+        }
+    }
+
+    func wanted(_ name: String) -> Bool { only.map { $0.split(separator: ",").contains(Substring(name)) } ?? true }
+
+    /// Every kernel of the command runs with `--threads` threads (docs/threading.md).
+    func run() throws { try withThreads(threads) { try runWithThreads() } }
+
+    func say(_ line: String) { if !json { print(line) } }
+
+    func runWithThreads() throws {
+        say("nolad bench: threads \(threads), batch \(batch), \(iterations) iterations after a warm-up, random weights")
+        let clip = try CLIPModel(config: CLIPConfig(), weights: nil)
+        let dino = try ViTModel(kind: .vit, config: ViTConfig(), weights: nil)
+        var rng = SplitMix64(seed: 1)
+        let pixels = (0..<(batch * 3 * 224 * 224)).map { _ in Float.random(in: -2...2, using: &rng) }
+        var figures: [BenchFigure] = []
+        func add(_ figure: BenchFigure) { figures.append(figure); say(figure.timingLine) }
+        pixels.withUnsafeBufferPointer { px in
+            let p = px.baseAddress!
+            if wanted("clip-image") {
+                add(measure("CLIP ViT-B/32 image", key: "clip-image", items: batch, unit: "img") { _ = clip.getImageFeatures(pixels: p, batch: batch) })
+            }
+            let texts = (0..<(4 * batch)).map { _ in [49406] + (0..<(textTokens - 2)).map { _ in Int32.random(in: 1..<49406, using: &rng) } + [49407] }
+            if wanted("clip-text") {
+                add(measure("CLIP text (\(textTokens) tokens)", key: "clip-text", items: texts.count, unit: "text") { _ = clip.getTextFeatures(texts) })
+            }
+            let d = clip.config.visionConfig.hiddenSize, classes = 10
+            let state = CLIPPromptTuning(model: clip, prompts: (0..<(prompts * d)).map { _ in Float.random(in: -0.1...0.1, using: &rng) }, promptCount: prompts,
+                                         head: (0..<(classes * clip.projectionDim)).map { _ in Float.random(in: -0.1...0.1, using: &rng) }, classCount: classes)
+            let labels = (0..<batch).map { $0 % classes }
+            if wanted("prompt-step") {
+                add(measure("CLIP prompt-tuning step (P=\(prompts))", key: "prompt-step", items: batch, unit: "img") {
+                    _ = clip.promptTuningStep(state, pixels: p, batch: batch) { logits, dlogits in
+                        crossEntropyForwardBackward(dlogits: dlogits, logits, labels: labels, n: batch, c: classes, smoothing: 0.1)
+                    }
+                })
+            }
+            if wanted("strong-views") {
+                // NoLA's strong views of one micro-batch, as prompt tuning makes them (photo-sized synthetic images, decoded already).
+                let images = (0..<batch).map { i in syntheticImage(width: 320, height: 240, seed: UInt64(i)) }
+                let slot = 3 * 224 * 224
+                var out = [Float](repeating: 0, count: batch * slot)
+                add(measure("strong views (320×240 → 224)", key: "strong-views", items: batch, unit: "img") {
+                    out.withUnsafeMutableBufferPointer { buffer in
+                        let base = buffer.baseAddress!
+                        parallelFor(batch) { part in
+                            for j in part {
+                                var r = AugmentRNG(seed: UInt64(j))
+                                let view = profiled(.augmentation, .forward) { strongView(images[j], rng: &r) }
+                                copyFloats(base + j * slot, view, count: slot)
+                            }
+                        }
+                    }
+                })
+            }
+            if wanted("dino") {
+                add(measure("DINO ViT-B/16 image", key: "dino", items: batch, unit: "img") { _ = dino.clsFeatures(pixels: p, batch: batch, height: 224, width: 224) })
+            }
+        }
+        let peak = peakResidentMegabytes()
+        say(String(format: "peak memory (both models, batch %d): %.0f MB", batch, peak))
+
+        // The sgemm rate on every shape the linear layers ran, through the same wrapper, at the same threads.
+        let shapes = Set(figures.flatMap { $0.profile.gemmShapes.map(\.shape) }).sorted()
+        var rates: [GEMMShape: Double] = [:]
+        for shape in shapes { rates[shape] = sgemmRate(shape, seconds: sgemmSeconds) }
+        let allFlops = figures.flatMap { $0.profile.gemmShapes }.reduce(0.0) { $0 + Double($1.flops) }
+        let allTime = figures.flatMap { $0.profile.gemmShapes }.reduce(0.0) { $0 + Double($1.flops) / rates[$1.shape]! }
+        let overall = allTime > 0 ? allFlops / allTime / 1e9 : 0
+        say("")
+        say(String(format: "sgemm through nolad's wrapper, %d threads, on the linear layers' shapes (m×n×k as called; C = op(A)·op(B)): %.1f GFLOP/s FLOP-weighted", threads, overall))
+        let shares = Dictionary(figures.flatMap { $0.profile.gemmShapes }.map { ($0.shape, Double($0.flops) / max(allFlops, 1)) }, uniquingKeysWith: +)
+        for shape in shapes.sorted(by: { shares[$0]! > shares[$1]! }) {
+            say("  " + shape.description.padding(toLength: 22, withPad: " ", startingAt: 0)
+                + String(format: "%8.1f GFLOP/s   (%4.1f %% of the linear layers' FLOPs below)", rates[shape]! / 1e9, shares[shape]! * 100))
+        }
+        for figure in figures { say(""); for line in figure.report(rates: rates, threads: threads) { say(line) } }
+        if json {
+            let object: [String: Any] = [
+                "threads": threads, "batch": batch, "iterations": iterations, "peak_memory_mb": peak,
+                "sgemm_gflops": overall,
+                "sgemm": shapes.map { ["m": $0.m, "n": $0.n, "k": $0.k, "trans_a": $0.transA, "trans_b": $0.transB, "gflops": rates[$0]! / 1e9] },
+                "figures": figures.map { $0.json(rates: rates, threads: threads) },
+            ]
+            print(jsonLine(object))
+        }
+    }
+
+    /// Times `body` as a job runs it (one warm-up, `iterations` repetitions), then `iterations` more with a profile collecting.
+    func measure(_ name: String, key: String, items: Int, unit: String, _ body: () -> Void) -> BenchFigure {
+        body()
+        let wall = DispatchTime.now().uptimeNanoseconds, cpu = processCPUSeconds()
+        for _ in 0..<iterations { body() }
+        let seconds = Double(DispatchTime.now().uptimeNanoseconds - wall) / 1e9 / Double(iterations)
+        let cpuSeconds = (processCPUSeconds() - cpu) / Double(iterations)
+        let profile = KernelProfile()
+        let start = DispatchTime.now().uptimeNanoseconds
+        profile.collect { for _ in 0..<iterations { body() } }
+        let profiled = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9 / Double(iterations)
+        return BenchFigure(name: name, key: key, items: items, unit: unit, iterations: iterations, wall: seconds, cpu: cpuSeconds,
+                           profiledWall: profiled, profile: profile)
+    }
+}
+
+/// FLOP/s of `sgemm` (nolad's wrapper, the caller's threads) on one shape, β = 0, operands dense: the best
+/// of 5 rounds of `seconds`/5 each (at least one call per round), so that a moment of load elsewhere on the
+/// machine does not lower the reference rate.
+func sgemmRate(_ s: GEMMShape, seconds: Double) -> Double {
+    var rng = SplitMix64(seed: 7)
+    let a = Buffer((0..<(s.m * s.k)).map { _ in Float.random(in: -1...1, using: &rng) })
+    let b = Buffer((0..<(s.k * s.n)).map { _ in Float.random(in: -1...1, using: &rng) })
+    let c = Buffer(count: s.m * s.n)
+    func call() {
+        sgemm(transA: s.transA, transB: s.transB, m: s.m, n: s.n, k: s.k, a: a.data, lda: s.transA ? s.m : s.k,
+              b: b.data, ldb: s.transB ? s.k : s.n, c: c.data, ldc: s.n)
+    }
+    call()
+    var best = 0.0
+    for _ in 0..<5 {
+        var calls = 0, elapsed = 0.0
+        let start = DispatchTime.now().uptimeNanoseconds
+        while calls < 1 || elapsed < seconds / 5 {
+            call(); calls += 1
+            elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+        }
+        best = max(best, Double(s.flops) * Double(calls) / elapsed)
+    }
+    withExtendedLifetime((a, b, c)) {}
+    return best
+}
+
+/// A smooth synthetic photo (gradients and a few discs), deterministic in `seed`.
+func syntheticImage(width: Int, height: Int, seed: UInt64) -> RGBImage {
+    var rng = SplitMix64(seed: seed)
+    let cx = Double.random(in: 0...Double(width), using: &rng), cy = Double.random(in: 0...Double(height), using: &rng)
+    var pixels = [UInt8](repeating: 0, count: width * height * 3)
+    for y in 0..<height {
+        for x in 0..<width {
+            let r = ((Double(x) - cx) * (Double(x) - cx) + (Double(y) - cy) * (Double(y) - cy)).squareRoot()
+            let i = (y * width + x) * 3
+            pixels[i] = UInt8(truncatingIfNeeded: x * 255 / max(width - 1, 1))
+            pixels[i + 1] = UInt8(truncatingIfNeeded: y * 255 / max(height - 1, 1))
+            pixels[i + 2] = r < 60 ? 230 : UInt8(truncatingIfNeeded: Int(r) & 0xff)
+        }
+    }
+    return RGBImage(width: width, height: height, pixels: pixels)
+}
+
+/// One figure of `nolad bench`: its timing, and the profile of its profiled repetitions.
+struct BenchFigure {
+    let name: String, key: String
+    let items: Int, unit: String, iterations: Int
+    /// Seconds per repetition: wall-clock, process CPU time, wall-clock with the timers on.
+    let wall: Double, cpu: Double, profiledWall: Double
+    let profile: KernelProfile
+
+    var timingLine: String {
+        name.padding(toLength: 36, withPad: " ", startingAt: 0)
+            + String(format: "%9.1f ms/%@  %8.1f %@/s   (CPU time %.1f ms/%@ over all threads)",
+                     wall / Double(items) * 1000, unit, Double(items) / wall, unit, cpu / Double(items) * 1000, unit)
+    }
+
+    /// FLOPs of one repetition (every sgemm call: linear layers and attention).
+    var flops: Double { Double(profile.totalFlops) / Double(iterations) }
+    var gflops: Double { flops / wall / 1e9 }
+
+    /// The sgemm rate this figure's GEMM FLOPs would reach at the measured rate of each of its linear-layer
+    /// shapes (FLOP-weighted harmonic mean); nil when it ran no GEMM.
+    func sgemmRate(_ rates: [GEMMShape: Double]) -> Double? {
+        let shapes = profile.gemmShapes
+        let total = shapes.reduce(0.0) { $0 + Double($1.flops) }
+        guard total > 0 else { return nil }
+        return total / shapes.reduce(0.0) { $0 + Double($1.flops) / rates[$1.shape]! }
+    }
+
+    /// Milliseconds per item of wall time: thread-seconds / threads / repetitions / items.
+    func ms(_ threadSeconds: Double, threads: Int) -> Double {
+        threadSeconds / Double(threads) / Double(iterations) / Double(items) * 1000
+    }
+
+    /// Breakdown rows: (label, key, forward ms, backward ms, GFLOP/s within the op or nil), and the attention parts.
+    func rows(threads: Int) -> [(label: String, key: String, forward: Double, backward: Double, backwardCalls: Int, gflops: Double?)] {
+        KernelOp.allCases.compactMap { op in
+            let f = profile.entry(op, .forward), b = profile.entry(op, .backward)
+            guard f.calls + b.calls > 0 else { return nil }
+            let seconds = (f.threadSeconds + b.threadSeconds) / Double(threads)
+            let flops = Double(f.flops + b.flops)
+            return (op.label, op.key, ms(f.threadSeconds, threads: threads), ms(b.threadSeconds, threads: threads), b.calls,
+                    flops > 0 && seconds > 0 ? flops / seconds / 1e9 : nil)
+        }
+    }
+
+    var profiledMs: Double { profiledWall / Double(items) * 1000 }
+    func accountedMs(threads: Int) -> Double { ms(profile.totalThreadSeconds, threads: threads) }
+
+    func report(rates: [GEMMShape: Double], threads: Int) -> [String] {
+        var lines: [String] = []
+        let per = flops / Double(items)
+        var head = per == 0 ? "\(name): no GEMM" : String(format: "%@: %.3f GFLOP/%@ counted (all GEMMs, attention's included), %.1f GFLOP/s", name, per / 1e9, unit, gflops)
+        if let rate = sgemmRate(rates) {
+            head += String(format: ", %.0f %% of the sgemm rate on its linear-layer shapes (%.1f GFLOP/s)", gflops * 1e9 / rate * 100, rate / 1e9)
+        }
+        lines.append(head)
+        let backward = KernelOp.allCases.contains { profile.entry($0, .backward).calls > 0 }
+        lines.append(String(format: "  breakdown in ms/%@ (thread time / %d threads; the timed run took %.2f ms/%@)", unit, threads, profiledMs, unit))
+        lines.append("    " + "operation".padding(toLength: 44, withPad: " ", startingAt: 0) + "  forward" + (backward ? " backward" : "") + "   GFLOP/s")
+        func row(_ label: String, _ f: Double, _ b: Double?, _ g: Double?) -> String {
+            "    " + label.padding(toLength: 44, withPad: " ", startingAt: 0) + String(format: "%9.2f", f)
+                + (backward ? (b.map { String(format: "%9.2f", $0) } ?? "         ") : "")
+                + (g.map { String(format: "%10.1f", $0) } ?? "")
+        }
+        for r in rows(threads: threads) {
+            lines.append(row(r.label, r.forward, r.backwardCalls > 0 ? r.backward : nil, r.gflops))
+            if r.key == KernelOp.attention.key {
+                for part in AttentionPart.allCases {
+                    lines.append(row("  " + part.label, ms(profile.attentionPart(part, .forward), threads: threads),
+                                     ms(profile.attentionPart(part, .backward), threads: threads), nil))
+                }
+                let pf = AttentionPart.allCases.reduce(0.0) { $0 + profile.attentionPart($1, .forward) }
+                let pb = AttentionPart.allCases.reduce(0.0) { $0 + profile.attentionPart($1, .backward) }
+                lines.append(row("  per-head loop: overhead, imbalance", r.forward - ms(pf, threads: threads), r.backward - ms(pb, threads: threads), nil))
+            }
+        }
+        let accounted = accountedMs(threads: threads)
+        lines.append(row(backward ? "sum, forward + backward" : "sum", accounted, nil, nil))
+        lines.append("    " + "unaccounted (timed run − sum)".padding(toLength: 44, withPad: " ", startingAt: 0)
+                     + String(format: "%9.2f  (%.1f %% of the timed run)", profiledMs - accounted, (profiledMs - accounted) / profiledMs * 100))
+        return lines
+    }
+
+    func json(rates: [GEMMShape: Double], threads: Int) -> [String: Any] {
+        var breakdown: [String: [String: Double]] = ["forward": [:], "backward": [:]]
+        for r in rows(threads: threads) {
+            breakdown["forward"]![r.key] = r.forward
+            if r.backwardCalls > 0 { breakdown["backward"]![r.key] = r.backward }
+        }
+        var parts: [String: [String: Double]] = ["forward": [:], "backward": [:]]
+        for part in AttentionPart.allCases {
+            parts["forward"]![part.key] = ms(profile.attentionPart(part, .forward), threads: threads)
+            parts["backward"]![part.key] = ms(profile.attentionPart(part, .backward), threads: threads)
+        }
+        var object: [String: Any] = [
+            "name": name, "key": key, "items": items, "unit": unit,
+            "ms_per_item": wall / Double(items) * 1000, "cpu_ms_per_item": cpu / Double(items) * 1000,
+            "flops_per_item": flops / Double(items), "gflops": gflops,
+            "profiled_ms_per_item": profiledMs, "breakdown_ms_per_item": breakdown, "attention_parts_ms_per_item": parts,
+            "unaccounted_ms_per_item": profiledMs - accountedMs(threads: threads),
+        ]
+        if let rate = sgemmRate(rates) { object["sgemm_gflops"] = rate / 1e9; object["share_of_sgemm"] = gflops * 1e9 / rate }
+        return object
+    }
+}
