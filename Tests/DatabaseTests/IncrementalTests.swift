@@ -113,3 +113,37 @@ final class IncrementalTests: DatabaseTestCase {
         XCTAssertEqual(try labelMetrics(fourth)["copied"] as? Int, 22)
     }
 }
+
+/// The label-free stopping rule (`stop_patience`, `stop_tolerance`) through the daemon: the epoch events
+/// and the tune stage's metrics say where and why it stopped.
+final class StopRuleJobTests: DatabaseTestCase {
+    func testStopPatience_endsPromptTuningEarly_andTheEventsSayWhereAndWhy() throws {
+        let collection = root + "/shapes"
+        try FileManager.default.copyItem(atPath: pipelineFixtures.appendingPathComponent("collection").path, toPath: collection)
+        _ = try startDaemon("stop-rule", settings: [
+            "pipeline": "nola", "model_root": pipelineFixtures.appendingPathComponent("models").path,
+            "clip_model": "tiny-clip", "dino_model": "tiny-dino", "threads": "2"])
+        // Tolerance 1: every epoch after the first is stable, so patience 2 stops after epoch 3 of 10.
+        let rows = try db.query("""
+            INSERT INTO nola.jobs (collection, classes, parameters) VALUES ($1, $2, $3::jsonb) RETURNING id
+            """, [collection, PipelineTests.classes,
+                  #"{"prompt_epochs": 10, "prompt_batch_size": 8, "alignment_epochs": 5, "min_k": 2, "seed": 3, "stop_patience": 2, "stop_tolerance": 1}"#])
+        let id = Int64(try rows[0].int("id"))
+        try waitSucceeded(id, timeout: 180)
+        let all = try events(id)
+        let epochs = all.filter { $0.stage == "tune" && $0.kind == "epoch" }
+        XCTAssertEqual(epochs.map { $0.metrics["epoch"] as? Int }, [1, 2, 3])
+        XCTAssertEqual(epochs.map { $0.metrics["stable_epochs"] as? Int }, [0, 1, 2])
+        XCTAssertTrue(epochs.allSatisfy { ($0.metrics["mean_confidence"] as? Double).map { $0 > 0 && $0 <= 1 } ?? false })
+        XCTAssertTrue(epochs.prefix(2).allSatisfy { $0.metrics["stop_reason"] is NSNull })
+        let reason = "teacher-student agreement and mean confidence changed by less than 1.0 for 2 epochs in a row"
+        XCTAssertEqual(epochs.last?.metrics["stop_reason"] as? String, reason)
+        let tune = try XCTUnwrap(all.first { $0.stage == "tune" && $0.kind == "metrics" }).metrics
+        XCTAssertEqual(tune["stopped_at_epoch"] as? Int, 3)
+        XCTAssertEqual(tune["epochs_run"] as? Int, 3)
+        XCTAssertEqual(tune["epochs"] as? Int, 10)
+        XCTAssertEqual(tune["stop_reason"] as? String, reason)
+        let labelled = try db.query("SELECT count(*) AS n FROM nola.labels WHERE job_id = $1 AND label IS NOT NULL", [id])
+        XCTAssertEqual(try labelled[0].int("n"), 18)
+    }
+}

@@ -237,7 +237,7 @@ struct TuneStage: PipelineStage {
         try context.recordEvent(stage: name, kind: "metrics", metrics: [
             "epochs": number(p.promptEpochs), "epochs_run": number(state.epoch), "steps": number(state.step), "micro_batch": number(micro),
             "batch": number(p.promptBatchSize), "seconds": seconds(since: start),
-            "stop_patience": number(p.stopPatience), "stop_tolerance": number(p.stopTolerance),
+            "stop_patience": number(p.stopPatience), "stop_tolerance": .number(p.stopTolerance),
             "stopped_at_epoch": state.stoppedEarly ? number(state.epoch) : .null,
             "stop_reason": stopReason.map(JSONValue.string) ?? .null,
         ])
