@@ -130,6 +130,12 @@ public struct SubmitCommand: ParsableCommand {
     @Option(name: .long, help: "Parameters as a JSON object, e.g. '{\"seed\": 1}'.")
     public var parameters: String = "{}"
 
+    @Option(name: .long, help: "Label with the tuned prompts of this earlier job (no training): sets the parameter prompts_from_job.")
+    public var promptsFrom: Int64?
+
+    @Flag(name: .long, help: "With --prompts-from: label only the images (by content) not labelled with those prompts yet, and copy the earlier labels of the rest (parameter only_new).")
+    public var onlyNew = false
+
     @Option(name: .long, help: "Higher runs first.")
     public var priority: Int = 0
 
@@ -151,6 +157,7 @@ public struct SubmitCommand: ParsableCommand {
                 }
                 descriptionsJSON = text
             }
+            let parameters = try Self.parameters(self.parameters, promptsFrom: promptsFrom, onlyNew: onlyNew)
             let path = collection.hasPrefix("/") ? collection : FileManager.default.currentDirectoryPath + "/" + collection
             let c = try options.connect(config)
             let rows = try c.query("""
@@ -166,6 +173,27 @@ public struct SubmitCommand: ParsableCommand {
         } catch {
             throw fail("\(error)")
         }
+    }
+
+    /// The --parameters object with --prompts-from and --only-new merged in (unchanged without them).
+    static func parameters(_ json: String, promptsFrom: Int64?, onlyNew: Bool) throws -> String {
+        guard promptsFrom != nil || onlyNew else { return json }
+        guard var object = (try? JSONSerialization.jsonObject(with: Data(json.utf8))) as? [String: Any] else {
+            throw NoladError(.usage, "--parameters must be a JSON object to combine with --prompts-from or --only-new")
+        }
+        if let promptsFrom {
+            if let given = object["prompts_from_job"] as? NSNumber, given.int64Value != promptsFrom {
+                throw NoladError(.usage, "--prompts-from \(promptsFrom) contradicts prompts_from_job \(given) in --parameters")
+            }
+            object["prompts_from_job"] = NSNumber(value: promptsFrom)
+        }
+        if onlyNew {
+            guard let given = object["prompts_from_job"], !(given is NSNull) else {
+                throw NoladError(.usage, "--only-new needs --prompts-from JOB: the earlier job whose tuned prompts and labels it reuses")
+            }
+            object["only_new"] = true
+        }
+        return String(decoding: try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]), as: UTF8.self)
     }
 }
 

@@ -37,6 +37,11 @@ public struct NolaParameters: Equatable, Sendable {
     /// The strong view's two ColorJitters (brightness/contrast/saturation 0.4, hue 0.1). Off for classes that
     /// are told apart by colour or lightness, which the jitter would teach the student to ignore.
     public var colourJitter = true
+    /// The label-free stopping rule (`PromptStopRule`, docs/pipeline.md): stop prompt tuning after this many
+    /// epochs in a row whose agreement and mean confidence changed by less than `stopTolerance`; 0 = off
+    /// (the default: on the demo it stops well before the 50 epochs that give the best labels).
+    public var stopPatience = 0
+    public var stopTolerance = 0.01
     // Models: folder names under the configured model root (Hugging Face layout).
     public var clipModel = "clip-vit-base-patch32"
     public var dinoModel = "dino-vitb16"
@@ -59,6 +64,8 @@ public struct NolaParameters: Equatable, Sendable {
         case promptCount = "prompt_count"
         case labelSmoothing = "label_smoothing"
         case colourJitter = "colour_jitter"
+        case stopPatience = "stop_patience"
+        case stopTolerance = "stop_tolerance"
         case clipModel = "clip_model"
         case dinoModel = "dino_model"
     }
@@ -119,6 +126,8 @@ public struct NolaParameters: Equatable, Sendable {
         case .promptCount: promptCount = int()
         case .labelSmoothing: labelSmoothing = double()
         case .colourJitter: colourJitter = bool()
+        case .stopPatience: stopPatience = int()
+        case .stopTolerance: stopTolerance = double()
         case .clipModel: clipModel = string()
         case .dinoModel: dinoModel = string()
         }
@@ -143,6 +152,8 @@ public struct NolaParameters: Equatable, Sendable {
             Key.promptCount.rawValue: promptCount,
             Key.labelSmoothing.rawValue: labelSmoothing,
             Key.colourJitter.rawValue: colourJitter,
+            Key.stopPatience.rawValue: stopPatience,
+            Key.stopTolerance.rawValue: stopTolerance,
             Key.clipModel.rawValue: clipModel,
             Key.dinoModel.rawValue: dinoModel,
         ]
@@ -152,12 +163,16 @@ public struct NolaParameters: Equatable, Sendable {
 }
 
 /// A job's `parameters` column as the pipeline reads it: the method's parameters, the keys the job set
-/// itself, and the daemon's own `prompts_from_job` (an earlier job whose tuned prompts label this one) and
-/// `threads` (the job's thread count, docs/threading.md).
+/// itself, and the daemon's own `prompts_from_job` (an earlier job whose tuned prompts label this one),
+/// `only_new` (with it: label only what that job has not) and `threads` (the job's thread count,
+/// docs/threading.md).
 public struct JobParameters: Equatable, Sendable {
     public var method = NolaParameters()
     public var given: Set<String> = []
     public var promptsFromJob: Int64?
+    /// With `promptsFromJob` only: label only the images whose content (SHA-256) that job has not
+    /// labelled, and copy its label rows for the rest (docs/incremental.md).
+    public var onlyNew = false
     /// The threads the job asks for (nil: the daemon's `threads`).
     public var threads: Int?
 
@@ -179,6 +194,15 @@ public struct JobParameters: Equatable, Sendable {
                 throw MethodError(.badParameter, ParameterSpec.promptsFromJob.name, refusal)
             }
             if case .integer(let id) = value { promptsFromJob = Int64(id) }
+        }
+        if daemonKeys, let value = object[ParameterSpec.onlyNew.name] {
+            if let refusal = ParameterSpec.onlyNew.refusal(value) {
+                throw MethodError(.badParameter, ParameterSpec.onlyNew.name, refusal)
+            }
+            if case .bool(let b) = value { onlyNew = b }
+            if onlyNew && promptsFromJob == nil {
+                throw MethodError(.badParameter, ParameterSpec.onlyNew.name, ParameterSpec.onlyNewWithoutPrompts)
+            }
         }
         if daemonKeys, let value = object[ParameterSpec.threads.name] {
             if let refusal = ParameterSpec.threads.refusal(value) {

@@ -33,13 +33,17 @@ public struct ParameterSpec: Equatable, Sendable {
     }
 
     /// Every parameter a job may carry: the method's (`NolaParameters.Key`) and the daemon's own
-    /// `prompts_from_job` (read by the pipeline's validate stage) and `threads` (read by the executor).
+    /// `prompts_from_job` and `only_new` (read by the pipeline's validate stage) and `threads` (read by the executor).
     public static let all: [ParameterSpec] = NolaParameters.Key.allCases.map(\.spec) + daemonKeys
 
     /// The parameters the daemon reads itself; `NolaParameters` does not see them.
-    public static let daemonKeys = [promptsFromJob, threads]
+    public static let daemonKeys = [promptsFromJob, onlyNew, threads]
 
     public static let promptsFromJob = ParameterSpec("prompts_from_job", .integer, min: 1)
+    /// Incremental labelling (docs/incremental.md); true only together with `prompts_from_job`.
+    public static let onlyNew = ParameterSpec("only_new", .boolean)
+    /// The refusal of `only_new: true` without `prompts_from_job` (the same words as `nola.check_parameters`).
+    public static let onlyNewWithoutPrompts = "is true only with prompts_from_job (the earlier job whose labels and tuned prompts it reuses)"
     /// Threads for the job's numeric work, at most the daemon's `threads` (docs/threading.md).
     public static let threads = ParameterSpec("threads", .integer, min: 1, max: 1024)
 
@@ -98,6 +102,8 @@ extension NolaParameters.Key {
         switch self {
         case .seed: return ParameterSpec(rawValue, .integer, min: 0)
         case .templates, .colourJitter: return ParameterSpec(rawValue, .boolean)
+        case .stopPatience: return ParameterSpec(rawValue, .integer, min: 0, max: 10_000)
+        case .stopTolerance: return ParameterSpec(rawValue, .number, min: 0, max: 1, exclusiveMin: true)
         case .minK: return ParameterSpec(rawValue, .integer, min: 1, max: 1_000_000)
         case .kFraction: return ParameterSpec(rawValue, .number, min: 0, max: 1)
         case .alignmentEpochs, .promptEpochs: return ParameterSpec(rawValue, .integer, min: 0, max: 10_000)

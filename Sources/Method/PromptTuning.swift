@@ -66,6 +66,15 @@ public struct PromptTuningState: Equatable, Sendable {
     public var epochLossSum = 0.0
     public var epochAgreements = 0
     public var epochImages = 0
+    /// Sum over the current epoch's strong views of the student's top softmax probability.
+    public var epochConfidenceSum = 0.0
+    /// The label-free stopping rule (`PromptStopRule`): the last completed epoch's agreement and mean
+    /// confidence, how many epochs in a row changed both by less than the tolerance, and whether the rule
+    /// has stopped tuning (a resumed job that finds it set trains no further).
+    public var previousAgreement: Double?
+    public var previousConfidence: Double?
+    public var stableEpochs = 0
+    public var stoppedEarly = false
 
     /// Initial state: prompts U(±sqrt(6/(3·16·16 + W))) from the job seed (the reference's bound, with its
     /// fixed 16×16 patch), the encoder's LayerNorms, the head = classifier (C, E).
@@ -108,6 +117,10 @@ public struct PromptTuningState: Equatable, Sendable {
             "format": "nolad-prompt-tuning-1", "step": String(step), "epoch": String(epoch),
             "batch_in_epoch": String(batchInEpoch), "epoch_loss_sum": String(epochLossSum),
             "epoch_agreements": String(epochAgreements), "epoch_images": String(epochImages),
+            "epoch_confidence_sum": String(epochConfidenceSum),
+            "previous_agreement": previousAgreement.map { String($0) } ?? "",
+            "previous_confidence": previousConfidence.map { String($0) } ?? "",
+            "stable_epochs": String(stableEpochs), "stopped_early": stoppedEarly ? "true" : "false",
             "layer_norms": layerNorms.map(\.name).joined(separator: ","),
         ]
         return (tensors, metadata)
@@ -156,6 +169,27 @@ public struct PromptTuningState: Equatable, Sendable {
         }
         epochAgreements = try count("epoch_agreements")
         epochImages = try count("epoch_images")
+        // The stopping rule's keys came later: a checkpoint without them has never used the rule.
+        /// A fraction in [0, 1], or nil when empty or absent.
+        func fraction(_ key: String) throws -> Double? {
+            guard let s = metadata[key], !s.isEmpty else { return nil }
+            guard let v = Double(s), v.isFinite, v >= 0, v <= 1 else { throw MethodError(.badState, key, "\(s) is not a fraction") }
+            return v
+        }
+        if metadata["epoch_confidence_sum"] != nil {
+            epochConfidenceSum = try number("epoch_confidence_sum", Double.self)
+            guard epochConfidenceSum.isFinite, epochConfidenceSum >= 0 else {
+                throw MethodError(.badState, "epoch_confidence_sum", "\(epochConfidenceSum) is not a finite sum of confidences")
+            }
+        }
+        previousAgreement = try fraction("previous_agreement")
+        previousConfidence = try fraction("previous_confidence")
+        if metadata["stable_epochs"] != nil { stableEpochs = try count("stable_epochs") }
+        switch metadata["stopped_early"] {
+        case nil, "false": stoppedEarly = false
+        case "true": stoppedEarly = true
+        case let other?: throw MethodError(.badState, "stopped_early", "\(other) is not true or false")
+        }
     }
 }
 
@@ -169,12 +203,54 @@ public struct PromptTuningProgress: Sendable {
     public var fraction: Double { Double(epoch * batchesPerEpoch + batchInEpoch) / Double(max(1, epochs * batchesPerEpoch)) }
 }
 
-/// One finished epoch's metrics: mean label-smoothing loss and teacher–student agreement (fraction of
-/// strong views whose student argmax equals the teacher label).
+/// One finished epoch's metrics: mean label-smoothing loss, teacher–student agreement (fraction of
+/// strong views whose student argmax equals the teacher label) and the student's mean confidence (top
+/// softmax probability on the strong views); with the stopping rule on, how many epochs in a row were
+/// stable and, when the rule stopped tuning after this epoch, why.
 public struct PromptTuningEpoch: Sendable {
     public var epoch: Int
     public var meanLoss: Double
     public var agreement: Double
+    public var meanConfidence: Double = 0
+    public var stableEpochs = 0
+    public var stopReason: String?
+}
+
+/// The label-free stopping rule (docs/pipeline.md, "Stopping early"): an epoch is *stable* when both its
+/// teacher–student agreement and its mean confidence differ from the previous epoch's by less than
+/// `tolerance` (absolute, both are fractions); tuning stops after `patience` stable epochs in a row, or at
+/// the job's epoch count. Patience 0 = off (a fixed number of epochs, as the reference). It reads only the
+/// epoch metrics kept in `PromptTuningState`, so a job resumed from a checkpoint decides as an
+/// uninterrupted one.
+public struct PromptStopRule: Equatable, Sendable {
+    public var patience: Int
+    public var tolerance: Double
+    public init(patience: Int = 0, tolerance: Double = 0.01) {
+        self.patience = patience
+        self.tolerance = tolerance
+    }
+    public static let off = PromptStopRule()
+
+    /// Updates the rule's part of `state` with a finished epoch's metrics; returns the reason when tuning stops.
+    func observe(agreement: Double, confidence: Double, state: inout PromptTuningState) -> String? {
+        guard patience > 0 else { return nil }
+        if let a = state.previousAgreement, let m = state.previousConfidence,
+           abs(agreement - a) < tolerance, abs(confidence - m) < tolerance {
+            state.stableEpochs += 1
+        } else {
+            state.stableEpochs = 0
+        }
+        state.previousAgreement = agreement
+        state.previousConfidence = confidence
+        guard state.stableEpochs >= patience else { return nil }
+        state.stoppedEarly = true
+        return reason
+    }
+
+    /// Why the rule stopped tuning, as the epoch and metrics events say it.
+    public var reason: String {
+        "teacher-student agreement and mean confidence changed by less than \(tolerance) for \(patience) epoch\(patience == 1 ? "" : "s") in a row"
+    }
 }
 
 /// Micro-batch size: the images whose activations fit `memoryBudgetBytes`, at least 1, at most the
@@ -210,11 +286,14 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
     try runPromptTuning(encoder: encoder, state: &state, teacherLabels: teacherLabels, epochs: parameters.promptEpochs,
                         batchSize: parameters.promptBatchSize, microBatchSize: microBatchSize,
                         learningRate: parameters.promptLearningRate, weightDecay: parameters.promptWeightDecay,
-                        labelSmoothing: parameters.labelSmoothing, seed: parameters.seed, strongViews: strongViews,
+                        labelSmoothing: parameters.labelSmoothing, seed: parameters.seed,
+                        stopRule: PromptStopRule(patience: parameters.stopPatience, tolerance: parameters.stopTolerance),
+                        strongViews: strongViews,
                         shouldStop: shouldStop, onStep: onStep, onEpoch: onEpoch)
 }
 
-/// Runs (or resumes) prompt tuning until `epochs` epochs are complete.
+/// Runs (or resumes) prompt tuning until `epochs` epochs are complete, or `stopRule` stops it earlier
+/// (`state.stoppedEarly`; a state that has stopped trains no further).
 /// - teacherLabels: the alignment module's label of every image (computed once; weak view is deterministic).
 /// - strongViews(indices, epoch): pixels (B, 3, H, W) of one fresh strong view of each image; the sampler
 ///   should seed from (job seed, epoch, image index) so a resumed epoch sees the same views.
@@ -226,6 +305,7 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
 public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTuningState, teacherLabels: [Int],
                             epochs: Int, batchSize: Int, microBatchSize: Int, learningRate: Double,
                             weightDecay: Double, labelSmoothing: Double, seed: UInt64,
+                            stopRule: PromptStopRule = .off,
                             strongViews: ([Int], Int) throws -> [Float],
                             order: ((Int) -> [Int])? = nil,
                             shouldStop: () -> Bool = { false },
@@ -241,7 +321,7 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
     let plain = AdamHyperparameters(learningRate: learningRate)
     var imagesThisRun = 0
 
-    while state.epoch < epochs {
+    while state.epoch < epochs && !state.stoppedEarly {
         var random = SeededRandom(seed: seed, stream: "prompt shuffle", index: state.epoch)
         let permutation = order?(state.epoch) ?? random.permutation(n)
         precondition(permutation.count == n)
@@ -251,7 +331,7 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
             var promptGradient = [Float](repeating: 0, count: state.prompts.values.count)
             var layerNormGradients = state.layerNorms.map { [Float](repeating: 0, count: $0.values.count) }
             var headGradient = [Float](repeating: 0, count: c * e)
-            var lossSum = 0.0, agreements = 0
+            var lossSum = 0.0, agreements = 0, confidenceSum = 0.0
             var start = 0
             while start < batch.count {
                 if shouldStop() { throw MethodError(.cancelled, "prompt tuning", "stopped") }
@@ -266,6 +346,7 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
                     // logits (b, C) = features (b, E) · headᵀ
                     let logits = linear(features, head, nil, n: b, inFeatures: e, outFeatures: c)
                     let predicted = argmaxRows(logits, columns: c).labels
+                    confidenceSum += topProbabilitySum(logits, columns: c)
                     agreements += zip(predicted, targets).filter { $0 == $1 }.count
                     var dLogits = [Float](repeating: 0, count: b * c)
                     lossSum += smoothedCrossEntropy(logits, targets: targets, classCount: c, smoothing: Float(labelSmoothing),
@@ -294,18 +375,37 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
             state.batchInEpoch += 1
             state.epochLossSum += lossSum
             state.epochAgreements += agreements
+            state.epochConfidenceSum += confidenceSum
             state.epochImages += batch.count
             imagesThisRun += batch.count
             try onStep(PromptTuningProgress(epoch: state.epoch, epochs: epochs, batchInEpoch: state.batchInEpoch,
                                             batchesPerEpoch: batches.count, imagesThisRun: imagesThisRun), state)
         }
-        let metrics = PromptTuningEpoch(epoch: state.epoch, meanLoss: state.epochLossSum / Double(max(1, state.epochImages)),
-                                        agreement: Double(state.epochAgreements) / Double(max(1, state.epochImages)))
+        let images = Double(max(1, state.epochImages))
+        var metrics = PromptTuningEpoch(epoch: state.epoch, meanLoss: state.epochLossSum / images,
+                                        agreement: Double(state.epochAgreements) / images,
+                                        meanConfidence: min(1, state.epochConfidenceSum / images))
         state.epoch += 1
         state.batchInEpoch = 0
         state.epochLossSum = 0
         state.epochAgreements = 0
         state.epochImages = 0
+        state.epochConfidenceSum = 0
+        metrics.stopReason = stopRule.observe(agreement: metrics.agreement, confidence: metrics.meanConfidence, state: &state)
+        metrics.stableEpochs = state.stableEpochs
         try onEpoch(metrics, state)
     }
+}
+
+/// Σ over rows of the top softmax probability of `logits` (rows × columns), in Double.
+func topProbabilitySum(_ logits: [Float], columns: Int) -> Double {
+    var sum = 0.0
+    for row in stride(from: 0, to: logits.count, by: columns) {
+        let r = logits[row..<row + columns]
+        let top = Double(r.max()!)
+        var z = 0.0
+        for x in r { z += exp(Double(x) - top) }
+        sum += 1 / z
+    }
+    return sum
 }

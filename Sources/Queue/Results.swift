@@ -105,6 +105,58 @@ public enum Results {
         return stride(from: 0, to: digits.count - 1, by: 2).map { value(digits[$0]) << 4 | value(digits[$0 + 1]) }
     }
 
+    /// The jobs whose label rows an incremental job (`prompts_from_job` + `only_new`) may copy: the job
+    /// that tuned the prompts and every succeeded job that labelled with them (so a chain of increments
+    /// never labels an image twice); one row per image content, the prompts job's first. As SQL, with
+    /// the prompts job as parameter `$n`.
+    static func labelSources(_ n: Int) -> String {
+        """
+        SELECT DISTINCT ON (i.sha256) i.sha256, l.label, l.confidence, l.zero_shot_label, l.zero_shot_confidence
+        FROM nola.labels l JOIN nola.images i ON i.job_id = l.job_id AND i.path = l.path
+        WHERE l.label IS NOT NULL AND l.job_id IN (
+            SELECT id FROM nola.jobs WHERE id = $\(n)
+                OR (state = 'succeeded' AND parameters -> 'prompts_from_job' = to_jsonb($\(n)::bigint)))
+        ORDER BY i.sha256, l.job_id, l.path
+        """
+    }
+
+    /// A label an earlier job gave to an image's content (`labelSources`).
+    public struct ReusableLabel: Sendable, Equatable {
+        public let label: String
+        public let confidence: Double
+        public let zeroShotLabel: String?
+    }
+
+    /// By SHA-256: the labels that the jobs labelling with job `promptsJob`'s prompts have already given
+    /// to image contents (`labelSources`).
+    public static func reusableLabels(_ c: PostgresConnection, promptsJob: Int64) throws -> [String: ReusableLabel] {
+        let rows = try c.query("SELECT sha256, label, confidence::float8 AS confidence, zero_shot_label FROM (\(labelSources(1))) s",
+                               [promptsJob])
+        var out: [String: ReusableLabel] = [:]
+        for row in rows.rows {
+            out[try row.string("sha256")] = ReusableLabel(label: try row.string("label"), confidence: try row.optionalDouble("confidence") ?? 0,
+                                                          zeroShotLabel: try row.optionalString("zero_shot_label"))
+        }
+        return out
+    }
+
+    /// Copies, for these paths of the job, the label row of an image with the same content from
+    /// `labelSources` (label, confidence, zero-shot label and confidence, exactly as stored); returns the
+    /// rows written: 0 when the job is no longer ours, fewer than the paths when a source row has gone.
+    public static func copyLabels(_ c: PostgresConnection, _ job: JobRef, promptsJob: Int64, paths: [String]) throws -> Int {
+        if paths.isEmpty { return 0 }
+        let rows = try c.query("""
+            INSERT INTO nola.labels (job_id, path, label, confidence, zero_shot_label, zero_shot_confidence, unreadable)
+            SELECT $1, i.path, s.label, s.confidence, s.zero_shot_label, s.zero_shot_confidence, NULL
+            FROM nola.images i JOIN (\(labelSources(5))) s ON s.sha256 = i.sha256
+            WHERE i.job_id = $1 AND i.path = ANY ($4::text[]) AND \(owned)
+            ON CONFLICT (job_id, path) DO UPDATE
+                SET label = EXCLUDED.label, confidence = EXCLUDED.confidence, zero_shot_label = EXCLUDED.zero_shot_label,
+                    zero_shot_confidence = EXCLUDED.zero_shot_confidence, unreadable = NULL
+            """, [job.id, job.worker, job.attempt, paths, promptsJob])
+        return rows.affected
+    }
+
     /// Upserts a batch of labels (paths must be images of the job); false when the job is no longer ours.
     @discardableResult
     public static func insertLabels(_ c: PostgresConnection, _ job: JobRef, _ labels: [LabelRecord]) throws -> Bool {

@@ -110,7 +110,8 @@ final class OwnershipTests: DatabaseTestCase {
 
         // The same bad value is refused by INSERT and by the daemon with the same reason.
         let bad = [#"{"min_k": -3}"#, #"{"prompt_lr": 0}"#, #"{"label_smoothing": 1}"#, #"{"seed": "7"}"#, #"{"templates": 1}"#,
-                   #"{"prompt_micro_batch_size": 0}"#, #"{"clip_model": "../x"}"#, #"{"prompts_from_job": -3}"#, #"{"k_fraction": 1.5}"#]
+                   #"{"prompt_micro_batch_size": 0}"#, #"{"clip_model": "../x"}"#, #"{"prompts_from_job": -3}"#, #"{"k_fraction": 1.5}"#,
+                   #"{"only_new": true}"#, #"{"stop_patience": -1}"#, #"{"stop_tolerance": 0}"#]
         for json in bad {
             var daemon = ""
             XCTAssertThrowsError(try JobParameters(json: Data(json.utf8))) { daemon = ($0 as? MethodError)?.reason ?? "\($0)" }

@@ -34,7 +34,8 @@ final class ParametersTests: XCTestCase {
         {"seed": 3, "templates": false, "min_k": 8, "k_fraction": 0.5, "alignment_epochs": 5, "alignment_lr": 0.01,
          "alignment_batch_size": 16, "alignment_hidden_size": 64, "prompt_epochs": 2, "prompt_lr": 1,
          "prompt_weight_decay": 0, "prompt_batch_size": 64, "prompt_micro_batch_size": 8, "prompt_count": 4,
-         "label_smoothing": 0, "colour_jitter": false, "clip_model": "clip-b16", "dino_model": "dino-s16"}
+         "label_smoothing": 0, "colour_jitter": false, "clip_model": "clip-b16", "dino_model": "dino-s16",
+         "stop_patience": 4, "stop_tolerance": 0.5}
         """)
         XCTAssertEqual(p.seed, 3); XCTAssertFalse(p.templates); XCTAssertEqual(p.minK, 8); XCTAssertEqual(p.kFraction, 0.5)
         XCTAssertEqual(p.alignmentEpochs, 5); XCTAssertEqual(p.alignmentLearningRate, 0.01); XCTAssertEqual(p.alignmentBatchSize, 16)
@@ -42,7 +43,8 @@ final class ParametersTests: XCTestCase {
         XCTAssertEqual(p.promptWeightDecay, 0); XCTAssertEqual(p.promptBatchSize, 64); XCTAssertEqual(p.promptMicroBatchSize, 8)
         XCTAssertEqual(p.promptCount, 4); XCTAssertEqual(p.labelSmoothing, 0); XCTAssertFalse(p.colourJitter)
         XCTAssertEqual(p.clipModel, "clip-b16"); XCTAssertEqual(p.dinoModel, "dino-s16")
-        XCTAssertEqual(Set(NolaParameters.Key.allCases.map(\.rawValue)).count, 18)
+        XCTAssertEqual(p.stopPatience, 4); XCTAssertEqual(p.stopTolerance, 0.5)
+        XCTAssertEqual(Set(NolaParameters.Key.allCases.map(\.rawValue)).count, 20)
     }
 
     func testDecode_whenBadInput_namesTheKeyTheAllowedValuesAndTheValueAsWritten() {
@@ -90,6 +92,29 @@ final class ParametersTests: XCTestCase {
                 XCTAssertEqual("\(error)", "parameter 'threads': must be an integer from 1 to 1024, got \(bad)")
             }
         }
+    }
+
+    func testJobParameters_onlyNew_onlyWithPromptsFromJob_andTheStopRuleParameters() throws {
+        let job = try JobParameters(json: Data(#"{"prompts_from_job": 4, "only_new": true}"#.utf8))
+        XCTAssertEqual(job.promptsFromJob, 4)
+        XCTAssertTrue(job.onlyNew)
+        XCTAssertFalse(try JobParameters(json: Data(#"{"prompts_from_job": 4}"#.utf8)).onlyNew)
+        XCTAssertFalse(try JobParameters(json: Data(#"{"only_new": false}"#.utf8)).onlyNew)
+        XCTAssertThrowsError(try JobParameters(json: Data(#"{"only_new": true}"#.utf8))) { error in
+            XCTAssertEqual("\(error)", "parameter 'only_new': is true only with prompts_from_job (the earlier job whose labels and tuned prompts it reuses)")
+        }
+        XCTAssertThrowsError(try JobParameters(json: Data(#"{"prompts_from_job": 4, "only_new": 1}"#.utf8))) { error in
+            XCTAssertEqual("\(error)", "parameter 'only_new': must be true or false, got 1")
+        }
+        expectError(#"{"only_new": true}"#, key: "only_new", reason: "unknown parameter")
+
+        let p = try NolaParameters(json: Data(#"{"stop_patience": 3, "stop_tolerance": 0.02}"#.utf8))
+        XCTAssertEqual(p.stopPatience, 3)
+        XCTAssertEqual(p.stopTolerance, 0.02)
+        XCTAssertEqual(NolaParameters().stopPatience, 0, "the rule is off by default")
+        XCTAssertEqual(try NolaParameters(json: p.encodedJSON()), p)
+        expectError(#"{"stop_patience": -1}"#, key: "stop_patience", reason: "must be an integer from 0 to 10000, got -1")
+        expectError(#"{"stop_tolerance": 0}"#, key: "stop_tolerance", reason: "must be a number greater than 0 and at most 1, got 0")
     }
 
     func testEncode_thenDecode_roundTrips() throws {

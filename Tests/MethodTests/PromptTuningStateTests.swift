@@ -3,18 +3,66 @@ import XCTest
 @testable import Method
 
 final class PromptTuningStateTests: XCTestCase {
-    func run(_ state: inout PromptTuningState, stopAfterMicroBatches: Int? = nil, epochs: Int = 3,
-             checkpoints: inout [(tensors: [NamedTensor], metadata: [String: String])]) throws {
+    func run(_ state: inout PromptTuningState, stopAfterMicroBatches: Int? = nil, epochs: Int = 3, stopRule: PromptStopRule = .off,
+             checkpoints: inout [(tensors: [NamedTensor], metadata: [String: String])],
+             epochMetrics: ((PromptTuningEpoch) -> Void)? = nil) throws {
         let (encoder, _, pixels, teacher, _, _) = ReferenceParityTests.toySetup()
         var microBatches = 0
         try runPromptTuning(encoder: encoder, state: &state, teacherLabels: teacher, epochs: epochs, batchSize: 16,
                             microBatchSize: 5, learningRate: 0.01, weightDecay: 0.01, labelSmoothing: 0.1, seed: 99,
+                            stopRule: stopRule,
                             strongViews: ReferenceParityTests.strongViews(pixels, perImage: encoder.tokens * encoder.hiddenSize),
                             shouldStop: {
                                 defer { microBatches += 1 }
                                 return stopAfterMicroBatches.map { microBatches >= $0 } ?? false
                             },
-                            onStep: { _, s in checkpoints.append(s.checkpoint()) })
+                            onStep: { _, s in checkpoints.append(s.checkpoint()) },
+                            onEpoch: { e, s in checkpoints.append(s.checkpoint()); epochMetrics?(e) })
+    }
+
+    /// The stopping rule reads only what the state keeps, so it stops a resumed run where it stops an
+    /// uninterrupted one, and a state that has stopped trains no further when resumed.
+    func testStopRule_stopsAfterPatienceStableEpochs_andAResumedRunStopsAtTheSameEpoch() throws {
+        let (_, initial, _, _, _, _) = ReferenceParityTests.toySetup()
+        // Tolerance 1: every epoch after the first is stable (both metrics are fractions), so patience 2
+        // stops after epoch 3 of 10.
+        let rule = PromptStopRule(patience: 2, tolerance: 1)
+        var uninterrupted = initial
+        var saved: [(tensors: [NamedTensor], metadata: [String: String])] = []
+        var epochs: [PromptTuningEpoch] = []
+        try run(&uninterrupted, epochs: 10, stopRule: rule, checkpoints: &saved, epochMetrics: { epochs.append($0) })
+        XCTAssertEqual(uninterrupted.epoch, 3)
+        XCTAssertTrue(uninterrupted.stoppedEarly)
+        XCTAssertEqual(epochs.map(\.stableEpochs), [0, 1, 2])
+        XCTAssertEqual(epochs.map { $0.stopReason != nil }, [false, false, true])
+        XCTAssertEqual(epochs.last?.stopReason, rule.reason)
+        XCTAssertTrue(epochs.allSatisfy { $0.meanConfidence > 1 / Double(initial.head.shape[0]) && $0.meanConfidence <= 1 }, "\(epochs.map(\.meanConfidence))")
+
+        // Interrupted mid-epoch 2 (after 25 micro-batches), restored from the last checkpoint: the same end.
+        var interrupted = initial
+        saved = []
+        XCTAssertThrowsError(try run(&interrupted, stopAfterMicroBatches: 25, epochs: 10, stopRule: rule, checkpoints: &saved))
+        XCTAssertEqual(interrupted.epoch, 2)
+        XCTAssertEqual(interrupted.stableEpochs, 1)
+        var resumed = try PromptTuningState(checkpoint: saved.last!.tensors, metadata: saved.last!.metadata)
+        XCTAssertEqual(resumed, interrupted)
+        var more: [(tensors: [NamedTensor], metadata: [String: String])] = []
+        try run(&resumed, epochs: 10, stopRule: rule, checkpoints: &more)
+        XCTAssertEqual(resumed, uninterrupted)
+
+        // The stopped state, restored from its checkpoint, takes no further step.
+        var again = try PromptTuningState(checkpoint: uninterrupted.checkpoint().tensors, metadata: uninterrupted.checkpoint().metadata)
+        XCTAssertEqual(again, uninterrupted)
+        try run(&again, epochs: 10, stopRule: rule, checkpoints: &more)
+        XCTAssertEqual(again, uninterrupted)
+
+        // Off, or a tolerance nothing meets: every epoch runs.
+        for other in [PromptStopRule.off, PromptStopRule(patience: 2, tolerance: 1e-12)] {
+            var full = initial
+            try run(&full, epochs: 5, stopRule: other, checkpoints: &more)
+            XCTAssertEqual(full.epoch, 5)
+            XCTAssertFalse(full.stoppedEarly)
+        }
     }
 
     func testResume_afterCancellationMidEpoch_endsExactlyLikeAnUninterruptedRun() throws {

@@ -65,6 +65,9 @@ final class PipelineRun: @unchecked Sendable {
     let dinoFolder: URL?
     /// Inference only: the tuned prompts of an earlier job.
     let promptsFromJob: Int64?
+    /// Incremental labelling (with `promptsFromJob`): label only image contents not labelled with those
+    /// prompts yet, copy the label rows of the rest (docs/incremental.md).
+    var onlyNew = false
     var clip: ModelCache.CLIPEntry!
     var dino: ModelCache.DINOEntry?
     var classifier: [Float] = []
@@ -142,11 +145,12 @@ struct ValidateStage: PipelineStage {
         if let dino { parameters.dinoModel = dino.lastPathComponent }
         let run = PipelineRun(job: context.job, parameters: parameters, parametersJSON: String(decoding: parameters.encodedJSON(), as: UTF8.self),
                               clipFolder: clip, dinoFolder: dino, promptsFromJob: promptsFromJob)
+        run.onlyNew = job.onlyNew
         NolaPipeline.runs.start(run)
         try context.recordEvent(stage: name, kind: "parameters", metrics: [
             "parameters": (try? JSONDecoder().decode(JSONValue.self, from: parameters.encodedJSON())) ?? .null,
             "clip_model": .string(clip.path), "dino_model": dino.map { .string($0.path) } ?? .null,
-            "prompts_from_job": promptsFromJob.map { .number(Double($0)) } ?? .null,
+            "prompts_from_job": promptsFromJob.map { .number(Double($0)) } ?? .null, "only_new": .bool(job.onlyNew),
             "threads": number(context.threads),
             "threads_requested": context.threadsRequested.map { number($0) } ?? .null,
             "daemon_threads": number(context.config.threads),

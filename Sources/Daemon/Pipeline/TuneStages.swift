@@ -201,11 +201,20 @@ struct TuneStage: PipelineStage {
                 latest = s
                 try save(s)
                 let images = s.step * perBatch - imagesAtEpochStart
-                try context.recordEvent(stage: name, kind: "epoch", metrics: [
+                var metrics: [String: JSONValue] = [
                     "epoch": number(epoch.epoch + 1), "epochs": number(p.promptEpochs), "loss": number(epoch.meanLoss),
-                    "agreement": number(epoch.agreement), "seconds": seconds(since: epochStart),
+                    "agreement": number(epoch.agreement), "mean_confidence": number(epoch.meanConfidence),
+                    "seconds": seconds(since: epochStart),
                     "images_per_second": number(Double(max(0, images)) / max(1e-9, Date().timeIntervalSince(epochStart))),
-                ])
+                ]
+                if p.stopPatience > 0 {
+                    metrics["stable_epochs"] = number(epoch.stableEpochs)
+                    metrics["stop_reason"] = epoch.stopReason.map(JSONValue.string) ?? .null
+                }
+                try context.recordEvent(stage: name, kind: "epoch", metrics: metrics)
+                if let reason = epoch.stopReason {
+                    context.logger.info("prompt tuning stops early", metadata: ["epoch": "\(epoch.epoch + 1)", "reason": "\(reason)"])
+                }
                 epochStart = Date()
                 imagesAtEpochStart = s.step * perBatch
             })
@@ -222,9 +231,15 @@ struct TuneStage: PipelineStage {
             throw JobError.badInput("\(error)")
         }
         run.tuned = state
+        try context.reportProgress(stage: name, done: total, total: total)
+        // With the stopping rule: the epoch it stopped after (nil: it ran every epoch) and why.
+        let stopReason = state.stoppedEarly ? PromptStopRule(patience: p.stopPatience, tolerance: p.stopTolerance).reason : nil
         try context.recordEvent(stage: name, kind: "metrics", metrics: [
-            "epochs": number(p.promptEpochs), "steps": number(state.step), "micro_batch": number(micro),
+            "epochs": number(p.promptEpochs), "epochs_run": number(state.epoch), "steps": number(state.step), "micro_batch": number(micro),
             "batch": number(p.promptBatchSize), "seconds": seconds(since: start),
+            "stop_patience": number(p.stopPatience), "stop_tolerance": .number(p.stopTolerance),
+            "stopped_at_epoch": state.stoppedEarly ? number(state.epoch) : .null,
+            "stop_reason": stopReason.map(JSONValue.string) ?? .null,
         ])
     }
 }
@@ -269,13 +284,26 @@ struct LabelStage: PipelineStage {
             encoder = e
         }
 
-        // Prompted features of every readable image's weak view.
+        // Incremental (only_new): the labels these prompts already gave to the same content, by SHA-256.
+        var reusable: [String: Results.ReusableLabel] = [:]
+        if run.onlyNew, let source = run.promptsFromJob {
+            reusable = try context.withDatabase { try Results.reusableLabels($0, promptsJob: source) }
+        }
+        let classIndex = Dictionary(context.classes.enumerated().map { ($1, $0) }, uniquingKeysWith: { a, _ in a })
+        // Readable indices (into run.readable) to label here, and those whose earlier row is copied.
+        var toCompute: [Int] = [], toCopy: [Int] = []
+        for k in 0..<n {
+            if let hit = reusable[run.images[run.readable[k]].sha256], classIndex[hit.label] != nil { toCopy.append(k) } else { toCompute.append(k) }
+        }
+        let m = toCompute.count
+
+        // Prompted features of the weak view of every readable image labelled here.
         var features: [Float] = []
-        features.reserveCapacity(n * encoder.featureSize)
+        features.reserveCapacity(m * encoder.featureSize)
         let batch = EncodeStage.batchSize
-        for from in stride(from: 0, to: n, by: batch) {
-            try context.reportProgress(stage: name, done: from, total: n)
-            let indices = Array(from..<min(n, from + batch))
+        for from in stride(from: 0, to: m, by: batch) {
+            try context.reportProgress(stage: name, done: from, total: m)
+            let indices = Array(toCompute[from..<min(m, from + batch)])
             let (pixels, errors) = weakViewBatch(indices.map { run.file(context, readableIndex: $0) }, config: run.weakConfig, threads: context.threads)
             if let (j, error) = errors.first {
                 throw JobError.transient("\(run.images[run.readable[indices[j]]].path) became unreadable: \(error)")
@@ -286,14 +314,28 @@ struct LabelStage: PipelineStage {
                 throw JobError.badInput("\(error)")
             }
         }
-        let (labels, confidences) = labelImages(features: features, head: state.head.values, classCount: c)
-        try context.reportProgress(stage: name, done: n, total: n)
+        let (computedLabels, computedConfidences) = labelImages(features: features, head: state.head.values, classCount: c)
+        try context.reportProgress(stage: name, done: m, total: m)
+        // Every readable image's label, confidence and zero-shot label, in run.readable order.
+        var labels = [Int](repeating: 0, count: n), confidences = [Float](repeating: 0, count: n)
+        var zeroShot = run.zeroShotLabels
+        for (j, k) in toCompute.enumerated() {
+            labels[k] = computedLabels[j]
+            confidences[k] = computedConfidences[j]
+        }
+        for k in toCopy {
+            let hit = reusable[run.images[run.readable[k]].sha256]!
+            labels[k] = classIndex[hit.label]!
+            confidences[k] = Float(hit.confidence)
+            if let z = hit.zeroShotLabel.flatMap({ classIndex[$0] }) { zeroShot[k] = z }
+        }
 
         // One row per image of the job.
         var position: [Int: Int] = [:]
         for (k, i) in run.readable.enumerated() { position[i] = k }
+        let copied = Set(toCopy.map { run.readable[$0] })
         var records: [LabelRecord] = []
-        for (i, image) in run.images.enumerated() {
+        for (i, image) in run.images.enumerated() where !copied.contains(i) {
             if let k = position[i] {
                 records.append(LabelRecord(path: image.path, label: context.classes[labels[k]], confidence: min(1, max(0, confidences[k])),
                                            zeroShotLabel: context.classes[run.zeroShotLabels[k]],
@@ -304,6 +346,16 @@ struct LabelStage: PipelineStage {
         }
         for chunk in stride(from: 0, to: records.count, by: 500).map({ Array(records[$0..<min(records.count, $0 + 500)]) }) {
             try context.write { try Results.insertLabels($0, context.job, chunk) }
+        }
+        if let source = run.promptsFromJob, !toCopy.isEmpty {
+            let paths = toCopy.map { run.images[run.readable[$0]].path }
+            for chunk in stride(from: 0, to: paths.count, by: 5000).map({ Array(paths[$0..<min(paths.count, $0 + 5000)]) }) {
+                let written = try context.withDatabase { try Results.copyLabels($0, context.job, promptsJob: source, paths: chunk) }
+                if written < chunk.count {
+                    try context.write { try JobStore.isOwned($0, context.job) }
+                    throw JobError.transient("the label rows of job \(source) (or of a job labelling with its prompts) changed while they were copied")
+                }
+            }
         }
 
         var backbone: [String: JSONValue] = ["clip": run.clip.identity.json]
@@ -328,14 +380,15 @@ struct LabelStage: PipelineStage {
         var counts: [String: JSONValue] = [:]
         for (k, name) in context.classes.enumerated() { counts[name] = number(labels.filter { $0 == k }.count) }
         var metrics: [String: JSONValue] = [
-            "labelled": number(n), "unreadable": number(run.unreadable.count), "labels_per_class": .object(counts),
+            "labelled": number(n), "computed": number(m), "copied": number(toCopy.count), "only_new": .bool(run.onlyNew),
+            "unreadable": number(run.unreadable.count), "labels_per_class": .object(counts),
             "mean_confidence": number(confidences.isEmpty ? 0 : Double(confidences.reduce(0, +)) / Double(confidences.count)),
-            "agreement_with_zero_shot": number(accuracy(predicted: labels, truth: run.zeroShotLabels)),
+            "agreement_with_zero_shot": number(accuracy(predicted: labels, truth: zeroShot)),
             "images_per_second": number(Double(n) / max(1e-9, Date().timeIntervalSince(start))), "seconds": seconds(since: start),
         ]
         if let truth = run.truth {
             metrics["accuracy_final"] = number(accuracy(predicted: labels, truth: truth))
-            metrics["accuracy_zero_shot"] = number(accuracy(predicted: run.zeroShotLabels, truth: truth))
+            metrics["accuracy_zero_shot"] = number(accuracy(predicted: zeroShot, truth: truth))
             if let stage2 = run.stage2 {
                 metrics["accuracy_alignment_module"] = number(accuracy(predicted: stage2.teacherLabels, truth: truth))
             }
