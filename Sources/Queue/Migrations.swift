@@ -12,7 +12,7 @@ public struct Migration: Sendable {
 /// Applies Migrations/*.sql in order, each in one transaction, under an advisory lock, recorded in
 /// `nola.schema_migrations`. The schema version this build of nolad expects is `Migrator.expectedVersion`.
 public enum Migrator {
-    public static let expectedVersion = 6
+    public static let expectedVersion = 7
     /// Arbitrary constant key for pg_advisory_lock, shared by every nolad.
     static let lockKey: Int64 = 0x6e6f_6c61_6d69_6772 // "nolamigr"
 
@@ -156,7 +156,11 @@ public enum SchemaCatalog {
                     "heartbeat_at timestamp with time zone", "stopped_at timestamp with time zone", "current_jobs bigint[]"],
         "images": ["job_id bigint", "path text", "size_bytes bigint", "sha256 text", "format text", "path_bytes bytea"],
         "labels": ["job_id bigint", "path text", "label text", "confidence real", "zero_shot_label text",
-                   "zero_shot_confidence real", "unreadable text"],
+                   "zero_shot_confidence real", "unreadable text", "top_labels text[]", "top_probabilities real[]",
+                   "margin real", "teacher_label text", "agreement boolean", "abstained text"],
+        "review_queue": ["job_id bigint", "review_rank bigint", "path text", "label text", "abstained text",
+                         "confidence real", "margin real", "top_labels text[]", "top_probabilities real[]",
+                         "zero_shot_label text", "zero_shot_confidence real", "teacher_label text", "agreement boolean"],
         "prompts": ["job_id bigint", "safetensors bytea", "shapes jsonb", "backbone jsonb", "parameters jsonb",
                     "created_at timestamp with time zone"],
         "checkpoints": ["job_id bigint", "blob bytea", "epoch integer", "step integer", "updated_at timestamp with time zone"],

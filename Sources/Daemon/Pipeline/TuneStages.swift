@@ -127,6 +127,7 @@ struct TuneStage: PipelineStage {
         } else {
             state = PromptTuningState(encoder: encoder, classifier: run.classifier, promptCount: p.promptCount, seed: p.seed)
         }
+        run.teacherLabels = teacher
         let budgetMicro = promptMicroBatchSize(memoryBudgetBytes: context.config.memoryBudgetMB << 20,
                                                bytesPerImage: encoder.trainingBytesPerImage, logicalBatch: p.promptBatchSize)
         let micro = p.promptMicroBatchSize ?? budgetMicro
@@ -233,6 +234,8 @@ struct TuneStage: PipelineStage {
 
 struct LabelStage: PipelineStage {
     let name = "label"
+    /// Classes kept per image in nola.labels.top_labels.
+    static let topCount = 3
 
     func body(_ context: JobContext) throws {
         let run = try NolaPipeline.runs.get(context)
@@ -286,8 +289,22 @@ struct LabelStage: PipelineStage {
                 throw JobError.badInput("\(error)")
             }
         }
-        let (labels, confidences) = labelImages(features: features, head: state.head.values, classCount: c)
+        let probabilities = labelProbabilities(features: features, head: state.head.values, classCount: c)
         try context.reportProgress(stage: name, done: n, total: n)
+        let teacher = run.promptsFromJob == nil ? (run.teacherLabels ?? run.stage2?.teacherLabels) : nil
+        let signals = (0..<n).map { k in
+            LabelSignals(probabilities: probabilities[(k * c)..<((k + 1) * c)], count: min(c, LabelStage.topCount),
+                         zeroShot: run.zeroShotLabels[k], teacher: teacher?[k])
+        }
+        let labels = signals.map(\.label), confidences = signals.map(\.confidence)
+        let rule = AbstentionRule(run.parameters)
+        var abstentions: [String?] = Array(repeating: nil, count: n)
+        var byReason: [AbstentionRule.Reason: Int] = [:]
+        for k in 0..<n {
+            guard let (reasons, text) = rule.judge(signals[k], zeroShot: run.zeroShotLabels[k], names: context.classes) else { continue }
+            abstentions[k] = text
+            for r in reasons { byReason[r, default: 0] += 1 }
+        }
 
         // One row per image of the job.
         var position: [Int: Int] = [:]
@@ -295,9 +312,13 @@ struct LabelStage: PipelineStage {
         var records: [LabelRecord] = []
         for (i, image) in run.images.enumerated() {
             if let k = position[i] {
-                records.append(LabelRecord(path: image.path, label: context.classes[labels[k]], confidence: min(1, max(0, confidences[k])),
+                let s = signals[k]
+                records.append(LabelRecord(path: image.path, label: abstentions[k] == nil ? context.classes[s.label] : nil,
+                                           abstained: abstentions[k], confidence: s.confidence,
                                            zeroShotLabel: context.classes[run.zeroShotLabels[k]],
-                                           zeroShotConfidence: min(1, max(0, run.zeroShotConfidences[k]))))
+                                           zeroShotConfidence: min(1, max(0, run.zeroShotConfidences[k])),
+                                           topLabels: s.top.map { context.classes[$0] }, topProbabilities: s.probabilities,
+                                           margin: s.margin, teacherLabel: s.teacher.map { context.classes[$0] }, agreement: s.agreement))
             } else {
                 records.append(LabelRecord(path: image.path, unreadable: run.unreadable[image.path] ?? "unreadable"))
             }
@@ -325,19 +346,35 @@ struct LabelStage: PipelineStage {
             try context.write { try PipelineTables.deleteCheckpoint($0, context.job) }
         }
 
+        // labels_per_class counts the labels written (abstentions are not labels).
         var counts: [String: JSONValue] = [:]
-        for (k, name) in context.classes.enumerated() { counts[name] = number(labels.filter { $0 == k }.count) }
+        for (k, name) in context.classes.enumerated() {
+            counts[name] = number((0..<n).filter { labels[$0] == k && abstentions[$0] == nil }.count)
+        }
+        let kept = (0..<n).filter { abstentions[$0] == nil }
+        var reasons: [String: JSONValue] = [:]
+        for r in AbstentionRule.Reason.allCases { reasons[r.rawValue] = number(byReason[r] ?? 0) }
         var metrics: [String: JSONValue] = [
             "labelled": number(n), "unreadable": number(run.unreadable.count), "labels_per_class": .object(counts),
             "mean_confidence": number(confidences.isEmpty ? 0 : Double(confidences.reduce(0, +)) / Double(confidences.count)),
+            "mean_margin": number(Double(signals.map(\.margin).reduce(0, +)) / Double(n)),
             "agreement_with_zero_shot": number(accuracy(predicted: labels, truth: run.zeroShotLabels)),
+            "agreement_all": number(Double(signals.filter(\.agreement).count) / Double(n)),
+            "abstained": number(n - kept.count), "abstained_by_reason": .object(reasons),
+            "coverage": number(Double(kept.count) / Double(n)),
             "images_per_second": number(Double(n) / max(1e-9, Date().timeIntervalSince(start))), "seconds": seconds(since: start),
         ]
+        if let teacher { metrics["agreement_with_teacher"] = number(accuracy(predicted: labels, truth: teacher)) }
         if let truth = run.truth {
             metrics["accuracy_final"] = number(accuracy(predicted: labels, truth: truth))
             metrics["accuracy_zero_shot"] = number(accuracy(predicted: run.zeroShotLabels, truth: truth))
             if let stage2 = run.stage2 {
                 metrics["accuracy_alignment_module"] = number(accuracy(predicted: stage2.teacherLabels, truth: truth))
+            }
+            // The accuracy of the labels written, when the job abstains on some (null when it abstains on all).
+            if rule.isActive {
+                metrics["accuracy_labelled"] = kept.isEmpty ? .null
+                    : number(accuracy(predicted: kept.map { labels[$0] }, truth: kept.map { truth[$0] }))
             }
         }
         try context.recordEvent(stage: name, kind: "metrics", metrics: metrics)
