@@ -148,7 +148,8 @@ final class LabelSignalsTests: DatabaseTestCase {
         let (evalStatus, report) = try runProgram(try noladExecutable(), ["evaluate", String(trained), "--csv", csv, "--database", conninfo])
         XCTAssertEqual(evalStatus, 0, report)
         print("signals test: evaluate\n\(report)")
-        let accuracy = String(format: "%.4f", try XCTUnwrap(metrics["accuracy_final"] as? Double ?? (metrics["accuracy_final"] as? Int).map(Double.init)))
+        let accuracyFinal = try XCTUnwrap(metrics["accuracy_final"] as? Double ?? (metrics["accuracy_final"] as? Int).map(Double.init))
+        let accuracy = String(format: "%.4f", accuracyFinal)
         for name in ["confidence", "margin", "agreement", "agreement+margin"] {
             let line = try XCTUnwrap(report.split(separator: "\n").first { $0.hasPrefix(name + " ") }, report)
             XCTAssertTrue(line.hasSuffix(" " + accuracy), "\(line) vs \(accuracy)")
@@ -156,7 +157,7 @@ final class LabelSignalsTests: DatabaseTestCase {
         let points = try String(contentsOfFile: csv, encoding: .utf8).split(separator: "\n")
         XCTAssertEqual(points.first, "signal,kept,coverage,accuracy")
         XCTAssertEqual(points.count, 1 + 4 * 18)
-        XCTAssertEqual(points.last?.split(separator: ",").last.map(String.init), String(format: "%.6f", Double(accuracy)!))
+        XCTAssertEqual(points.last?.split(separator: ",").last.map(String.init), String(format: "%.6f", accuracyFinal))
     }
 
     /// `nolad evaluate` on four hand-made label rows in class folders cat/ and dog/ (classes cat, dog, fox):
