@@ -29,6 +29,9 @@ VALUES
     ('stop_tolerance', 'number', 0, 1, true, false, false),
     ('clip_model', 'folder', NULL, NULL, false, false, false),
     ('dino_model', 'folder', NULL, NULL, false, false, false),
+    ('abstain_below', 'number', 0, 1, false, false, false),
+    ('abstain_margin_below', 'number', 0, 1, false, false, false),
+    ('abstain_unless_agree', 'boolean', NULL, NULL, false, false, false),
     ('prompts_from_job', 'integer', 1, NULL, false, false, false),
     ('only_new', 'boolean', NULL, NULL, false, false, false),
     ('threads', 'integer', 1, 1024, false, false, false);

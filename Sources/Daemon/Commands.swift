@@ -335,7 +335,7 @@ public struct RequeueCommand: ParsableCommand {
 public struct LabelsCommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "labels",
-        abstract: "Export a job's labels (nola.labels) as CSV or JSON Lines.")
+        abstract: "Export a job's labels (nola.labels) as CSV or JSON Lines, or list them most doubtful first (--review).")
 
     public enum Format: String, ExpressibleByArgument, CaseIterable {
         case csv, jsonl
@@ -352,6 +352,12 @@ public struct LabelsCommand: ParsableCommand {
     @Option(name: .shortAndLong, help: "Write to this file instead of standard output.")
     public var output: String?
 
+    @Flag(name: .long, help: "The review queue (nola.review_queue): the images the job abstained on, then by rising margin, as a table.")
+    public var review = false
+
+    @Option(name: .long, help: "With --review: at most this many images.")
+    public var limit: Int?
+
     public init() {}
 
     public func run() throws {
@@ -360,12 +366,28 @@ public struct LabelsCommand: ParsableCommand {
             let c = try options.connect(config)
             let exists = try c.query("SELECT state::text FROM nola.jobs WHERE id = $1", [job])
             if exists.isEmpty { throw NoladError(.usage, "no job \(job)") }
-            let rows = try c.query("""
-                SELECT i.path, l.label, l.confidence, l.zero_shot_label, l.zero_shot_confidence, l.unreadable
-                FROM nola.images i LEFT JOIN nola.labels l ON l.job_id = i.job_id AND l.path = i.path
-                WHERE i.job_id = $1 ORDER BY i.path
-                """, [job])
-            let text = format == .csv ? Self.csv(rows) : Self.jsonLines(rows)
+            if let limit, limit < 1 { throw NoladError(.usage, "--limit must be at least 1") }
+            if limit != nil && !review { throw NoladError(.usage, "--limit goes with --review") }
+            let text: String
+            if review {
+                let rows = try c.query("""
+                    SELECT review_rank AS rank, path, coalesce(label, '-') AS label, round(confidence::numeric, 4) AS confidence,
+                           round(margin::numeric, 4) AS margin, array_to_string(top_labels, ' > ') AS top,
+                           zero_shot_label AS zero_shot, coalesce(teacher_label, '-') AS teacher,
+                           CASE WHEN agreement THEN 'yes' ELSE 'no' END AS agree, coalesce(abstained, '') AS abstained
+                    FROM nola.review_queue WHERE job_id = $1 ORDER BY review_rank LIMIT $2
+                    """, [job, limit.map(String.init)])
+                text = Self.table(rows)
+            } else {
+                let rows = try c.query("""
+                    SELECT i.path, l.label, l.confidence, l.zero_shot_label, l.zero_shot_confidence, l.unreadable,
+                           l.abstained, l.margin, l.teacher_label, l.agreement::text AS agreement,
+                           to_jsonb(l.top_labels)::text AS top_labels, to_jsonb(l.top_probabilities)::text AS top_probabilities
+                    FROM nola.images i LEFT JOIN nola.labels l ON l.job_id = i.job_id AND l.path = i.path
+                    WHERE i.job_id = $1 ORDER BY i.path
+                    """, [job])
+                text = format == .csv ? Self.csv(rows) : Self.jsonLines(rows)
+            }
             if let output {
                 guard FileManager.default.createFile(atPath: output, contents: Data(text.utf8)) else {
                     throw NoladError(.usage, "cannot write \(output)")
@@ -394,13 +416,33 @@ public struct LabelsCommand: ParsableCommand {
         return out
     }
 
+    /// An aligned text table, as `printTable`.
+    static func table(_ rows: PostgresRows) -> String {
+        let cells = rows.values.map { $0.map { $0 ?? "" } }
+        var widths = rows.columns.map(\.count)
+        for row in cells { for (i, v) in row.enumerated() { widths[i] = max(widths[i], v.count) } }
+        func line(_ values: [String]) -> String {
+            values.enumerated().map { $1.padding(toLength: widths[$0], withPad: " ", startingAt: 0) }.joined(separator: "  ")
+                .trimmingCharacters(in: .whitespaces) + "\n"
+        }
+        return line(rows.columns) + line(widths.map { String(repeating: "-", count: $0) }) + cells.map(line).joined()
+    }
+
     static func jsonLines(_ rows: PostgresRows) -> String {
         var out = ""
         for row in rows.values {
             var object: [String: JSONValue] = [:]
             for (i, column) in rows.columns.enumerated() {
                 guard let v = row[i] else { object[column] = .null; continue }
-                if column.hasSuffix("confidence"), let d = Double(v) { object[column] = .number(d) } else { object[column] = .string(v) }
+                if column.hasSuffix("confidence") || column == "margin", let d = Double(v) {
+                    object[column] = .number(d)
+                } else if column == "agreement" {
+                    object[column] = .bool(v == "true")
+                } else if column.hasPrefix("top_"), let list = try? JSONDecoder().decode(JSONValue.self, from: Data(v.utf8)) {
+                    object[column] = list
+                } else {
+                    object[column] = .string(v)
+                }
             }
             out += JSONValue.object(object).jsonText + "\n"
         }

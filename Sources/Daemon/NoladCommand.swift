@@ -11,7 +11,7 @@ public struct NoladCommand: AsyncParsableCommand {
         abstract: "Label unlabeled image collections with the NoLA method (CLIP + DINO, no human labels).",
         version: noladVersion,
         subcommands: [ServeCommand.self, MigrateCommand.self, SubmitCommand.self, StatusCommand.self,
-                      CancelCommand.self, RequeueCommand.self, LabelsCommand.self, ExportCommand.self, ImageBenchCommand.self,
+                      CancelCommand.self, RequeueCommand.self, LabelsCommand.self, ExportCommand.self, EvaluateCommand.self, ImageBenchCommand.self,
                       EmbedImage.self, EmbedText.self, Bench.self, BenchJob.self, TokenizeCommand.self]
     )
 

@@ -45,6 +45,12 @@ public struct NolaParameters: Equatable, Sendable {
     // Models: folder names under the configured model root (Hugging Face layout).
     public var clipModel = "clip-vit-base-patch32"
     public var dinoModel = "dino-vitb16"
+    // Labels (docs/labels.md): an image gets no class, only the reason, when its final confidence is
+    // below `abstainBelow`, its margin below `abstainMarginBelow`, or (with `abstainUnlessAgree`) the
+    // final, zero-shot and teacher classes differ. 0, 0, false: every readable image is labelled.
+    public var abstainBelow = 0.0
+    public var abstainMarginBelow = 0.0
+    public var abstainUnlessAgree = false
 
     public init() {}
 
@@ -68,6 +74,9 @@ public struct NolaParameters: Equatable, Sendable {
         case stopTolerance = "stop_tolerance"
         case clipModel = "clip_model"
         case dinoModel = "dino_model"
+        case abstainBelow = "abstain_below"
+        case abstainMarginBelow = "abstain_margin_below"
+        case abstainUnlessAgree = "abstain_unless_agree"
     }
 
     /// k of the reference's `find_k`: max(minK, ⌊kFraction · imageCount / classCount⌋).
@@ -130,6 +139,9 @@ public struct NolaParameters: Equatable, Sendable {
         case .stopTolerance: stopTolerance = double()
         case .clipModel: clipModel = string()
         case .dinoModel: dinoModel = string()
+        case .abstainBelow: abstainBelow = double()
+        case .abstainMarginBelow: abstainMarginBelow = double()
+        case .abstainUnlessAgree: abstainUnlessAgree = bool()
         }
     }
 
@@ -156,6 +168,9 @@ public struct NolaParameters: Equatable, Sendable {
             Key.stopTolerance.rawValue: stopTolerance,
             Key.clipModel.rawValue: clipModel,
             Key.dinoModel.rawValue: dinoModel,
+            Key.abstainBelow.rawValue: abstainBelow,
+            Key.abstainMarginBelow.rawValue: abstainMarginBelow,
+            Key.abstainUnlessAgree.rawValue: abstainUnlessAgree,
         ]
         object[Key.promptMicroBatchSize.rawValue] = promptMicroBatchSize.map { $0 as Any } ?? NSNull()
         return try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])

@@ -116,6 +116,8 @@ extension NolaParameters.Key {
         case .promptCount: return ParameterSpec(rawValue, .integer, min: 1, max: 1024)
         case .labelSmoothing: return ParameterSpec(rawValue, .number, min: 0, max: 1, exclusiveMax: true)
         case .clipModel, .dinoModel: return ParameterSpec(rawValue, .folder)
+        case .abstainBelow, .abstainMarginBelow: return ParameterSpec(rawValue, .number, min: 0, max: 1)
+        case .abstainUnlessAgree: return ParameterSpec(rawValue, .boolean)
         }
     }
 }

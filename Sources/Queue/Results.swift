@@ -22,7 +22,8 @@ public struct ImageRecord: Sendable, Equatable {
     }
 }
 
-/// One row of `nola.labels`: either a label (with the zero-shot one) or the reason the image is unreadable.
+/// One row of `nola.labels`: a label (with the zero-shot one and the signals, docs/labels.md), an
+/// abstention (no label, the reason, the same signals) or the reason the image is unreadable.
 public struct LabelRecord: Sendable, Equatable {
     public let path: String
     public let label: String?
@@ -30,14 +31,38 @@ public struct LabelRecord: Sendable, Equatable {
     public let zeroShotLabel: String?
     public let zeroShotConfidence: Float?
     public let unreadable: String?
+    /// The final model's most probable classes, best first, and their probabilities.
+    public let topLabels: [String]?
+    public let topProbabilities: [Float]?
+    public let margin: Float?
+    /// The alignment module's class; nil for inference-only jobs.
+    public let teacherLabel: String?
+    public let agreement: Bool?
+    /// Why the image has no label (the job's abstain_* parameters).
+    public let abstained: String?
 
     public init(path: String, label: String, confidence: Float, zeroShotLabel: String, zeroShotConfidence: Float) {
+        self.init(path: path, label: label, abstained: nil, confidence: confidence, zeroShotLabel: zeroShotLabel,
+                  zeroShotConfidence: zeroShotConfidence, topLabels: nil, topProbabilities: nil, margin: nil,
+                  teacherLabel: nil, agreement: nil)
+    }
+
+    /// A readable image: `label` nil and `abstained` the reason when the job abstains on it.
+    public init(path: String, label: String?, abstained: String?, confidence: Float, zeroShotLabel: String, zeroShotConfidence: Float,
+                topLabels: [String]?, topProbabilities: [Float]?, margin: Float?, teacherLabel: String?, agreement: Bool?) {
+        precondition((label == nil) != (abstained == nil), "a label or an abstention reason")
         self.path = path
         self.label = label
+        self.abstained = abstained
         self.confidence = confidence
         self.zeroShotLabel = zeroShotLabel
         self.zeroShotConfidence = zeroShotConfidence
         self.unreadable = nil
+        self.topLabels = topLabels
+        self.topProbabilities = topProbabilities
+        self.margin = margin
+        self.teacherLabel = teacherLabel
+        self.agreement = agreement
     }
 
     public init(path: String, unreadable reason: String) {
@@ -47,6 +72,12 @@ public struct LabelRecord: Sendable, Equatable {
         self.zeroShotLabel = nil
         self.zeroShotConfidence = nil
         self.unreadable = reason
+        self.topLabels = nil
+        self.topProbabilities = nil
+        self.margin = nil
+        self.teacherLabel = nil
+        self.agreement = nil
+        self.abstained = nil
     }
 }
 
@@ -111,7 +142,8 @@ public enum Results {
     /// the prompts job as parameter `$n`.
     static func labelSources(_ n: Int) -> String {
         """
-        SELECT DISTINCT ON (i.sha256) i.sha256, l.label, l.confidence, l.zero_shot_label, l.zero_shot_confidence
+        SELECT DISTINCT ON (i.sha256) i.sha256, l.label, l.confidence, l.zero_shot_label, l.zero_shot_confidence,
+            l.top_labels, l.top_probabilities, l.margin, l.teacher_label, l.agreement
         FROM nola.labels l JOIN nola.images i ON i.job_id = l.job_id AND i.path = l.path
         WHERE l.label IS NOT NULL AND l.job_id IN (
             SELECT id FROM nola.jobs WHERE id = $\(n)
@@ -146,13 +178,17 @@ public enum Results {
     public static func copyLabels(_ c: PostgresConnection, _ job: JobRef, promptsJob: Int64, paths: [String]) throws -> Int {
         if paths.isEmpty { return 0 }
         let rows = try c.query("""
-            INSERT INTO nola.labels (job_id, path, label, confidence, zero_shot_label, zero_shot_confidence, unreadable)
-            SELECT $1, i.path, s.label, s.confidence, s.zero_shot_label, s.zero_shot_confidence, NULL
+            INSERT INTO nola.labels (job_id, path, label, confidence, zero_shot_label, zero_shot_confidence, unreadable,
+                                     top_labels, top_probabilities, margin, teacher_label, agreement, abstained)
+            SELECT $1, i.path, s.label, s.confidence, s.zero_shot_label, s.zero_shot_confidence, NULL,
+                   s.top_labels, s.top_probabilities, s.margin, s.teacher_label, s.agreement, NULL
             FROM nola.images i JOIN (\(labelSources(5))) s ON s.sha256 = i.sha256
             WHERE i.job_id = $1 AND i.path = ANY ($4::text[]) AND \(owned)
             ON CONFLICT (job_id, path) DO UPDATE
                 SET label = EXCLUDED.label, confidence = EXCLUDED.confidence, zero_shot_label = EXCLUDED.zero_shot_label,
-                    zero_shot_confidence = EXCLUDED.zero_shot_confidence, unreadable = NULL
+                    zero_shot_confidence = EXCLUDED.zero_shot_confidence, unreadable = NULL,
+                    top_labels = EXCLUDED.top_labels, top_probabilities = EXCLUDED.top_probabilities, margin = EXCLUDED.margin,
+                    teacher_label = EXCLUDED.teacher_label, agreement = EXCLUDED.agreement, abstained = NULL
             """, [job.id, job.worker, job.attempt, paths, promptsJob])
         return rows.affected
     }
@@ -164,24 +200,42 @@ public enum Results {
         func floats(_ values: [Float?]) -> String {
             "{" + values.map { $0.map { String($0) } ?? "NULL" }.joined(separator: ",") + "}"
         }
+        func quoted(_ v: String) -> String {
+            "\"" + v.replacingAll("\\", with: "\\\\").replacingAll("\"", with: "\\\"") + "\""
+        }
         func texts(_ values: [String?]) -> String {
-            "{" + values.map { v in
-                guard let v else { return "NULL" }
-                return "\"" + v.replacingAll("\\", with: "\\\\").replacingAll("\"", with: "\\\"") + "\""
-            }.joined(separator: ",") + "}"
+            "{" + values.map { v in v.map(quoted) ?? "NULL" }.joined(separator: ",") + "}"
+        }
+        func bools(_ values: [Bool?]) -> String {
+            "{" + values.map { $0.map { $0 ? "t" : "f" } ?? "NULL" }.joined(separator: ",") + "}"
+        }
+        // The top lists travel as one JSON array per row (arrays of arrays cannot be ragged in PostgreSQL).
+        func jsonLists<T>(_ values: [[T]?], _ element: (T) -> JSONValue) -> String {
+            texts(values.map { $0.map { JSONValue.array($0.map(element)).jsonText } })
         }
         let rows = try c.query("""
-            INSERT INTO nola.labels (job_id, path, label, confidence, zero_shot_label, zero_shot_confidence, unreadable)
-            SELECT $1, u.path, u.label, u.confidence, u.zs_label, u.zs_confidence, u.unreadable
-            FROM unnest($4::text[], $5::text[], $6::real[], $7::text[], $8::real[], $9::text[])
-                AS u(path, label, confidence, zs_label, zs_confidence, unreadable)
+            INSERT INTO nola.labels (job_id, path, label, confidence, zero_shot_label, zero_shot_confidence, unreadable,
+                                     top_labels, top_probabilities, margin, teacher_label, agreement, abstained)
+            SELECT $1, u.path, u.label, u.confidence, u.zs_label, u.zs_confidence, u.unreadable,
+                   (SELECT array_agg(e ORDER BY o) FROM jsonb_array_elements_text(u.top_labels::jsonb) WITH ORDINALITY AS t(e, o)),
+                   (SELECT array_agg(e::real ORDER BY o) FROM jsonb_array_elements_text(u.top_probabilities::jsonb) WITH ORDINALITY AS t(e, o)),
+                   u.margin, u.teacher, u.agreement, u.abstained
+            FROM unnest($4::text[], $5::text[], $6::real[], $7::text[], $8::real[], $9::text[],
+                        $10::text[], $11::text[], $12::real[], $13::text[], $14::boolean[], $15::text[])
+                AS u(path, label, confidence, zs_label, zs_confidence, unreadable, top_labels, top_probabilities, margin, teacher, agreement, abstained)
             WHERE \(owned)
             ON CONFLICT (job_id, path) DO UPDATE
                 SET label = EXCLUDED.label, confidence = EXCLUDED.confidence, zero_shot_label = EXCLUDED.zero_shot_label,
-                    zero_shot_confidence = EXCLUDED.zero_shot_confidence, unreadable = EXCLUDED.unreadable
+                    zero_shot_confidence = EXCLUDED.zero_shot_confidence, unreadable = EXCLUDED.unreadable,
+                    top_labels = EXCLUDED.top_labels, top_probabilities = EXCLUDED.top_probabilities, margin = EXCLUDED.margin,
+                    teacher_label = EXCLUDED.teacher_label, agreement = EXCLUDED.agreement, abstained = EXCLUDED.abstained
             """, [job.id, job.worker, job.attempt, labels.map(\.path), texts(labels.map(\.label)),
                   floats(labels.map(\.confidence)), texts(labels.map(\.zeroShotLabel)),
-                  floats(labels.map(\.zeroShotConfidence)), texts(labels.map(\.unreadable))])
+                  floats(labels.map(\.zeroShotConfidence)), texts(labels.map(\.unreadable)),
+                  jsonLists(labels.map(\.topLabels)) { .string($0) },
+                  jsonLists(labels.map(\.topProbabilities)) { .number(Double($0)) },
+                  floats(labels.map(\.margin)), texts(labels.map(\.teacherLabel)), bools(labels.map(\.agreement)),
+                  texts(labels.map(\.abstained))])
         return rows.affected == labels.count
     }
 

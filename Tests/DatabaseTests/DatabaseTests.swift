@@ -119,7 +119,8 @@ final class SubmissionTests: DatabaseTestCase {
         XCTAssertTrue(try Results.insertImages(db, claimed.ref, images), "upsert twice")
         XCTAssertEqual(try Results.images(db, jobID: id), images)
         XCTAssertTrue(try Results.insertLabels(db, claimed.ref, [
-            LabelRecord(path: "img000.jpg", label: "cat", confidence: 0.875, zeroShotLabel: "dog", zeroShotConfidence: 0.5),
+            LabelRecord(path: "img000.jpg", label: "cat", abstained: nil, confidence: 0.875, zeroShotLabel: "dog", zeroShotConfidence: 0.5,
+                        topLabels: ["cat", "dog, \"big\""], topProbabilities: [0.875, 0.125], margin: 0.75, teacherLabel: "cat", agreement: false),
             LabelRecord(path: "img001.jpg", label: "dog, \"big\"", confidence: 1, zeroShotLabel: "dog", zeroShotConfidence: 0.25),
             LabelRecord(path: "img002.jpg", unreadable: "truncated JPEG"),
         ]))
@@ -142,15 +143,15 @@ final class SubmissionTests: DatabaseTestCase {
         let (status, csv) = try runProgram(exe, ["labels", String(id), "--database", conninfo])
         XCTAssertEqual(status, 0, csv)
         XCTAssertEqual(csv, #"""
-            path,label,confidence,zero_shot_label,zero_shot_confidence,unreadable
-            img000.jpg,cat,0.875,dog,0.5,
-            img001.jpg,"dog, ""big""",1,dog,0.25,
-            img002.jpg,,,,,truncated JPEG
+            path,label,confidence,zero_shot_label,zero_shot_confidence,unreadable,abstained,margin,teacher_label,agreement,top_labels,top_probabilities
+            img000.jpg,cat,0.875,dog,0.5,,,0.75,cat,false,"[""cat"", ""dog, \""big\""""]","[0.875, 0.125]"
+            img001.jpg,"dog, ""big""",1,dog,0.25,,,,,,,
+            img002.jpg,,,,,truncated JPEG,,,,,,
 
             """#)
         let (status2, jsonl) = try runProgram(exe, ["labels", String(id), "--format", "jsonl", "--database", conninfo])
         XCTAssertEqual(status2, 0, jsonl)
-        XCTAssertEqual(jsonl.split(separator: "\n").first, #"{"confidence":0.875,"label":"cat","path":"img000.jpg","unreadable":null,"zero_shot_confidence":0.5,"zero_shot_label":"dog"}"#)
+        XCTAssertEqual(jsonl.split(separator: "\n").first, #"{"abstained":null,"agreement":false,"confidence":0.875,"label":"cat","margin":0.75,"path":"img000.jpg","teacher_label":"cat","top_labels":["cat","dog, \"big\""],"top_probabilities":[0.875,0.125],"unreadable":null,"zero_shot_confidence":0.5,"zero_shot_label":"dog"}"#)
     }
 }
 

@@ -44,7 +44,7 @@ final class ParametersTests: XCTestCase {
         XCTAssertEqual(p.promptCount, 4); XCTAssertEqual(p.labelSmoothing, 0); XCTAssertFalse(p.colourJitter)
         XCTAssertEqual(p.clipModel, "clip-b16"); XCTAssertEqual(p.dinoModel, "dino-s16")
         XCTAssertEqual(p.stopPatience, 4); XCTAssertEqual(p.stopTolerance, 0.5)
-        XCTAssertEqual(Set(NolaParameters.Key.allCases.map(\.rawValue)).count, 20)
+        XCTAssertEqual(Set(NolaParameters.Key.allCases.map(\.rawValue)).count, 23)
     }
 
     func testDecode_whenBadInput_namesTheKeyTheAllowedValuesAndTheValueAsWritten() {
@@ -60,6 +60,9 @@ final class ParametersTests: XCTestCase {
         expectError(#"{"label_smoothing": 1}"#, key: "label_smoothing", reason: "must be a number at least 0 and below 1, got 1")
         expectError(#"{"templates": 1}"#, key: "templates", reason: "must be true or false, got 1")
         expectError(#"{"colour_jitter": "no"}"#, key: "colour_jitter", reason: #"must be true or false, got "no""#)
+        expectError(#"{"abstain_below": 1.5}"#, key: "abstain_below", reason: "must be a number from 0 to 1, got 1.5")
+        expectError(#"{"abstain_margin_below": -0.1}"#, key: "abstain_margin_below", reason: "must be a number from 0 to 1, got -0.1")
+        expectError(#"{"abstain_unless_agree": 1}"#, key: "abstain_unless_agree", reason: "must be true or false, got 1")
         expectError(#"{"seed": -4}"#, key: "seed", reason: "must be an integer at least 0, got -4")
         expectError(#"{"clip_model": "../etc"}"#, key: "clip_model", reason: #"must be a plain folder name (no '/', not starting with '.'), got "../etc""#)
         expectError(#"{"dino_model": 7}"#, key: "dino_model", reason: "got 7")
@@ -124,7 +127,7 @@ final class ParametersTests: XCTestCase {
         XCTAssertEqual(try NolaParameters(json: json), p)
         XCTAssertEqual(try NolaParameters(json: NolaParameters().encodedJSON()), NolaParameters())
         let text = String(decoding: json, as: UTF8.self)
-        XCTAssertTrue(text.hasPrefix(#"{"alignment_batch_size":32,"#), text)
+        XCTAssertTrue(text.hasPrefix(#"{"abstain_below":0,"abstain_margin_below":0,"abstain_unless_agree":false,"alignment_batch_size":32,"#), text)
         XCTAssertTrue(text.contains(#""prompt_micro_batch_size":12"#), text)
     }
 

@@ -80,6 +80,9 @@ final class PipelineRun: @unchecked Sendable {
     var dinoFeatures: [Float] = []
     var truth: [Int]?
     var stage2: PseudoLabelStage?
+    /// The teacher labels prompt tuning learned from (a resumed job's come from its checkpoint); nil for
+    /// inference-only jobs.
+    var teacherLabels: [Int]?
     var zeroShotLabels: [Int] = []
     var zeroShotConfidences: [Float] = []
     var tuned: PromptTuningState?

@@ -127,6 +127,7 @@ struct TuneStage: PipelineStage {
         } else {
             state = PromptTuningState(encoder: encoder, classifier: run.classifier, promptCount: p.promptCount, seed: p.seed)
         }
+        run.teacherLabels = teacher
         let budgetMicro = promptMicroBatchSize(memoryBudgetBytes: context.config.memoryBudgetMB << 20,
                                                bytesPerImage: encoder.trainingBytesPerImage, logicalBatch: p.promptBatchSize)
         let micro = p.promptMicroBatchSize ?? budgetMicro
@@ -248,6 +249,8 @@ struct TuneStage: PipelineStage {
 
 struct LabelStage: PipelineStage {
     let name = "label"
+    /// Classes kept per image in nola.labels.top_labels.
+    static let topCount = 3
 
     func body(_ context: JobContext) throws {
         let run = try NolaPipeline.runs.get(context)
@@ -314,14 +317,33 @@ struct LabelStage: PipelineStage {
                 throw JobError.badInput("\(error)")
             }
         }
-        let (computedLabels, computedConfidences) = labelImages(features: features, head: state.head.values, classCount: c)
+        let probabilities = labelProbabilities(features: features, head: state.head.values, classCount: c)
         try context.reportProgress(stage: name, done: m, total: m)
-        // Every readable image's label, confidence and zero-shot label, in run.readable order.
+        // Signals and abstention of the images labelled here (toCompute order).
+        let teacher = run.promptsFromJob == nil ? (run.teacherLabels ?? run.stage2?.teacherLabels) : nil
+        let signals = toCompute.enumerated().map { j, k in
+            LabelSignals(probabilities: probabilities[(j * c)..<((j + 1) * c)], count: min(c, LabelStage.topCount),
+                         zeroShot: run.zeroShotLabels[k], teacher: teacher?[k])
+        }
+        let rule = AbstentionRule(run.parameters)
+        var abstentions: [String?] = Array(repeating: nil, count: m)
+        var byReason: [AbstentionRule.Reason: Int] = [:]
+        for j in 0..<m {
+            guard let (reasons, text) = rule.judge(signals[j], zeroShot: run.zeroShotLabels[toCompute[j]], names: context.classes) else { continue }
+            abstentions[j] = text
+            for r in reasons { byReason[r, default: 0] += 1 }
+        }
+        // Every readable image's label, confidence, zero-shot label and abstention, in run.readable order;
+        // copied rows keep what the earlier job wrote (signals included).
         var labels = [Int](repeating: 0, count: n), confidences = [Float](repeating: 0, count: n)
+        var abstained = [Bool](repeating: false, count: n)
         var zeroShot = run.zeroShotLabels
+        var computedAt: [Int: Int] = [:]
         for (j, k) in toCompute.enumerated() {
-            labels[k] = computedLabels[j]
-            confidences[k] = computedConfidences[j]
+            labels[k] = signals[j].label
+            confidences[k] = signals[j].confidence
+            abstained[k] = abstentions[j] != nil
+            computedAt[k] = j
         }
         for k in toCopy {
             let hit = reusable[run.images[run.readable[k]].sha256]!
@@ -337,9 +359,13 @@ struct LabelStage: PipelineStage {
         var records: [LabelRecord] = []
         for (i, image) in run.images.enumerated() where !copied.contains(i) {
             if let k = position[i] {
-                records.append(LabelRecord(path: image.path, label: context.classes[labels[k]], confidence: min(1, max(0, confidences[k])),
+                let j = computedAt[k]!, s = signals[j]
+                records.append(LabelRecord(path: image.path, label: abstentions[j] == nil ? context.classes[s.label] : nil,
+                                           abstained: abstentions[j], confidence: s.confidence,
                                            zeroShotLabel: context.classes[run.zeroShotLabels[k]],
-                                           zeroShotConfidence: min(1, max(0, run.zeroShotConfidences[k]))))
+                                           zeroShotConfidence: min(1, max(0, run.zeroShotConfidences[k])),
+                                           topLabels: s.top.map { context.classes[$0] }, topProbabilities: s.probabilities,
+                                           margin: s.margin, teacherLabel: s.teacher.map { context.classes[$0] }, agreement: s.agreement))
             } else {
                 records.append(LabelRecord(path: image.path, unreadable: run.unreadable[image.path] ?? "unreadable"))
             }
@@ -377,20 +403,36 @@ struct LabelStage: PipelineStage {
             try context.write { try PipelineTables.deleteCheckpoint($0, context.job) }
         }
 
+        // labels_per_class counts the labels written (abstentions are not labels).
         var counts: [String: JSONValue] = [:]
-        for (k, name) in context.classes.enumerated() { counts[name] = number(labels.filter { $0 == k }.count) }
+        for (k, name) in context.classes.enumerated() {
+            counts[name] = number((0..<n).filter { labels[$0] == k && !abstained[$0] }.count)
+        }
+        let kept = (0..<n).filter { !abstained[$0] }
+        var reasons: [String: JSONValue] = [:]
+        for r in AbstentionRule.Reason.allCases { reasons[r.rawValue] = number(byReason[r] ?? 0) }
         var metrics: [String: JSONValue] = [
             "labelled": number(n), "computed": number(m), "copied": number(toCopy.count), "only_new": .bool(run.onlyNew),
             "unreadable": number(run.unreadable.count), "labels_per_class": .object(counts),
             "mean_confidence": number(confidences.isEmpty ? 0 : Double(confidences.reduce(0, +)) / Double(confidences.count)),
+            "mean_margin": number(m == 0 ? 0 : Double(signals.map(\.margin).reduce(0, +)) / Double(m)),
             "agreement_with_zero_shot": number(accuracy(predicted: labels, truth: zeroShot)),
+            "agreement_all": number(m == 0 ? 0 : Double(signals.filter(\.agreement).count) / Double(m)),
+            "abstained": number(n - kept.count), "abstained_by_reason": .object(reasons),
+            "coverage": number(n == 0 ? 0 : Double(kept.count) / Double(n)),
             "images_per_second": number(Double(n) / max(1e-9, Date().timeIntervalSince(start))), "seconds": seconds(since: start),
         ]
+        if let teacher { metrics["agreement_with_teacher"] = number(accuracy(predicted: labels, truth: teacher)) }
         if let truth = run.truth {
             metrics["accuracy_final"] = number(accuracy(predicted: labels, truth: truth))
             metrics["accuracy_zero_shot"] = number(accuracy(predicted: zeroShot, truth: truth))
             if let stage2 = run.stage2 {
                 metrics["accuracy_alignment_module"] = number(accuracy(predicted: stage2.teacherLabels, truth: truth))
+            }
+            // The accuracy of the labels written, when the job abstains on some (null when it abstains on all).
+            if rule.isActive {
+                metrics["accuracy_labelled"] = kept.isEmpty ? .null
+                    : number(accuracy(predicted: kept.map { labels[$0] }, truth: kept.map { truth[$0] }))
             }
         }
         try context.recordEvent(stage: name, kind: "metrics", metrics: metrics)
