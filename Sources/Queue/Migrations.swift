@@ -159,7 +159,7 @@ public enum SchemaCatalog {
                    "zero_shot_confidence real", "unreadable text", "top_labels text[]", "top_probabilities real[]",
                    "margin real", "teacher_label text", "agreement boolean", "abstained text"],
         "review_queue": ["job_id bigint", "review_rank bigint", "path text", "label text", "abstained text",
-                         "confidence real", "margin real", "top_labels text[]", "top_probabilities real[]",
+                         "confidence real", "margin real", "agreeing integer", "top_labels text[]", "top_probabilities real[]",
                          "zero_shot_label text", "zero_shot_confidence real", "teacher_label text", "agreement boolean"],
         "prompts": ["job_id bigint", "safetensors bytea", "shapes jsonb", "backbone jsonb", "parameters jsonb",
                     "created_at timestamp with time zone"],

@@ -120,13 +120,21 @@ final class LabelSignalsTests: DatabaseTestCase {
         XCTAssertEqual((second_metrics["labels_per_class"] as? [String: Int])?.values.reduce(0, +), 18 - abstained)
         XCTAssertNotNil(second_metrics["accuracy_labelled"])
 
-        // The review queue: abstentions first, then by rising margin; ranks 1, 2, ... per job.
+        // The review queue: abstentions first, then fewest agreeing opinions, then rising margin; ranks 1, 2, ... per job.
         for job in [trained, inference] {
-            let queue = try db.query("SELECT review_rank, path, abstained IS NOT NULL AS a, margin FROM nola.review_queue WHERE job_id = $1 ORDER BY review_rank", [job])
+            let queue = try db.query("""
+                SELECT q.review_rank, q.path, q.abstained IS NOT NULL AS a, q.margin, q.agreeing,
+                       ((coalesce(l.label, l.top_labels[1]) = l.zero_shot_label) IS TRUE)::int
+                       + ((coalesce(l.label, l.top_labels[1]) = l.teacher_label) IS TRUE)::int AS expected_agreeing
+                FROM nola.review_queue q JOIN nola.labels l USING (job_id, path) WHERE q.job_id = $1 ORDER BY q.review_rank
+                """, [job])
             XCTAssertEqual(queue.count, 18)
             XCTAssertEqual(try queue.rows.map { try $0.int("review_rank") }, Array(1...18))
-            let keys = try queue.rows.map { (try $0.bool("a") ? 0 : 1, try $0.double("margin")) }
-            for (a, b) in zip(keys, keys.dropFirst()) { XCTAssertTrue(a.0 < b.0 || (a.0 == b.0 && a.1 <= b.1), "\(a) before \(b)") }
+            XCTAssertEqual(try queue.rows.map { try $0.int("agreeing") }, try queue.rows.map { try $0.int("expected_agreeing") })
+            let keys = try queue.rows.map { (try $0.bool("a") ? 0 : 1, try $0.int("agreeing"), try $0.double("margin")) }
+            for (a, b) in zip(keys, keys.dropFirst()) {
+                XCTAssertTrue(a.0 < b.0 || (a.0 == b.0 && (a.1 < b.1 || (a.1 == b.1 && a.2 <= b.2))), "\(a) before \(b)")
+            }
             XCTAssertEqual(keys.filter { $0.0 == 0 }.count, job == inference ? abstained : 0)
 
             // `nolad labels JOB --review --limit 3`: a header, a rule and the first three of the queue.
