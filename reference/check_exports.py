@@ -10,7 +10,7 @@
 
 Each check prints one line with what it read and exits non-zero on the first failure. torchvision is in
 the reference environment (reference/requirements.txt); label-studio-sdk and fiftyone are heavy and
-belong in a throw-away venv (python3 -m venv /tmp/exportvenv).
+belong in a throw-away venv (python3 -m venv ../nolad-export-venv).
 """
 import argparse
 import json
