@@ -147,7 +147,11 @@ struct TuneStage: NolaStage {
         }
         let perBatch = min(p.promptBatchSize, n)
         let batchesPerEpoch = promptBatches(order: Array(0..<n), batchSize: p.promptBatchSize).count
-        let total = max(1, p.promptEpochs * batchesPerEpoch * perBatch)
+        // The training budget (docs/budget.md) caps the steps whatever the epochs ask for.
+        let plannedSteps = p.promptEpochs * batchesPerEpoch
+        let stepBudget = p.promptStepBudget(imageCount: n)
+        let steps = stepBudget.map { min($0, plannedSteps) } ?? plannedSteps
+        let total = max(1, steps * perBatch)
         var lastSave = Date()
         var savedStep = state.step
         var latest = state
@@ -195,7 +199,7 @@ struct TuneStage: NolaStage {
                                 onStep: { progress, s in
                 latest = s
                 withinBatch = 0
-                try context.reportProgress(stage: name, done: min(total, Int(progress.fraction * Double(total))), total: total)
+                try context.reportProgress(stage: name, done: min(total, (progress.epoch * batchesPerEpoch + progress.batchInEpoch) * perBatch), total: total)
                 if Date().timeIntervalSince(lastSave) >= context.settings.checkpointSeconds { try save(s) }
             }, onEpoch: { epoch, s in
                 latest = s
@@ -230,6 +234,19 @@ struct TuneStage: NolaStage {
         } catch let error as MethodError {
             throw JobError.badInput("\(error)")
         }
+        // Ended by the budget (not by the epochs or the stopping rule): the state at the cap is the
+        // checkpoint a resumed attempt starts from, and it takes no further step.
+        let atBudget = stepBudget.map { state.step >= $0 } == true && state.epoch < p.promptEpochs && !state.stoppedEarly
+        if atBudget, let budget = p.promptViewBudget, let cap = stepBudget {
+            if state.step > savedStep { try save(state) }
+            try context.recordEvent(stage: name, kind: "budget_reached", metrics: [
+                "view_budget": number(budget), "step_budget": number(cap), "steps": number(state.step), "planned_steps": number(plannedSteps),
+                "epoch": number(state.epoch), "batch_in_epoch": number(state.batchInEpoch),
+                "strong_views": number(state.step * perBatch),
+            ])
+            context.logger.info("prompt tuning ends at its step budget", metadata: [
+                "steps": "\(state.step)", "planned_steps": "\(plannedSteps)", "epoch": "\(state.epoch)"])
+        }
         try context.reportProgress(stage: name, done: total, total: total)
         // With the stopping rule: the epoch it stopped after (nil: it ran every epoch) and why.
         let stopReason = state.stoppedEarly ? PromptStopRule(patience: p.stopPatience, tolerance: p.stopTolerance).reason : nil
@@ -239,6 +256,9 @@ struct TuneStage: NolaStage {
             "stop_patience": number(p.stopPatience), "stop_tolerance": .number(p.stopTolerance),
             "stopped_at_epoch": state.stoppedEarly ? number(state.epoch) : .null,
             "stop_reason": stopReason.map(JSONValue.string) ?? .null,
+            "view_budget": p.promptViewBudget.map { number($0) } ?? .null, "step_budget": stepBudget.map { number($0) } ?? .null,
+            "planned_steps": number(plannedSteps),
+            "stopped_at_budget": .bool(atBudget),
         ])
         return Tuned(taught: taught, prompts: .tuned(state: state, encoder: encoder, teacherLabels: teacher))
     }
