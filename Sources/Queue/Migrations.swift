@@ -12,7 +12,7 @@ public struct Migration: Sendable {
 /// Applies Migrations/*.sql in order, each in one transaction, under an advisory lock, recorded in
 /// `nola.schema_migrations`. The schema version this build of nolad expects is `Migrator.expectedVersion`.
 public enum Migrator {
-    public static let expectedVersion = 8
+    public static let expectedVersion = 10
     /// Arbitrary constant key for pg_advisory_lock, shared by every nolad.
     static let lockKey: Int64 = 0x6e6f_6c61_6d69_6772 // "nolamigr"
 
