@@ -59,7 +59,7 @@ public struct ServeCommand: ParsableCommand {
             metrics = m
         }
         defer { listener?.stop() }
-        let worker = Worker(config: config, stages: JobStages.standard(config: config), logger: logger,
+        let worker = Worker(config: config, stages: JobStages.standard(config: config), help: JobStages.help(config: config), logger: logger,
                             observer: metrics ?? NoWorkerObserver())
         metrics?.setWorkerID(worker.id)
         let signals = SignalWatcher(signals: [SIGTERM, SIGINT]) { [worker] signal in

@@ -34,6 +34,11 @@ public enum JobStages {
         let discover = DiscoverImagesStage(delayPerImage: config.imageDelaySeconds)
         return config.pipeline == "discover" ? [discover] : NolaPipeline.stages(config: config, discover: discover)
     }
+
+    /// The work this daemon does for running jobs when a slot has none of its own (`help_other_jobs`).
+    public static func help(config: NoladConfig) -> [HelpWork] {
+        config.pipeline == "discover" ? [] : [ShardHelpWork()]
+    }
 }
 
 /// What a stage gets: the job's inputs, a database handle scoped to the job, progress and event
