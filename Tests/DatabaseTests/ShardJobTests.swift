@@ -186,6 +186,47 @@ final class ShardJobTests: DatabaseTestCase {
         XCTAssertEqual(try all.int("n"), 3, "the third daemon, owning no job, helped")
     }
 
+    func testLabels_doNotDependOnTheShardSize() throws {
+        let ref = try reference()
+        _ = try startShardDaemon("shard-a", delay: 0, extra: ["shard_size": "3"])
+        let id = try submitJob(try copyCollection())
+        try waitSucceeded(id, timeout: 180)
+        let counts = try db.query("SELECT stage, count(*)::int AS n FROM nola.shards WHERE job_id = $1 GROUP BY stage ORDER BY stage", [id])
+        XCTAssertEqual(try counts.rows.map { "\(try $0.string("stage")) \(try $0.int("n"))" }, ["encode 3", "label 3"],
+                       "shard_size 3 is rounded up to 8: 19 and 18 images make three shards each")
+        XCTAssertEqual(try labelRows(id), ref.labels)
+        XCTAssertEqual(try promptTensors(id), ref.prompts)
+        try db.query("DELETE FROM nola.feature_cache")
+        _ = try startShardDaemon("shard-b", delay: 0, extra: ["shard_size": "64"])
+        daemons.first { $0.name == "shard-a" }?.signal(SIGTERM)
+        _ = daemons.first { $0.name == "shard-a" }?.waitExit(timeout: 20)
+        let one = try submitJob(try copyCollection("one-shard"))
+        try waitSucceeded(one, timeout: 180)
+        XCTAssertEqual(try db.query("SELECT count(*)::int AS n FROM nola.shards WHERE job_id = $1", [one])[0].int("n"), 2, "one shard per stage")
+        XCTAssertEqual(try labelRows(one), ref.labels)
+        XCTAssertEqual(try promptTensors(one), ref.prompts)
+    }
+
+    func testHelperThatCannotSeeTheCollection_givesTheShardBackWithTheReason_andTheOwnerFinishes() throws {
+        let ref = try reference()
+        _ = try startShardDaemon("shard-a", delay: 0.3)
+        let id = try submitJob(try copyCollection())
+        try waitUntil("job \(id) runs on shard-a", timeout: 60) { (try job(id).optionalString("worker") ?? "").hasPrefix("shard-a-") }
+        var other = Array("/tmp/nolad-other-root-XXXXXX".utf8CString)
+        let otherRoot = String(cString: mkdtemp(&other)!)
+        defer { try? FileManager.default.removeItem(atPath: otherRoot) }
+        let b = try startShardDaemon("shard-b", delay: 0.3, extra: ["collection_roots": otherRoot])
+        try waitUntil("shard-b gave a shard back", timeout: 60) { b.log.contains("helping: unit given back") }
+        let reason = try db.query("SELECT error FROM nola.shards WHERE job_id = $1 AND error IS NOT NULL", [id])
+        XCTAssertEqual(reason.count, 1, "one refusal: the job is then left alone")
+        let error = try reason[0].string("error")
+        XCTAssertTrue(error.contains("outside the configured collection roots"), error)
+        try waitSucceeded(id, timeout: 240)
+        XCTAssertEqual(try shardWorkers(id).values.reduce(Set<String>()) { $0.union($1) }.count, 1, "only the owner computed shards")
+        XCTAssertEqual(try labelRows(id), ref.labels)
+        XCTAssertEqual(try job(id).optionalString("error"), nil)
+    }
+
     func testCancel_reachesTheHelper_whichGivesItsShardBack() throws {
         _ = try startShardDaemon("shard-a", delay: 0.5)
         let id = try submitJob(try copyCollection())
