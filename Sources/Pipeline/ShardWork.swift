@@ -178,7 +178,7 @@ enum ShardComputation {
     /// again), reporting progress in images. Returns the done shards in order and who did them.
     static func runStage(_ context: JobContext, stage: String, paths: [String], clipFolder: URL, dinoFolder: URL?,
                          modelKeys: [String], blob: [UInt8]?) throws -> (results: [ShardResult], workers: [String: Int], kept: Bool) {
-        let size = shardSize(configured: context.config.shardSize)
+        let size = shardSize(configured: context.settings.shardSize)
         let shards = ShardStore.cut(paths, size: size)
         let key = ShardStore.key(stage: stage, clipModel: clipFolder.path, dinoModel: dinoFolder?.path, modelKeys: modelKeys,
                                  blob: blob, shards: shards)
@@ -194,7 +194,7 @@ enum ShardComputation {
         while true {
             try context.checkCancelled()
             let claimed = try context.withDatabase {
-                try ShardStore.claim($0, worker: context.job.worker, leaseSeconds: context.config.leaseSeconds, job: context.jobID, stages: [stage])
+                try ShardStore.claim($0, worker: context.job.worker, leaseSeconds: context.settings.leaseSeconds, job: context.jobID, stages: [stage])
             }
             if let claimed {
                 waitedSince = nil
@@ -246,8 +246,8 @@ struct OwnerShardRunner: ShardRunner {
 
     func keepAlive() throws {
         try context.checkCancelled()
-        guard lastRenewal.elapsed >= context.config.heartbeatSeconds else { return }
-        let renewal = try context.withDatabase { try ShardStore.renew($0, shard, leaseSeconds: context.config.leaseSeconds) }
+        guard lastRenewal.elapsed >= context.settings.heartbeatSeconds else { return }
+        let renewal = try context.withDatabase { try ShardStore.renew($0, shard, leaseSeconds: context.settings.leaseSeconds) }
         lastRenewal.reset()
         if renewal == .lost { throw Lost.lost }
     }
@@ -255,7 +255,7 @@ struct OwnerShardRunner: ShardRunner {
     func onDatabase<T>(_ body: (PostgresConnection) throws -> T) throws -> T { try context.withDatabase(body) }
     func shardLost() -> Error { Lost.lost }
     var threads: Int { context.threads }
-    var imageDelaySeconds: Double { context.config.imageDelaySeconds }
+    var imageDelaySeconds: Double { context.settings.imageDelaySeconds }
 }
 
 final class LockedDate: @unchecked Sendable {
@@ -272,8 +272,8 @@ public struct ShardHelpWork: HelpWork {
     public let name = "shards"
     public init() {}
 
-    public func claim(_ c: PostgresConnection, worker: String, config: NoladConfig, skipJobs: [Int64]) throws -> (any HelpUnit)? {
-        guard let shard = try ShardStore.claim(c, worker: worker, leaseSeconds: config.leaseSeconds, skipJobs: skipJobs) else { return nil }
+    public func claim(_ c: PostgresConnection, worker: String, settings: StageSettings, skipJobs: [Int64]) throws -> (any HelpUnit)? {
+        guard let shard = try ShardStore.claim(c, worker: worker, leaseSeconds: settings.leaseSeconds, skipJobs: skipJobs) else { return nil }
         return ShardUnit(shard: shard)
     }
 }
@@ -286,12 +286,12 @@ struct ShardUnit: HelpUnit {
     func run(_ context: HelpContext) throws {
         let collection: URL
         do {
-            collection = try CollectionAccess.resolve(shard.collection, roots: context.config.collectionRoots)
+            collection = try CollectionAccess.resolve(shard.collection, roots: context.collectionRoots)
         } catch let error as JobError {
             throw HelpStop.cannotHelp("\(error)")
         }
         let requested = (try? JobParameters(json: Data(shard.parametersJSON.utf8)))?.threads
-        let threads = min(requested ?? context.config.threads, context.config.threads)
+        let threads = min(requested ?? context.settings.threads, context.settings.threads)
         let runner = HelperShardRunner(context: context, threads: threads)
         try withThreads(threads) {
             try ShardComputation.run(shard, collection: collection, runner: runner)
@@ -313,5 +313,5 @@ struct HelperShardRunner: ShardRunner {
     func keepAlive() throws { try context.keepAlive() }
     func onDatabase<T>(_ body: (PostgresConnection) throws -> T) throws -> T { try context.withDatabase(body) }
     func shardLost() -> Error { HelpStop.leaseLost }
-    var imageDelaySeconds: Double { context.config.imageDelaySeconds }
+    var imageDelaySeconds: Double { context.settings.imageDelaySeconds }
 }
