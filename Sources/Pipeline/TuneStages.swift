@@ -395,6 +395,8 @@ struct LabelStage: NolaStage {
             }
             try context.write { try PipelineTables.deleteCheckpoint($0, context.job) }
         }
+        // The label rows are written: the shards' probabilities and the stored blob are no longer needed.
+        try context.write { try ShardStore.clearResults($0, context.job, stage: name) }
 
         // labels_per_class counts the labels written (abstentions are not labels).
         var counts: [String: JSONValue] = [:]

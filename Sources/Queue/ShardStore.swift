@@ -105,9 +105,12 @@ public enum ShardStore {
             guard !(try c.query("SELECT 1 FROM nola.jobs WHERE \(JobStore.guardClause) FOR UPDATE", [job.id, job.worker, job.attempt])).isEmpty else {
                 return nil
             }
-            let existing = try c.query("SELECT key FROM nola.shard_inputs WHERE job_id = $1 AND stage = $2", [job.id, stage])
+            let existing = try c.query("SELECT key, blob IS NULL AS cleared FROM nola.shard_inputs WHERE job_id = $1 AND stage = $2",
+                                       [job.id, stage])
+            // Kept unless made for other inputs, or their results were already cleared (`clearResults`).
             if let row = existing.rows.first, try row.string("key") == inputs.key {
-                return true
+                let cleared = try row.bool("cleared")
+                if !(inputs.blob != nil && cleared) { return true }
             }
             try c.query("DELETE FROM nola.shard_inputs WHERE job_id = $1 AND stage = $2", [job.id, stage])
             try c.query("""
@@ -121,6 +124,21 @@ public enum ShardStore {
             // Idle workers look for units (the payload is never read).
             try c.query("SELECT pg_notify('nola_work', '')")
             return false
+        }
+    }
+
+    /// Drops what only the owner needed while the stage ran (the shards' results and the stored blob) once the
+    /// stage's output is written, guarded; the rows stay for nola.job_status. A later `prepare` makes such
+    /// shards again rather than keep them.
+    @discardableResult
+    public static func clearResults(_ c: PostgresConnection, _ job: JobRef, stage: String) throws -> Bool {
+        try c.transaction {
+            guard !(try c.query("SELECT 1 FROM nola.jobs WHERE \(JobStore.guardClause) FOR UPDATE", [job.id, job.worker, job.attempt])).isEmpty else {
+                return false
+            }
+            try c.query("UPDATE nola.shards SET result = NULL WHERE job_id = $1 AND stage = $2 AND result IS NOT NULL", [job.id, stage])
+            try c.query("UPDATE nola.shard_inputs SET blob = NULL WHERE job_id = $1 AND stage = $2 AND blob IS NOT NULL", [job.id, stage])
+            return true
         }
     }
 

@@ -134,6 +134,11 @@ final class ShardJobTests: DatabaseTestCase {
         XCTAssertEqual(workers.values.reduce(Set<String>()) { $0.union($1) }.count, 2, "both daemons computed shards: \(workers)")
         let metrics = try XCTUnwrap(try events(id, kind: "metrics").first { $0.stage == "encode" }?.metrics)
         XCTAssertEqual(metrics["shards"] as? Int, 3)
+        let leftOver = try db.query("""
+            SELECT (SELECT count(*) FROM nola.shards WHERE job_id = $1 AND result IS NOT NULL)::int
+                 + (SELECT count(*) FROM nola.shard_inputs WHERE job_id = $1 AND blob IS NOT NULL)::int AS n
+            """, [id])[0]
+        XCTAssertEqual(try leftOver.int("n"), 0, "the probabilities and the tuned blob are dropped once the labels are written")
         XCTAssertNotNil(metrics["shards_by_worker"] as? [String: Any])
     }
 

@@ -101,6 +101,11 @@ final class ShardStoreTests: DatabaseTestCase {
         XCTAssertEqual(try ShardStore.prepare(db, job, stage: "label", inputs: inputs("label", shards, blob: [1, 2]), shards: shards), true)
         XCTAssertEqual(try ShardStore.progress(db, jobID: job.id, stage: "label").done, 1, "a resumed attempt keeps what is done")
         XCTAssertEqual(try ShardStore.claim(db, worker: "a", leaseSeconds: 60)?.inputs.blob, [1, 2])
+        // Once the owner cleared the results (the stage's output written), the same key makes them again.
+        XCTAssertTrue(try ShardStore.clearResults(db, job, stage: "label"))
+        XCTAssertNil(try ShardStore.results(db, jobID: job.id, stage: "label").first?.result)
+        XCTAssertEqual(try ShardStore.prepare(db, job, stage: "label", inputs: inputs("label", shards, blob: [1, 2]), shards: shards), false)
+        XCTAssertEqual(try ShardStore.progress(db, jobID: job.id, stage: "label").done, 0)
         // Other tuned prompts: every shard is made again.
         XCTAssertEqual(try ShardStore.prepare(db, job, stage: "label", inputs: inputs("label", shards, blob: [3]), shards: shards), false)
         XCTAssertEqual(try ShardStore.progress(db, jobID: job.id, stage: "label"), ShardProgress(total: 3, done: 0, imagesDone: 0))
