@@ -321,24 +321,17 @@ struct LabelStage: NolaStage {
         }
         let m = toCompute.count
 
-        // Prompted features of the weak view of every readable image labelled here.
-        var features: [Float] = []
-        features.reserveCapacity(m * encoder.featureSize)
-        let batch = EncodeStage.batchSize
-        for from in stride(from: 0, to: m, by: batch) {
-            try context.reportProgress(stage: name, done: from, total: m)
-            let indices = Array(toCompute[from..<min(m, from + batch)])
-            let (pixels, errors) = weakViewBatch(indices.map { run.file(context, readableIndex: $0) }, config: run.described.weakConfig, threads: context.threads)
-            if let (j, error) = errors.first {
-                throw JobError.transient("\(run.images[run.readable[indices[j]]].path) became unreadable: \(error)")
-            }
-            do {
-                features += try encoder.features(pixels: pixels, batch: indices.count, prompts: state.prompts.values, layerNorms: state.layerNorms)
-            } catch let error as MethodError {
-                throw JobError.badInput("\(error)")
-            }
+        // The tuned model on the weak view of every readable image labelled here, in shards that any worker
+        // may compute (docs/scale-out.md): each reads the tuned prompts, LayerNorms and head from the database.
+        // (`encoder` checked them against this CLIP; a shard builds its own from the blob.)
+        _ = encoder
+        let sharded = try ShardComputation.runStage(
+            context, stage: name, paths: toCompute.map { run.images[run.readable[$0]].path }, clipFolder: validated.clipFolder,
+            dinoFolder: nil, modelKeys: [run.clip.identity.key], blob: state.resultsSafeTensors(metadata: [:]))
+        let probabilities = sharded.results.flatMap { FloatBytes.decode($0.result ?? []) }
+        guard probabilities.count == m * c else {
+            throw JobError.transient("the label shards of job \(context.jobID) hold \(probabilities.count) probabilities, not \(m) × \(c)")
         }
-        let probabilities = labelProbabilities(features: features, head: state.head.values, classCount: c)
         try context.reportProgress(stage: name, done: m, total: m)
         // Signals and abstention of the images labelled here (toCompute order).
         let signals = toCompute.enumerated().map { j, k in
@@ -422,6 +415,8 @@ struct LabelStage: NolaStage {
             }
             try context.write { try PipelineTables.deleteCheckpoint($0, context.job) }
         }
+        // The label rows are written: the shards' probabilities and the stored blob are no longer needed.
+        try context.write { try ShardStore.clearResults($0, context.job, stage: name) }
 
         // labels_per_class counts the labels written (abstentions are not labels).
         var counts: [String: JSONValue] = [:]
@@ -441,6 +436,7 @@ struct LabelStage: NolaStage {
             "abstained": number(n - kept.count), "abstained_by_reason": .object(reasons),
             "coverage": number(n == 0 ? 0 : Double(kept.count) / Double(n)),
             "images_per_second": number(Double(n) / max(1e-9, Date().timeIntervalSince(start))), "seconds": seconds(since: start),
+            "shards": number(sharded.results.count), "shards_by_worker": .object(sharded.workers.mapValues { number($0) }),
         ]
         if let teacher { metrics["agreement_with_teacher"] = number(accuracy(predicted: labels, truth: teacher)) }
         if let truth = run.truth {
