@@ -132,6 +132,21 @@ final class MCiParityTests: XCTestCase {
         }
     }
 
+    /// Random weights (benchmarks, no checkpoint) in timm's init keep the full-size towers' features finite
+    /// and O(1): neither overflowing nor sinking into denormals, which would make a benchmark measure them.
+    func testMCi_randomFullSizeWeights_giveFiniteFeaturesOfOrderOne() throws {
+        let model = try MCiModel(config: MCiConfig(timmModelName: "fastvit_mci0")!, weights: nil)
+        var rng = Models.SplitMix64(seed: 3)
+        let pixels = (0..<(3 * 256 * 256)).map { _ in Float.random(in: -2...2, using: &rng) }
+        let f = model.imageFeatures(pixels: pixels, batch: 1)
+        let top = f.map(abs).max()!
+        print("random fastvit_mci0 features: max magnitude \(top)")
+        XCTAssertEqual(f.count, 512)
+        XCTAssertTrue(f.allSatisfy { $0.isFinite })
+        XCTAssertGreaterThan(top, 1e-2)
+        XCTAssertLessThan(top, 1e4)
+    }
+
     func testMCiConfig_timmNames() {
         XCTAssertEqual(MCiConfig(timmModelName: "fastvit_mci0")?.layers, [2, 6, 10, 2])
         XCTAssertEqual(MCiConfig(timmModelName: "fastvit_mci1")?.layers, [4, 12, 20, 4])
