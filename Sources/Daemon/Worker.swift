@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Pipeline
 import Queue
 
 /// The `serve` service. The main loop, on one control connection, feeds events to `WorkerLoop` (the
