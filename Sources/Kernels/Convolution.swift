@@ -12,7 +12,7 @@ public func convOutputSize(_ size: Int, kernel: Int, stride: Int, padding: Int) 
 /// like a flattened Conv2d weight (OC,C,k,k); taps outside the image are 0.
 public func im2colConv(_ cols: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>,
                        b: Int, h: Int, w: Int, c: Int, kernel k: Int, stride s: Int, padding p: Int) {
-    profiled(.patches, .forward) {
+    profiled(.convolution, .forward) {
         let oh = convOutputSize(h, kernel: k, stride: s, padding: p), ow = convOutputSize(w, kernel: k, stride: s, padding: p)
         parallelFor(b * oh, grain: 1) { rows in
             for row in rows {
@@ -58,7 +58,7 @@ public func depthwiseConv2dForward(_ out: UnsafeMutablePointer<Float>, _ inp: Un
     let oh = convOutputSize(h, kernel: k, stride: s, padding: p), ow = convOutputSize(w, kernel: k, stride: s, padding: p)
     // Output columns whose k taps all lie inside the row: ox·s − p ≥ 0 and ox·s − p + k ≤ w.
     let inLo = min(ow, (p + s - 1) / s), inHi = max(inLo, min(ow, w + p - k >= 0 ? (w + p - k) / s + 1 : 0))
-    parallelFor(b * oh, grain: 1) { rows in
+    profiled(.convolution, .forward) { parallelFor(b * oh, grain: 1) { rows in
         for row in rows {
             let bi = row / oh, oy = row % oh
             let ky0 = max(0, p - oy * s), ky1 = max(ky0, min(k, h + p - oy * s))
@@ -77,7 +77,7 @@ public func depthwiseConv2dForward(_ out: UnsafeMutablePointer<Float>, _ inp: Un
                 }
             }
         }
-    }
+    } }
 }
 
 /// One output pixel (C channels) of a depthwise convolution over taps ky0..<ky1 × kx0..<kx1; src is the input
@@ -146,7 +146,7 @@ public func depthwiseConv2dBackward(dinp: UnsafeMutablePointer<Float>, _ dout: U
                                     b: Int, h: Int, w: Int, c: Int, kernel k: Int, stride s: Int, padding p: Int) {
     let oh = convOutputSize(h, kernel: k, stride: s, padding: p), ow = convOutputSize(w, kernel: k, stride: s, padding: p)
     let c8 = c & ~7
-    withProfilePhase(.backward) {
+    profiled(.convolution, .backward) {
         parallelFor(b * h, grain: 1) { rows in
             for row in rows {
                 let bi = row / h, iy = row % h
