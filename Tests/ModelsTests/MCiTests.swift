@@ -32,6 +32,9 @@ final class MCiParityTests: XCTestCase {
     func testMCi_reparameterisedForm_matchesTimm() throws {
         let model = try MCiModel(config: tinyMCi, weights: try io("mci-reparam.safetensors"))
         XCTAssertFalse(model.loadedTrainingForm)
+        XCTAssertTrue(model.accepts(height: 96, width: 96))
+        XCTAssertFalse(model.accepts(height: 96, width: 128))
+        XCTAssertEqual(model.inputSizeRule, "96×96")
         let f = try io("mci_io.safetensors")
         compare("MCi features, reparameterised form", model.imageFeatures(pixels: try f.floats("pixel_values"), batch: 2),
                 try f.floats("reparam.features"), relTol: 1e-4)
@@ -152,6 +155,7 @@ final class MCiParityTests: XCTestCase {
         XCTAssertEqual(MCiConfig(timmModelName: "fastvit_mci1")?.layers, [4, 12, 20, 4])
         XCTAssertEqual(MCiConfig(timmModelName: "fastvit_mci2")?.embedDims, [80, 160, 320, 640])
         XCTAssertNil(MCiConfig(timmModelName: "fastvit_mci3"))
+        XCTAssertEqual(MCiConfig(timmModelName: "fastvit_mci0")?.imageSize, 256)
         XCTAssertEqual(makeDivisible(1024.0 / 16, 1, roundLimit: 0), 64)
         XCTAssertEqual(makeDivisible(256 * 0.25, 8), 64)
         XCTAssertEqual(makeDivisible(32 * 0.25, 8), 8)

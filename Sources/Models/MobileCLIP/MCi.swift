@@ -334,6 +334,13 @@ public final class MCiModel: @unchecked Sendable {
 
     public var embedDim: Int { config.embedDim }
 
+    /// Whether the tower takes (B,3,H,W) input of this size: image_size × image_size only (open_clip
+    /// resizes and crops to it; the pooled features would be defined at other sizes, but not as trained).
+    public func accepts(height h: Int, width w: Int) -> Bool { h == config.imageSize && w == config.imageSize }
+
+    /// The input size `accepts`, in words: "256×256".
+    public var inputSizeRule: String { "\(config.imageSize)×\(config.imageSize)" }
+
     /// Image features (B, embed_dim) of pixels (B,3,S,S), S = image_size, as open_clip's `encode_image`
     /// before normalisation. Sub-batches run side by side (`batchParallel`).
     public func imageFeatures(pixels: UnsafePointer<Float>, batch b: Int) -> [Float] {
