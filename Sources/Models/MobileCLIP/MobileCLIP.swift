@@ -98,6 +98,9 @@ extension OpenCLIPFolder {
         if imageSize < 2 {
             throw refuse("vision_cfg.image_size \(imageSize) is too small: prompt tuning's strong view needs at least 2 pixels a side")
         }
+        if case .mci = tower, imageSize % 32 != 0 {
+            throw refuse("vision_cfg.image_size \(imageSize) is not a multiple of 32 (the MCi tower halves its grid five times)")
+        }
         return MobileCLIPConfig(tower: tower, imageSize: imageSize, projectionDim: try m.int("embed_dim", 512),
                                 textConfig: try textConfig(t, activation: act, file: url.path),
                                 preprocess: try preprocess(top, file: url.path), customText: try bool(m, "custom_text", file: url.path))
@@ -138,7 +141,10 @@ extension OpenCLIPFolder {
 /// for S0/S1/S2). Weights are immutable after loading; calls allocate their own activations.
 public final class MobileCLIPModel: @unchecked Sendable {
     public enum ImageTower: @unchecked Sendable {
+        /// MobileCLIP-B: ConvStem + ViT-B (prompt tuning as on CLIP's ViT).
         case vit(MobileCLIPViT)
+        /// S0/S1/S2: an MCi tower (the tuned variant trains the last stage's norms and layer scales).
+        case mci(MCiModel)
     }
 
     public let config: MobileCLIPConfig
@@ -167,8 +173,13 @@ public final class MobileCLIPModel: @unchecked Sendable {
             ignored.formUnion(vit.ignoredTensors)
             imageTower = .vit(vit)
         case .mci:
-            throw CheckpointError.badConfig(file: OpenCLIPFolder.configFile,
-                                            reason: "the image tower \(config.tower.timmModelName) (MobileCLIP's MCi) is not in this build of nolad yet; MobileCLIP-B (vit_base_mci_224) is")
+            let name = config.tower.timmModelName
+            guard let c = MCiConfig(timmModelName: name, embedDim: config.projectionDim, imageSize: config.imageSize) else {
+                preconditionFailure("\(name) is an MCi tower")
+            }
+            // MCiModel reads the trunk under visual.trunk. itself and refuses tensors there it does not read.
+            imageTower = .mci(try MCiModel(config: c, weights: weights, prefix: "visual.trunk."))
+            ignored.formUnion((weights?.tensorNames ?? []).filter { $0.hasPrefix("visual.trunk.") })
         }
         textModel = try CLIPTextTransformer(config.textConfig, &w)
         textProjection = try w.linear("text_projection", in: config.textConfig.hiddenSize, out: config.projectionDim, bias: false)
@@ -183,12 +194,8 @@ public final class MobileCLIPModel: @unchecked Sendable {
     public func getImageFeatures(pixels: UnsafePointer<Float>, batch b: Int) -> [Float] {
         switch imageTower {
         case .vit(let v): return v.imageFeatures(pixels: pixels, batch: b)
+        case .mci(let m): return m.imageFeatures(pixels: pixels, batch: b)
         }
-    }
-
-    public func getImageFeatures(pixels: [Float], batch b: Int) -> [Float] {
-        precondition(pixels.count == b * 3 * imageSize * imageSize, "pixels must be (B,3,S,S)")
-        return pixels.withUnsafeBufferPointer { getImageFeatures(pixels: $0.baseAddress!, batch: b) }
     }
 
     /// open_clip's `encode_text` (unnormalised) for each id sequence (start … end, padding optional).

@@ -37,9 +37,19 @@ public struct MobileCLIPViT: @unchecked Sendable {
     /// Checkpoint tensors that play no part in inference (BatchNorm's `num_batches_tracked`), without the prefix.
     let ignoredTensors: Set<String>
     static let layerNormEps: Float = 1e-6, batchNormEps: Float = 1e-5, headWidth = 64
-    var projectionDim: Int { head.outFeatures }
-    var intermediateSize: Int { blocks[0].intermediate }
-    var numPatches: Int { gridSize * gridSize }
+    public var projectionDim: Int { head.outFeatures }
+    public var intermediateSize: Int { blocks[0].intermediate }
+    public var numPatches: Int { gridSize * gridSize }
+    public var depth: Int { blocks.count }
+    /// Floats of the stem's activations for one image (its patch gathers and outputs).
+    public var stemFloatsPerImage: Int {
+        var side = imageSize, total = 0
+        for conv in stem {
+            side /= conv.kernel
+            total += side * side * (conv.linear.inFeatures + conv.linear.outFeatures)
+        }
+        return total
+    }
 
     init(imageSize: Int, projectionDim: Int, _ w: inout WeightReader, prefix p: String) throws {
         self.imageSize = imageSize
