@@ -15,7 +15,10 @@ Writes Tests/ModelsTests/Fixtures/
 - mobileclip_io.safetensors: the inputs and, per folder, `<folder>.image_features` (encode_image) and
   `<folder>.text_features` (encode_text), unnormalised; and the prompt-tuning gradients of mobileclip-vit
   (4 prompts after CLS, before the blocks; head on L2-normalised features; label-smoothing cross-entropy;
-  gradients of the prompts, the head and every LayerNorm of the trunk) from torch autograd.
+  gradients of the prompts, the head and every LayerNorm of the trunk) from torch autograd; and `view.<i>`,
+  open_clip's eval transform for the folder's preprocess_cfg (image_transform_v2: Resize of the shorter side
+  to 64, bilinear, on the Pillow image, CenterCrop, ToTensor, Normalize) of the JPEGs in `VIEW_IMAGES`, with
+  `view.<i>.image_features` the model's encode_image of it.
 The open_clip model is open_clip.CustomTextCLIP (custom_text) with MobileCLIP-B's config, its trunk replaced by the small one;
 nolad reads the folders through its loader, nothing is converted here.
 """
@@ -128,6 +131,24 @@ def prompt_gradients(model, pixels, io):
         io["grad." + name] = g
 
 
+VIEW_IMAGES = ["Tests/ImagingTests/Fixtures/images/larger_1000x750.jpg",
+               "Tests/ImagingTests/Fixtures/images/rgb_420_progressive_odd.jpg",  # 333×211
+               "Tests/ImagingTests/Fixtures/images/rgb_422.jpg",                  # 199×301
+               "Tests/ImagingTests/Fixtures/images/gray.jpg"]                     # 150×230, grayscale
+
+
+def views(model, io):
+    from PIL import Image
+    cfg = open_clip.transform.PreprocessCfg(size=IMAGE, **PREPROCESS_CFG)
+    transform = open_clip.transform.image_transform_v2(cfg, is_train=False)
+    root = os.path.join(os.path.dirname(__file__), "..")
+    for i, path in enumerate(VIEW_IMAGES):
+        pixels = transform(Image.open(os.path.join(root, path))).unsqueeze(0)
+        io[f"view.{i}"] = pixels[0]
+        with torch.no_grad():
+            io[f"view.{i}.image_features"] = model.encode_image(pixels)[0]
+
+
 def main():
     ids, pixels = inputs()
     io = {"input_ids": ids.float(), "pixel_values": pixels}
@@ -138,6 +159,7 @@ def main():
             io[name + ".image_features"] = model.encode_image(pixels)
             io[name + ".text_features"] = model.encode_text(ids)
     prompt_gradients(models[0][1], pixels, io)
+    views(models[0][1], io)
     save_file({k: v.detach().float().contiguous() for k, v in io.items()}, os.path.join(OUT, "mobileclip_io.safetensors"))
     for k, v in io.items():
         print(k, tuple(v.shape))
