@@ -10,6 +10,9 @@ public protocol ImageTextModel: AnyObject, Sendable {
     /// The text tower's sizes (context length, vocabulary) the tokenizer must fit.
     var textConfig: CLIPTextConfig { get }
     var logitScale: Float { get }
+    /// The per-channel mean and std its pixels are normalised with (CLIP: OpenAI's; MobileCLIP: its preprocess_cfg).
+    var imageMean: [Float] { get }
+    var imageStd: [Float] { get }
     /// (B, projectionDim) for pixels (B,3,S,S), S = imageSize.
     func getImageFeatures(pixels: UnsafePointer<Float>, batch: Int) -> [Float]
     /// (N, projectionDim) for N id sequences (start … end, padding optional).
@@ -26,10 +29,14 @@ extension ImageTextModel {
 extension CLIPModel: ImageTextModel {
     public var imageSize: Int { config.visionConfig.imageSize }
     public var textConfig: CLIPTextConfig { config.textConfig }
+    public var imageMean: [Float] { OpenCLIPPreprocess.openAIMean }
+    public var imageStd: [Float] { OpenCLIPPreprocess.openAIStd }
 }
 
 extension MobileCLIPModel: ImageTextModel {
     public var textConfig: CLIPTextConfig { config.textConfig }
+    public var imageMean: [Float] { config.preprocess.mean }
+    public var imageStd: [Float] { config.preprocess.std }
 }
 
 /// The image–text model of a folder: a MobileCLIP open_clip folder as `MobileCLIPModel`, any other CLIP

@@ -98,7 +98,7 @@ struct EncodeStage: NolaStage {
                 let clipRows = rows
                 try context.withDatabase { try PipelineTables.cacheFeatures($0, model: clipEntry.identity.key, view: view, dimension: e, clipRows) }
                 if let dino {
-                    let df = pixels.withUnsafeBufferPointer {
+                    let df = described.dinoPixels(pixels).withUnsafeBufferPointer {
                         dino.model.clsFeatures(pixels: $0.baseAddress!, batch: ok.count, height: imageSize, width: imageSize)
                     }
                     var dinoRows: [(sha256: String, values: [Float])] = []
