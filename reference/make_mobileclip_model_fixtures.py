@@ -4,11 +4,13 @@ reference outputs.
 
 Run: "$NOLAD_REFERENCE_PYTHON" reference/make_mobileclip_model_fixtures.py
 Writes Tests/ModelsTests/Fixtures/
+The text towers have the vocabulary size of the pipeline's tiny CLIP tokenizer (520: Tests/DatabaseTests/Fixtures/
+models/tiny-clip/vocab.json, start 518, end 519), so a job can run with mobileclip-vit and that tokenizer.
 - mobileclip-vit/: open_clip_config.json (MobileCLIP-B's, `vit_base_mci_224`, causal text) +
   open_clip_model.safetensors. The trunk is timm's VisionTransformer with timm's ConvStem as its
   HybridEmbed backbone (proj=False, no_embed_class, token pool, head = projection), as vit_base_mci_224
   builds it, with small sizes: stem channels (16, 16, 64), kernels = strides (4, 2, 2), width 64 (one
-  head of 64, timm's ViT-B head width), 2 blocks, image 64 (a 4×4 grid); BatchNorm running statistics
+  head of 64, timm's ViT-B head width), 2 blocks, image 32 (a 2×2 grid, the size of the pipeline's tiny DINO); BatchNorm running statistics
   random, so the fold at load is exercised.
 - mobileclip-vit-bidir/: the same layout with 1 block and the text tower without its causal mask
   (`no_causal_mask: true`, as MobileCLIP S0/S1/S2), weights as torch.save (open_clip_pytorch_model.bin).
@@ -17,7 +19,7 @@ Writes Tests/ModelsTests/Fixtures/
   (4 prompts after CLS, before the blocks; head on L2-normalised features; label-smoothing cross-entropy;
   gradients of the prompts, the head and every LayerNorm of the trunk) from torch autograd; and `view.<i>`,
   open_clip's eval transform for the folder's preprocess_cfg (image_transform_v2: Resize of the shorter side
-  to 64, bilinear, on the Pillow image, CenterCrop, ToTensor, Normalize) of the JPEGs in `VIEW_IMAGES`, with
+  to 32, bilinear, on the Pillow image, CenterCrop, ToTensor, Normalize) of the JPEGs in `VIEW_IMAGES`, with
   `view.<i>.image_features` the model's encode_image of it.
 The open_clip model is open_clip.CustomTextCLIP (custom_text) with MobileCLIP-B's config, its trunk replaced by the small one;
 nolad reads the folders through its loader, nothing is converted here.
@@ -38,8 +40,8 @@ OUT = os.path.join(os.path.dirname(__file__), "..", "Tests", "ModelsTests", "Fix
 torch.manual_seed(0)
 
 EMBED = 40
-IMAGE = 64
-TEXT_CFG = {"context_length": 16, "vocab_size": 512, "width": 48, "heads": 4, "layers": 2}
+IMAGE = 32
+TEXT_CFG = {"context_length": 16, "vocab_size": 520, "width": 48, "heads": 4, "layers": 2}
 PREPROCESS_CFG = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "interpolation": "bilinear", "resize_mode": "shortest"}
 
 
@@ -96,12 +98,12 @@ def folder(name, depth, no_causal_mask, weights_file):
 
 
 def inputs():
-    # Text: start 510, random ids, end 511 (the highest id: open_clip pools at argmax), then padding 0.
+    # Text: start 518, random ids, end 519 (the highest id: open_clip pools at argmax), then padding 0.
     ids = torch.zeros(3, 16, dtype=torch.long)
     for row, length in enumerate([5, 9, 16]):
-        ids[row, 0] = 510
-        ids[row, 1:length - 1] = torch.randint(1, 510, (length - 2,))
-        ids[row, length - 1] = 511
+        ids[row, 0] = 518
+        ids[row, 1:length - 1] = torch.randint(1, 518, (length - 2,))
+        ids[row, length - 1] = 519
     pixels = torch.rand(2, 3, IMAGE, IMAGE)
     return ids, pixels
 

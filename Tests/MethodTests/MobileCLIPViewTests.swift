@@ -24,7 +24,7 @@ final class MobileCLIPViewTests: XCTestCase {
         for (i, name) in Self.images.enumerated() {
             let image = try decodeImage(at: Self.repository.appendingPathComponent("Tests/ImagingTests/Fixtures/images/" + name))
             let got = view.apply(image)
-            XCTAssertEqual([got.width, got.height], [64, 64], name)
+            XCTAssertEqual([got.width, got.height], [32, 32], name)
             let want = try io.floats("view.\(i)")
             let err = zip(got.pixels, want).map { abs($0 - $1) }.max() ?? .infinity
             print("\(name) MobileCLIP view: max abs error \(err) (tolerance 1e-5)")

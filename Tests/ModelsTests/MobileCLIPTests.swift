@@ -22,7 +22,7 @@ final class MobileCLIPTests: XCTestCase {
             XCTAssertEqual(model.config.textConfig.causal, causal, name)
             XCTAssertEqual(model.config.preprocess, OpenCLIPPreprocess(mean: [0, 0, 0], std: [1, 1, 1], interpolation: .bilinear))
             guard case .vit(let tower) = model.imageTower else { return XCTFail("not the ViT tower") }
-            XCTAssertEqual([tower.hiddenSize, tower.numHeads, tower.gridSize, tower.blocks.count], [64, 1, 4, depth], name)
+            XCTAssertEqual([tower.hiddenSize, tower.numHeads, tower.gridSize, tower.blocks.count], [64, 1, 2, depth], name)
             XCTAssertEqual(rows.map { model.poolingPosition($0) }, [4, 8, 15], name)
             compare("\(name) image features", model.getImageFeatures(pixels: pixels, batch: 2), try f.floats(name + ".image_features"), relTol: 1e-4)
             compare("\(name) text features", model.getTextFeatures(rows), try f.floats(name + ".text_features"), relTol: 1e-4)
@@ -36,7 +36,7 @@ final class MobileCLIPTests: XCTestCase {
         let model = try MobileCLIPModel(folder: fixtures.appendingPathComponent("mobileclip-vit"))
         guard case .vit(let tower) = model.imageTower else { return XCTFail("not the ViT tower") }
         let f = try io("mobileclip_io.safetensors")
-        let pixels = try f.floats("pixel_values"), image = 3 * 64 * 64
+        let pixels = try f.floats("pixel_values"), image = 3 * 32 * 32
         let labels = try f.floats("labels").map { Int($0) }
         let state = MobileCLIPViTPromptTuning(tower: tower, prompts: try f.floats("prompts"), promptCount: 4,
                                               head: try f.floats("head"), classCount: 5, normalizesFeatures: true)
@@ -102,8 +102,9 @@ final class MobileCLIPTests: XCTestCase {
                        prefix + "preprocess_cfg.interpolation \"lanczos\" is not supported (only \"bilinear\" or \"bicubic\")")
         XCTAssertEqual(try refusal(preprocess("resize_mode", "squash")),
                        prefix + "preprocess_cfg.resize_mode \"squash\" is not supported (only \"shortest\")")
-        // the tensors fix the grid: 48 px through the stem's stride 16 is a 3×3 grid, the checkpoint has 4×4
-        XCTAssertEqual(try refusal(vision("image_size", 48)), "tensor 'visual.trunk.pos_embed' has shape [1, 16, 64], expected [1, 9, 64]")
+        // the tensors fix the grid: 48 px through the stem's stride 16 is a 3×3 grid, the checkpoint has 2×2
+        XCTAssertEqual(try refusal(vision("image_size", 48)), "tensor 'visual.trunk.pos_embed' has shape [1, 4, 64], expected [1, 9, 64]")
+        XCTAssertEqual(try refusal(vision("image_size", 40)), prefix + "vision_cfg.image_size 40 is not a multiple of the stem's stride 16")
         // the CLIP loader sends a MobileCLIP folder to the MobileCLIP one
         XCTAssertEqual(try refusal({ _ in }, load: { _ = try CLIPModel(folder: $0) }),
                        prefix + "the image tower is MobileCLIP's vit_base_mci_224, not open_clip's ViT; the folder loads as a MobileCLIP model")

@@ -157,8 +157,13 @@ public final class MobileCLIPModel: @unchecked Sendable {
         let config = try OpenCLIPFolder.mobileCLIPConfig(folder)
         let url = try OpenCLIPFolder.weightsFile(folder)
         let file: TensorSource = url.pathExtension == "safetensors" ? try SafeTensorsFile(url: url) : try TorchCheckpointFile(url: url)
-        try self.init(config: config, weights: OpenCLIPNames(file, visionLayers: nil, textLayers: config.textConfig.numHiddenLayers,
-                                                             textPrefix: config.customText ? "text." : ""))
+        do {
+            try self.init(config: config, weights: OpenCLIPNames(file, visionLayers: nil, textLayers: config.textConfig.numHiddenLayers,
+                                                                 textPrefix: config.customText ? "text." : ""))
+        } catch CheckpointError.badConfig(let name, let reason) where name == OpenCLIPFolder.configFile {
+            // the towers know the sizes, the folder knows the file
+            throw CheckpointError.badConfig(file: folder.appendingPathComponent(name).path, reason: reason)
+        }
     }
 
     /// `weights` nil: random weights of the configured sizes (benchmarks). The text tower's tensors are
