@@ -3,7 +3,8 @@ import Kernels
 
 /// open_clip's hub layout of a CLIP model: `open_clip_config.json` ({"model_cfg": …, "preprocess_cfg": …})
 /// with `open_clip_model.safetensors` or `open_clip_pytorch_model.bin` (open_clip's parameter names).
-/// Only ViT image towers with open_clip's standard text tower load; the config is mapped once onto
+/// Here: ViT image towers with open_clip's standard text tower (MobileCLIP's timm towers load as
+/// `MobileCLIPModel`, MobileCLIP/MobileCLIP.swift); the config is mapped once onto
 /// `CLIPConfig` and the parameter names once onto transformers' `CLIPModel` names, so the same forward
 /// passes (and prompt tuning) run on both layouts.
 public enum OpenCLIPFolder {
