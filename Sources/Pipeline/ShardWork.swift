@@ -71,7 +71,7 @@ enum ShardComputation {
     /// skipped); the unreadable ones with their reasons on the shard's row.
     private static func encode(_ shard: ClaimedShard, images: [ImageRecord], files: [ImageFile], clip: ModelCache.CLIPEntry,
                                dino: ModelCache.DINOEntry?, runner: ShardRunner) throws {
-        let size = clip.model.config.visionConfig.imageSize
+        let size = clip.model.imageSize
         let view = weakView(imageSize: size)
         let e = clip.model.projectionDim, dd = dino?.model.config.hiddenSize ?? 0
         if let d = dino?.model, !d.accepts(height: size, width: size) {
@@ -84,7 +84,7 @@ enum ShardComputation {
             dinoCached = try runner.onDatabase { try PipelineTables.cachedFeatures($0, model: dino.identity.key, view: view, sha256: hashes, dimension: dd) }
         }
         let missing = images.indices.filter { clipCached[images[$0].sha256] == nil || (dino != nil && dinoCached[images[$0].sha256] == nil) }
-        let config = WeakViewConfig(resize: size, crop: size, mean: WeakViewConfig.clipMean, std: WeakViewConfig.clipStd)
+        let config = Described.weakConfig(clip.model)
         let slot = 3 * size * size
         var unreadable: [String: String] = [:]
         for from in stride(from: 0, to: missing.count, by: batchSize) {
@@ -107,7 +107,7 @@ enum ShardComputation {
             let clipRows = ok.enumerated().map { j, i in (sha256: images[i].sha256, values: Array(cf[(j * e)..<((j + 1) * e)])) }
             var dinoRows: [(sha256: String, values: [Float])] = []
             if let dino {
-                let df = pixels.withUnsafeBufferPointer {
+                let df = Described.dinoPixels(pixels, model: clip.model).withUnsafeBufferPointer {
                     dino.model.clsFeatures(pixels: $0.baseAddress!, batch: ok.count, height: size, width: size)
                 }
                 dinoRows = ok.enumerated().map { j, i in (sha256: images[i].sha256, values: Array(df[(j * dd)..<((j + 1) * dd)])) }
@@ -133,11 +133,11 @@ enum ShardComputation {
             guard let shape = file.shape(of: PromptTuningState.promptsName), shape.count == 2 else {
                 throw JobError.badInput("tuned prompts of job \(shard.ref.jobID): no 2-D \(PromptTuningState.promptsName)")
             }
-            let encoder = CLIPPromptEncoder(model: clip.model, promptCount: shape[0])
+            let encoder = promptTunableEncoder(clip.model, promptCount: shape[0]).encoder
             return (try PromptTuningState(resultsSafeTensors: file, encoder: encoder), encoder)
         }
-        let size = clip.model.config.visionConfig.imageSize
-        let config = WeakViewConfig(resize: size, crop: size, mean: WeakViewConfig.clipMean, std: WeakViewConfig.clipStd)
+        let size = clip.model.imageSize
+        let config = Described.weakConfig(clip.model)
         let c = state.head.shape[0]
         var probabilities: [Float] = []
         probabilities.reserveCapacity(files.count * c)

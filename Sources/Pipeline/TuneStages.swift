@@ -48,7 +48,7 @@ final class DecodedImages: @unchecked Sendable {
 
     /// One strong view (3, S, S) per index, computed in parallel; the views' randomness comes only from
     /// (job seed, epoch, image), so a resumed epoch sees the same views.
-    func strongViews(_ indices: [Int], epoch: Int, seed: UInt64, config: StrongViewConfig) throws -> [Float] {
+    func strongViews(_ indices: [Int], epoch: Int, seed: UInt64, config: StrongViewConfig, mean: [Float], std: [Float]) throws -> [Float] {
         let slot = 3 * config.size * config.size
         var out = [Float](repeating: 0, count: indices.count * slot)
         var failure: String?
@@ -62,7 +62,7 @@ final class DecodedImages: @unchecked Sendable {
                     do {
                         let image = try self.image(i)
                         var rng = AugmentRNG(seed: strongViewSeed(jobSeed: seed, epoch: epoch, image: i))
-                        let view = strongView(image, config: config, rng: &rng)
+                        let view = strongView(image, config: config, rng: &rng, mean: mean, std: std)
                         view.withUnsafeBufferPointer { (base + j * slot).update(from: $0.baseAddress!, count: slot) }
                     } catch {
                         self.lock.withLock { failure = "\(error)" }
@@ -99,7 +99,8 @@ struct TuneStage: NolaStage {
         let start = Date()
         let p = encoded.parameters
         let clip = encoded.clip.model
-        let encoder = CLIPPromptEncoder(model: clip, promptCount: p.promptCount)
+        // prompt tokens after CLS on ViT towers; none on an MCi tower (its tuned variant trains its norms)
+        let (encoder, promptCount) = promptTunableEncoder(clip, promptCount: p.promptCount)
         let c = context.classes.count, n = encoded.readable.count
         var state: PromptTuningState
         var teacher = stage2.teacherLabels
@@ -114,7 +115,7 @@ struct TuneStage: NolaStage {
             state = restored.state
             let expectedNorms = encoder.initialLayerNorms().map { "\($0.name)\($0.shape)" }
             guard restored.teacherLabels.count == n, state.head.shape == [c, encoder.featureSize],
-                  state.prompts.shape == [p.promptCount, encoder.hiddenSize],
+                  state.prompts.shape == [promptCount, encoder.hiddenSize],
                   state.layerNorms.map({ "\($0.name)\($0.shape)" }) == expectedNorms else {
                 throw JobError.badInput("checkpoint of job \(context.jobID) does not fit this job (\(restored.teacherLabels.count) teacher labels for \(n) images, head \(state.head.shape), prompts \(state.prompts.shape)); \(startOver)")
             }
@@ -125,7 +126,7 @@ struct TuneStage: NolaStage {
             ])
             context.logger.info("prompt tuning resumes from the checkpoint", metadata: ["epoch": "\(state.epoch)", "step": "\(state.step)"])
         } else {
-            state = PromptTuningState(encoder: encoder, classifier: encoded.described.classifier, promptCount: p.promptCount, seed: p.seed)
+            state = PromptTuningState(encoder: encoder, classifier: encoded.described.classifier, promptCount: promptCount, seed: p.seed)
         }
         let budgetMicro = promptMicroBatchSize(memoryBudgetBytes: context.settings.memoryBudgetMB << 20,
                                                bytesPerImage: encoder.trainingBytesPerImage, logicalBatch: p.promptBatchSize)
@@ -193,7 +194,7 @@ struct TuneStage: NolaStage {
                 // Progress within the logical batch too (a full-size batch of 512 takes minutes).
                 try context.reportProgress(stage: name, done: min(total, (latest.epoch * batchesPerEpoch + latest.batchInEpoch) * perBatch + withinBatch), total: total)
                 withinBatch += indices.count
-                return try decoded.strongViews(indices, epoch: epoch, seed: p.seed, config: strong)
+                return try decoded.strongViews(indices, epoch: epoch, seed: p.seed, config: strong, mean: clip.imageMean, std: clip.imageStd)
             },
                                 shouldStop: { context.stopReason != nil },
                                 onStep: { progress, s in
@@ -277,7 +278,7 @@ struct LabelStage: NolaStage {
         let clip = run.clip.model
         let c = context.classes.count, n = run.readable.count
         var state: PromptTuningState
-        let encoder: CLIPPromptEncoder
+        let encoder: PromptTunableEncoder
         let teacher: [Int]?
         switch tuned.prompts {
         case .fromJob(let source):
@@ -292,7 +293,7 @@ struct LabelStage: NolaStage {
                 if let hash = file.metadata["clip_weights_sha256"], hash != run.clip.identity.weightsSHA256 {
                     throw JobError.badInput("tuned prompts of job \(source) belong to CLIP \(file.metadata["clip_model"] ?? "?") (weights \(hash.prefix(12))…), this job uses \(run.clip.identity.name) (weights \(run.clip.identity.weightsSHA256.prefix(12))…)")
                 }
-                let encoder = CLIPPromptEncoder(model: clip, promptCount: shape[0])
+                let encoder = promptTunableEncoder(clip, promptCount: shape[0]).encoder
                 if let classes = file.metadata["classes"],
                    let names = try? JSONDecoder().decode([String].self, from: Data(classes.utf8)), names != context.classes {
                     throw JobError.badInput("tuned prompts of job \(source) are for classes \(names), this job has \(context.classes)")
