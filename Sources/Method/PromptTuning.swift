@@ -289,12 +289,14 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
                         learningRate: parameters.promptLearningRate, weightDecay: parameters.promptWeightDecay,
                         labelSmoothing: parameters.labelSmoothing, seed: parameters.seed,
                         stopRule: PromptStopRule(patience: parameters.stopPatience, tolerance: parameters.stopTolerance),
+                        stepBudget: parameters.promptStepBudget(imageCount: teacherLabels.count),
                         strongViews: strongViews,
                         shouldStop: shouldStop, onStep: onStep, onEpoch: onEpoch)
 }
 
 /// Runs (or resumes) prompt tuning until `epochs` epochs are complete, or `stopRule` stops it earlier
-/// (`state.stoppedEarly`; a state that has stopped trains no further).
+/// (`state.stoppedEarly`; a state that has stopped trains no further), or `state.step` reaches
+/// `stepBudget` (nil: no cap), which may end it mid-epoch; a state at the budget trains no further.
 /// - teacherLabels: the alignment module's label of every image (computed once; weak view is deterministic).
 /// - strongViews(indices, epoch): pixels (B, 3, H, W) of one fresh strong view of each image; the sampler
 ///   should seed from (job seed, epoch, image index) so a resumed epoch sees the same views.
@@ -307,6 +309,7 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
                             epochs: Int, batchSize: Int, microBatchSize: Int, learningRate: Double,
                             weightDecay: Double, labelSmoothing: Double, seed: UInt64,
                             stopRule: PromptStopRule = .off,
+                            stepBudget: Int? = nil,
                             strongViews: ([Int], Int) throws -> [Float],
                             order: ((Int) -> [Int])? = nil,
                             shouldStop: () -> Bool = { false },
@@ -328,6 +331,8 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
         precondition(permutation.count == n)
         let batches = promptBatches(order: permutation, batchSize: batchSize)
         while state.batchInEpoch < batches.count {
+            // The budget is checked before a step, so a budget met at an epoch's last step still closes that epoch.
+            if let budget = stepBudget, state.step >= budget { return }
             let batch = Array(batches[state.batchInEpoch])
             var promptGradient = [Float](repeating: 0, count: state.prompts.values.count)
             var layerNormGradients = state.layerNorms.map { [Float](repeating: 0, count: $0.values.count) }

@@ -12,7 +12,7 @@ public struct Migration: Sendable {
 /// Applies Migrations/*.sql in order, each in one transaction, under an advisory lock, recorded in
 /// `nola.schema_migrations`. The schema version this build of nolad expects is `Migrator.expectedVersion`.
 public enum Migrator {
-    public static let expectedVersion = 8
+    public static let expectedVersion = 10
     /// Arbitrary constant key for pg_advisory_lock, shared by every nolad.
     static let lockKey: Int64 = 0x6e6f_6c61_6d69_6772 // "nolamigr"
 
@@ -175,7 +175,14 @@ public enum SchemaCatalog {
                        "last_heartbeat timestamp with time zone", "attempt integer", "attempts_used integer",
                        "max_attempts integer", "cancel_requested boolean", "error text",
                        "submitted_at timestamp with time zone", "started_at timestamp with time zone",
-                       "finished_at timestamp with time zone"],
+                       "finished_at timestamp with time zone", "shards_done bigint", "shards_total bigint",
+                       "workers_contributing bigint", "worker_rates jsonb"],
+        "shard_inputs": ["job_id bigint", "stage text", "key text", "clip_model text", "dino_model text", "model_keys text[]",
+                         "blob bytea", "created_at timestamp with time zone"],
+        "shards": ["job_id bigint", "stage text", "index integer", "paths text[]", "state text", "worker text", "claims integer",
+                   "lease_expires_at timestamp with time zone", "started_at timestamp with time zone",
+                   "finished_at timestamp with time zone", "seconds double precision", "result bytea", "unreadable jsonb",
+                   "error text"],
     ]
 
     /// Every table and view of schema `nola` with its columns in order, read from the catalog.
