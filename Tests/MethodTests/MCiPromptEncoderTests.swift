@@ -14,12 +14,12 @@ final class MCiPromptEncoderTests: XCTestCase {
     static let modelFixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         .deletingLastPathComponent().appendingPathComponent("ModelsTests/Fixtures")
 
-    static func encoder() throws -> (MCiPromptEncoder, [Float]) {
+    static func encoder(_ file: String = "mci-train.safetensors") throws -> (MCiPromptEncoder, [Float]) {
         var c = MCiConfig(layers: [1, 1, 1, 2], embedDims: [8, 16, 32, 64], mlpRatios: [3, 3, 3, 2],
                           seDownsamples: [false, false, true, true], tokenMixers: [.repmixer, .repmixer, .repmixer, .attention],
                           posEmbs: [false, false, false, true], embedDim: 12, imageSize: 96)
         c.lkcUseAct = true
-        let model = try MCiModel(config: c, weights: try SafeTensorsFile(url: modelFixtures.appendingPathComponent("mci-train.safetensors")))
+        let model = try MCiModel(config: c, weights: try SafeTensorsFile(url: modelFixtures.appendingPathComponent(file)))
         let pixels = try SafeTensorsFile(url: modelFixtures.appendingPathComponent("mci_io.safetensors")).floats("pixel_values")
         return (MCiPromptEncoder(model: model), pixels)
     }
@@ -64,5 +64,15 @@ final class MCiPromptEncoderTests: XCTestCase {
         let plain = try encoder.features(pixels: pixels, batch: 2, prompts: [], layerNorms: initial.layerNorms)
         XCTAssertEqual(plain, encoder.model.imageFeatures(pixels: pixels, batch: 2))
         XCTAssertNotEqual(tuned, plain)
+
+        // the tuned tensors have the same names in the reparameterised checkpoint: the blob applies to it
+        // unchanged (its features differ from the training form's by the fixture's F16 rounding of the
+        // folded weights, 1e-3 of their scale)
+        let (reparam, _) = try Self.encoder("mci-reparam.safetensors")
+        let onReparam = try PromptTuningState(resultsSafeTensors: blob, encoder: reparam)
+        let there = try reparam.features(pixels: pixels, batch: 2, prompts: [], layerNorms: onReparam.layerNorms)
+        let err = zip(there, tuned).map { abs($0 - $1) }.max()!, scale = tuned.map(abs).max()!
+        print("tuned features, reparameterised vs training form: max abs error \(err), scale \(scale)")
+        XCTAssertLessThan(err / scale, 3e-3)
     }
 }
