@@ -38,90 +38,76 @@ public func layerNormForward(_ out: UnsafeMutablePointer<Float>, mean: UnsafeMut
 /// Backward of layerNormForward, accumulating:
 /// dinp (N,C) += ∂/∂inp; dweight (C) += Σ dout·x̂; dbias (C) += Σ dout. Each only when given.
 /// Forward: out = x̂ · weight + bias, x̂ = (inp − mean) · rstd.
-/// dweight and dbias are split by columns, each column summed over the rows in order, so their bits do not
-/// depend on the thread count; dinp is split by rows.
+/// One pass over the rows, in blocks of `layerNormBlock` rows split over the threads: each block sums its
+/// rows' dweight and dbias terms in order, and the blocks' sums are added in block order, so the bits do
+/// not depend on the thread count.
 public func layerNormBackward(dinp: UnsafeMutablePointer<Float>?, dweight: UnsafeMutablePointer<Float>?,
                               dbias: UnsafeMutablePointer<Float>?,
                               _ dout: UnsafePointer<Float>, _ inp: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
                               mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>, n: Int, c: Int) {
     profiled(.layerNorm, .backward) {
-        if dweight != nil || dbias != nil {
-            // 32 columns per walk down the rows (4 + 4 accumulators); the last group's columns one by one.
-            // Each column's sum takes the rows in order from its value on entry, whatever the split.
-            let groups = (c + 31) / 32
-            parallelFor(groups, grain: max(1, 8192 / max(n, 1))) { part in
-                for g in part {
-                    let lo = g * 32
-                    guard lo + 32 <= c else {
-                        for r in 0..<n {
-                            let x = inp + r * c, dy = dout + r * c
-                            for i in lo..<c {
-                                dweight?[i] += dy[i] * (x[i] - mean[r]) * rstd[r]
-                                dbias?[i] += dy[i]
-                            }
-                        }
-                        continue
+        let wantsWeights = dweight != nil || dbias != nil
+        let blocks = (n + layerNormBlock - 1) / layerNormBlock
+        // per block: Σ dout·x̂ (C), then Σ dout (C)
+        let partial = UnsafeMutablePointer<Float>.allocate(capacity: wantsWeights ? blocks * 2 * c : 1)
+        defer { partial.deallocate() }
+        if wantsWeights { partial.initialize(repeating: 0, count: blocks * 2 * c) }
+        let c8 = c & ~7
+        parallelFor(blocks, grain: max(1, 64 / layerNormBlock)) { part in
+            for block in part {
+                let pw = partial + block * 2 * c, pb = pw + c
+                for r in (block * layerNormBlock)..<min(n, (block + 1) * layerNormBlock) {
+                    let x = inp + r * c, dy = dout + r * c
+                    let m = mean[r], rs = rstd[r]
+                    let m8 = SIMD8<Float>(repeating: m), rs8 = SIMD8<Float>(repeating: rs)
+                    // dx̂ = dy · weight;  dx = rstd · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ · x̂))
+                    var sg8 = SIMD8<Float>(repeating: 0), sgx8 = SIMD8<Float>(repeating: 0)
+                    var i = 0
+                    while i < c8 {
+                        let g = load8(dy + i), xh = (load8(x + i) - m8) * rs8
+                        if wantsWeights { store8(pw + i, load8(pw + i) + g * xh); store8(pb + i, load8(pb + i) + g) }
+                        let gw = g * load8(weight + i)
+                        sg8 += gw
+                        sgx8 += gw * xh
+                        i += 8
                     }
-                    let w = dweight.map { $0 + lo }, bb = dbias.map { $0 + lo }
-                    var w0 = w.map { load8($0) } ?? .zero, w1 = w.map { load8($0 + 8) } ?? .zero
-                    var w2 = w.map { load8($0 + 16) } ?? .zero, w3 = w.map { load8($0 + 24) } ?? .zero
-                    var b0 = bb.map { load8($0) } ?? .zero, b1 = bb.map { load8($0 + 8) } ?? .zero
-                    var b2 = bb.map { load8($0 + 16) } ?? .zero, b3 = bb.map { load8($0 + 24) } ?? .zero
-                    for r in 0..<n {
-                        let x = inp + r * c + lo, dy = dout + r * c + lo
-                        let m8 = SIMD8<Float>(repeating: mean[r]), rs8 = SIMD8<Float>(repeating: rstd[r])
-                        let g0 = load8(dy), g1 = load8(dy + 8), g2 = load8(dy + 16), g3 = load8(dy + 24)
-                        w0 += g0 * (load8(x) - m8) * rs8
-                        w1 += g1 * (load8(x + 8) - m8) * rs8
-                        w2 += g2 * (load8(x + 16) - m8) * rs8
-                        w3 += g3 * (load8(x + 24) - m8) * rs8
-                        b0 += g0; b1 += g1; b2 += g2; b3 += g3
+                    var sumG = sg8.sum(), sumGX = sgx8.sum()
+                    while i < c {
+                        let g = dy[i], xh = (x[i] - m) * rs
+                        if wantsWeights { pw[i] += g * xh; pb[i] += g }
+                        sumG += g * weight[i]
+                        sumGX += g * weight[i] * xh
+                        i += 1
                     }
-                    if let w { store8(w, w0); store8(w + 8, w1); store8(w + 16, w2); store8(w + 24, w3) }
-                    if let bb { store8(bb, b0); store8(bb + 8, b1); store8(bb + 16, b2); store8(bb + 24, b3) }
+                    guard let dinp else { continue }
+                    let dx = dinp + r * c
+                    let mg = sumG / Float(c), mgx = sumGX / Float(c)
+                    let mg8 = SIMD8<Float>(repeating: mg), mgx8 = SIMD8<Float>(repeating: mgx)
+                    i = 0
+                    while i < c8 {
+                        let xh = (load8(x + i) - m8) * rs8
+                        store8(dx + i, load8(dx + i) + rs8 * (load8(dy + i) * load8(weight + i) - mg8 - xh * mgx8))
+                        i += 8
+                    }
+                    while i < c {
+                        let xh = (x[i] - m) * rs
+                        dx[i] += rs * (dy[i] * weight[i] - mg - xh * mgx)
+                        i += 1
+                    }
                 }
             }
         }
-        guard let dinp else { return }
-        let c8 = c & ~7
-        parallelFor(n, grain: 16) { rows in
-            for r in rows {
-                let x = inp + r * c, dy = dout + r * c, dx = dinp + r * c
-                let m = mean[r], rs = rstd[r]
-                let m8 = SIMD8<Float>(repeating: m), rs8 = SIMD8<Float>(repeating: rs)
-                // dx̂ = dy · weight;  dx = rstd · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ · x̂))
-                var sg8 = SIMD8<Float>(repeating: 0), sgx8 = SIMD8<Float>(repeating: 0)
-                var i = 0
-                while i < c8 {
-                    let g = load8(dy + i) * load8(weight + i)
-                    sg8 += g
-                    sgx8 += g * ((load8(x + i) - m8) * rs8)
-                    i += 8
-                }
-                var sumG = sg8.sum(), sumGX = sgx8.sum()
-                while i < c {
-                    let g = dy[i] * weight[i]
-                    sumG += g
-                    sumGX += g * ((x[i] - m) * rs)
-                    i += 1
-                }
-                let mg = sumG / Float(c), mgx = sumGX / Float(c)
-                let mg8 = SIMD8<Float>(repeating: mg), mgx8 = SIMD8<Float>(repeating: mgx)
-                i = 0
-                while i < c8 {
-                    let xh = (load8(x + i) - m8) * rs8
-                    store8(dx + i, load8(dx + i) + rs8 * (load8(dy + i) * load8(weight + i) - mg8 - xh * mgx8))
-                    i += 8
-                }
-                while i < c {
-                    let xh = (x[i] - m) * rs
-                    dx[i] += rs * (dy[i] * weight[i] - mg - xh * mgx)
-                    i += 1
-                }
-            }
+        guard wantsWeights else { return }
+        for block in 0..<blocks {
+            let pw = partial + block * 2 * c, pb = pw + c
+            if let dweight { for i in 0..<c { dweight[i] += pw[i] } }
+            if let dbias { for i in 0..<c { dbias[i] += pb[i] } }
         }
     }
 }
+
+/// Rows per block of layerNormBackward's weight gradients (fixed: the sums' bits depend on it, not on threads).
+let layerNormBlock = 32
 
 /// out = inp / ‖inp‖ per row; norms (N) saved for the backward. out, inp are (N,C).
 public func l2NormalizeForward(_ out: UnsafeMutablePointer<Float>, norms: UnsafeMutablePointer<Float>?,

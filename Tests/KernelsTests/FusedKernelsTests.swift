@@ -56,7 +56,7 @@ final class FusedKernelsTests: XCTestCase {
         check("layernorm c=70 dbias", db, zip(db0, gb).map { Double($0) + $1 }, relTol: 1e-4)
     }
 
-    /// The weight gradients are split by columns over the threads: the same bits with 1, 2 or 4 threads.
+    /// The weight gradients are summed in fixed blocks of rows split over the threads: the same bits with 1, 2 or 4 threads.
     func testLayerNormBackward_sameBitsWithOneTwoAndFourThreads() {
         var rng = Rng(state: 24)
         let n = 4100, c = 100
