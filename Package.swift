@@ -28,6 +28,10 @@ let x86_64_v3 = noladCPU == "x86-64-v3"
 let numeric: [SwiftSetting] = [
     .unsafeFlags(["-O"] + (x86_64_v3 ? ["-Xcc", "-march=x86-64-v3", "-Xcc", "-mtune=znver3"] : [])),
 ]
+/// Kernels also compiles as one module in debug builds (as every release build does): its SIMD helpers
+/// (`load8`, `exp8`, …) live in one file and are used in others, and only whole-module optimisation inlines
+/// them there; without it each is a call per 8 floats and the debug build's breakdown misleads.
+let kernels: [SwiftSetting] = numeric + [.unsafeFlags(["-wmo", "-num-threads", "1"])]
 /// The executable's start-up check refuses a CPU without x86-64-v3 (Sources/Daemon/CPUCheck.swift) when
 /// the numeric code needs it. Pipeline, Daemon, NoladCLI and nolad are compiled for the baseline, so the check runs.
 let cpuCheck: [SwiftSetting] = x86_64_v3 ? [.define("NOLAD_X86_64_V3")] : []
@@ -63,7 +67,7 @@ let package = Package(
                 linkerSettings: [.linkedLibrary("jpeg"), .linkedLibrary("png16")]),
 
         // Tensor kernels: Float32 buffers, GEMM through OpenBLAS, forward/backward pairs.
-        .target(name: "Kernels", dependencies: ["COpenBLAS"], swiftSettings: numeric),
+        .target(name: "Kernels", dependencies: ["COpenBLAS"], swiftSettings: kernels),
         // Models: checkpoint loading, CLIP, DINO/DINOv2, the CLIP tokenizer.
         .target(name: "Models", dependencies: ["Kernels"], swiftSettings: numeric),
         // Imaging: JPEG/PNG decoding, Pillow-exact resampling, augmentations.

@@ -113,20 +113,23 @@ public func biasActivationForward(_ out: UnsafeMutablePointer<Float>, _ pre: Uns
     }
 }
 
-/// Backward of `out = act(inp)`: dinp += act′(inp) · dout. All are (count).
+/// Backward of `out = act(inp)`: dinp += act′(inp) · dout (or = with `accumulate` false: dinp is written,
+/// not read). All are (count).
 public func activationBackward(dinp: UnsafeMutablePointer<Float>, _ dout: UnsafePointer<Float>,
-                               _ inp: UnsafePointer<Float>, count: Int, _ act: Activation) {
+                               _ inp: UnsafePointer<Float>, count: Int, _ act: Activation, accumulate: Bool = true) {
     profiled(.activation, .backward) {
         map8(count) { lo, hi in
             var i = lo
             while i + 8 <= hi {
                 let x = load8(inp + i)
-                store8(dinp + i, load8(dinp + i) + load8(dout + i) * (act == .gelu ? geluGrad8(x) : quickGeluGrad8(x)))
+                let g = load8(dout + i) * (act == .gelu ? geluGrad8(x) : quickGeluGrad8(x))
+                store8(dinp + i, accumulate ? load8(dinp + i) + g : g)
                 i += 8
             }
             while i < hi {
                 var x = SIMD8<Float>(repeating: 0); x[0] = inp[i]
-                dinp[i] += dout[i] * (act == .gelu ? geluGrad8(x) : quickGeluGrad8(x))[0]
+                let g = dout[i] * (act == .gelu ? geluGrad8(x) : quickGeluGrad8(x))[0]
+                dinp[i] = accumulate ? dinp[i] + g : g
                 i += 1
             }
         }
@@ -150,6 +153,23 @@ public func channelScaleForward(_ out: UnsafeMutablePointer<Float>, _ inp: Unsaf
                                 _ scale: UnsafePointer<Float>, n: Int, c: Int) {
     profiled(.residual, .forward) {
         for r in 0..<n { for i in 0..<c { out[r * c + i] = inp[r * c + i] * scale[i] } }
+    }
+}
+
+/// out = residual + inp · scale per channel (layer scale and residual add in one pass); out, residual, inp
+/// are (N,C), scale is (C). out may alias residual. Backward: dresidual = dout, dinp = dout · scale
+/// (channelScaleBackward).
+public func scaledResidualForward(_ out: UnsafeMutablePointer<Float>, _ residual: UnsafePointer<Float>,
+                                  _ inp: UnsafePointer<Float>, _ scale: UnsafePointer<Float>, n: Int, c: Int) {
+    profiled(.residual, .forward) {
+        parallelFor(n, grain: 64) { rows in
+            for r in rows {
+                let o = out + r * c, x = residual + r * c, y = inp + r * c
+                var i = 0
+                while i + 8 <= c { store8(o + i, load8(x + i) + load8(y + i) * load8(scale + i)); i += 8 }
+                while i < c { o[i] = x[i] + y[i] * scale[i]; i += 1 }
+            }
+        }
     }
 }
 

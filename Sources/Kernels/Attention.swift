@@ -58,11 +58,14 @@ public func attentionForward(_ out: UnsafeMutablePointer<Float>, probs: UnsafeMu
 }
 
 /// Backward of attentionForward, accumulating into dqkv (B,T,3D) from dout (B,T,D); with `onlyRow` r the
-/// forward's single query row: dout (B,1,D), probs (B,H,1,T).
+/// forward's single query row: dout (B,1,D), probs (B,H,1,T). With `accumulate` false (full rows only)
+/// dqkv is written, not read.
 /// Forward: s = scale·q·kᵀ; p = softmax(s); out = p·v.
 public func attentionBackward(dqkv: UnsafeMutablePointer<Float>, _ dout: UnsafePointer<Float>,
                               _ qkv: UnsafePointer<Float>, probs: UnsafePointer<Float>,
-                              b: Int, t: Int, d: Int, heads: Int, onlyRow: Int? = nil) {
+                              b: Int, t: Int, d: Int, heads: Int, onlyRow: Int? = nil, accumulate: Bool = true) {
+    precondition(accumulate || onlyRow == nil, "attentionBackward: a single query row accumulates (the other rows of dq stay)")
+    let beta: Float = accumulate ? 1 : 0
     profiled(.attention, .backward) {
         let hd = d / heads
         let scale = 1 / Float(hd).squareRoot()
@@ -82,7 +85,7 @@ public func attentionBackward(dqkv: UnsafeMutablePointer<Float>, _ dout: UnsafeP
                     sgemm(transB: true, m: rows, n: t, k: hd, a: dO, lda: d, b: v, ldb: 3 * d, c: dp, ldc: t)
                 }
                 attentionPart(.valueGEMM) {
-                    sgemm(transA: true, m: t, n: hd, k: rows, a: p, lda: t, b: dO, ldb: d, beta: 1, c: dv, ldc: 3 * d)
+                    sgemm(transA: true, m: t, n: hd, k: rows, a: p, lda: t, b: dO, ldb: d, beta: beta, c: dv, ldc: 3 * d)
                 }
                 // ds = p ⊙ (dp − Σⱼ p·dp), written over dp
                 attentionPart(.softmax) {
@@ -95,8 +98,8 @@ public func attentionBackward(dqkv: UnsafeMutablePointer<Float>, _ dout: UnsafeP
                 }
                 // dq += scale · ds · k ; dk += scale · dsᵀ · q
                 attentionPart(.valueGEMM) {
-                    sgemm(m: rows, n: hd, k: t, alpha: scale, a: dp, lda: t, b: k, ldb: 3 * d, beta: 1, c: dq, ldc: 3 * d)
-                    sgemm(transA: true, m: t, n: hd, k: rows, alpha: scale, a: dp, lda: t, b: q, ldb: 3 * d, beta: 1,
+                    sgemm(m: rows, n: hd, k: t, alpha: scale, a: dp, lda: t, b: k, ldb: 3 * d, beta: beta, c: dq, ldc: 3 * d)
+                    sgemm(transA: true, m: t, n: hd, k: rows, alpha: scale, a: dp, lda: t, b: q, ldb: 3 * d, beta: beta,
                           c: dk, ldc: 3 * d)
                 }
             }

@@ -72,17 +72,49 @@ public func linearForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePoint
           b: weight, ldb: inFeatures, beta: bias == nil ? 0 : 1, c: out, ldc: outFeatures)
 }
 
-/// Backward of `out = inp · weightᵀ + bias`, accumulating:
-/// dinp (N,IN) += dout · weight; dweight (OUT,IN) += doutᵀ · inp; dbias (OUT) += Σ_rows dout.
+/// out (N,OUT) = residual (N,OUT) + inp · weightᵀ + bias: the residual and the bias are written in one pass,
+/// then the GEMM adds the product onto them (β = 1), so the product never makes a pass of its own.
+/// out may alias residual; bias may be nil.
+public func linearForwardAdding(_ out: UnsafeMutablePointer<Float>, residual: UnsafePointer<Float>,
+                                _ inp: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>?,
+                                n: Int, inFeatures: Int, outFeatures: Int) {
+    biasResidualForward(out, residual, bias, n: n, c: outFeatures)
+    sgemm(transB: true, m: n, n: outFeatures, k: inFeatures, a: inp, lda: inFeatures,
+          b: weight, ldb: inFeatures, beta: 1, c: out, ldc: outFeatures)
+}
+
+/// out (N,C) = residual (N,C) + bias (C) per row (bias nil: a copy, nothing when out is residual).
+/// out may alias residual. Its backward passes dout to the residual and Σ_rows dout to the bias.
+public func biasResidualForward(_ out: UnsafeMutablePointer<Float>, _ residual: UnsafePointer<Float>,
+                                _ bias: UnsafePointer<Float>?, n: Int, c: Int) {
+    guard let bias else {
+        if UnsafePointer(out) != residual { copyFloats(out, residual, count: n * c) }
+        return
+    }
+    profiled(.bias, .forward) {
+        parallelFor(n, grain: 64) { rows in
+            for r in rows {
+                let o = out + r * c, x = residual + r * c
+                var i = 0
+                while i + 8 <= c { store8(o + i, load8(x + i) + load8(bias + i)); i += 8 }
+                while i < c { o[i] = x[i] + bias[i]; i += 1 }
+            }
+        }
+    }
+}
+
+/// Backward of `out = inp · weightᵀ + bias`:
+/// dinp (N,IN) += dout · weight (or = with `accumulate` false: dinp is written, not read);
+/// dweight (OUT,IN) += doutᵀ · inp; dbias (OUT) += Σ_rows dout.
 /// Each gradient is computed only when its pointer is given.
 public func linearBackward(dinp: UnsafeMutablePointer<Float>?, dweight: UnsafeMutablePointer<Float>?,
                            dbias: UnsafeMutablePointer<Float>?,
                            _ dout: UnsafePointer<Float>, _ inp: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
-                           n: Int, inFeatures: Int, outFeatures: Int) {
+                           n: Int, inFeatures: Int, outFeatures: Int, accumulate: Bool = true) {
     withProfilePhase(.backward) {
         if let dinp {
             sgemm(m: n, n: inFeatures, k: outFeatures, a: dout, lda: outFeatures,
-                  b: weight, ldb: inFeatures, beta: 1, c: dinp, ldc: inFeatures)
+                  b: weight, ldb: inFeatures, beta: accumulate ? 1 : 0, c: dinp, ldc: inFeatures)
         }
         if let dweight {
             sgemm(transA: true, m: outFeatures, n: inFeatures, k: n, a: dout, lda: outFeatures,

@@ -60,3 +60,14 @@ public func referenceAttention(_ qkv: [Double], b: Int, t: Int, d: Int, heads: I
     } } }
     return out
 }
+
+/// (N,OUT) = residual (N,OUT) + x (N,IN) · wᵀ (OUT,IN) + b (OUT), as linearForwardAdding.
+public func referenceLinearAdding(_ residual: [Double], _ x: [Double], _ w: [Double], _ b: [Double]?,
+                                  n: Int, inFeatures: Int, outFeatures: Int) -> [Double] {
+    zip(residual, referenceLinear(x, w, b, n: n, inFeatures: inFeatures, outFeatures: outFeatures)).map { $0 + $1 }
+}
+
+/// (N,C) = residual + x · scale per channel, as scaledResidualForward.
+public func referenceScaledResidual(_ residual: [Double], _ x: [Double], _ scale: [Double], n: Int, c: Int) -> [Double] {
+    (0..<(n * c)).map { residual[$0] + x[$0] * scale[$0 % c] }
+}

@@ -82,6 +82,8 @@ final class LayerActivations {
 }
 
 /// x (B,T,D) ← layer(x), in place. norm1/norm2 default to the layer's own (prompt tuning passes trained ones).
+/// Each residual add is folded into the GEMM of the projection before it (β = 1 onto residual + bias), or,
+/// with a layer scale, done in the same pass as the scale.
 func encoderLayerForward(_ layer: EncoderLayer, _ x: UnsafeMutablePointer<Float>, _ a: LayerActivations,
                          heads: Int, activation: Activation, causal: Bool,
                          norm1: LayerNorm? = nil, norm2: LayerNorm? = nil) {
@@ -90,25 +92,35 @@ func encoderLayerForward(_ layer: EncoderLayer, _ x: UnsafeMutablePointer<Float>
     (norm1 ?? layer.norm1).forward(a.ln1.data, mean: a.mean1.data, rstd: a.rstd1.data, x, n: n)
     layer.qkv.forward(a.qkv.data, a.ln1.data, n: n)
     attentionForward(a.att.data, probs: a.probs.data, a.qkv.data, b: a.b, t: a.t, d: d, heads: heads, causal: causal)
-    layer.out.forward(a.proj.data, a.att.data, n: n)
-    if let s = layer.scale1 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: n, c: d) }
-    residualForward(x, x, a.proj.data, count: n * d)
-    if a.keepsInputs { copyFloats(a.mid.data, x, count: n * d) }
-    mlpForward(layer, x, a, n: n, activation: activation, norm2: norm2)
-    residualForward(x, x, a.proj.data, count: n * d)
+    // mid = x + scale1 ⊙ out(att): kept for the backward when training, else x itself
+    let mid = a.keepsInputs ? a.mid.data : x
+    residualProjection(layer.out, scale: layer.scale1, mid, residual: x, a.att.data, scratch: a.proj.data, n: n)
+    mlpForward(layer, x, input: mid, a, n: n, activation: activation, norm2: norm2)
 }
 
-/// The MLP half of a layer on n rows: a.proj (n,D) = scale2 · fc2(act(fc1(norm2(input)))), input (n,D);
-/// shared by the full layer and the row-only last layer.
-private func mlpForward(_ layer: EncoderLayer, _ input: UnsafePointer<Float>, _ a: LayerActivations, n: Int,
-                        activation: Activation, norm2: LayerNorm?) {
+/// out (n,OUT) = residual + scale ⊙ linear(inp), out may alias residual; scratch (n,OUT) holds the
+/// projection when there is a layer scale.
+private func residualProjection(_ linear: Linear, scale: Buffer?, _ out: UnsafeMutablePointer<Float>, residual: UnsafePointer<Float>,
+                                _ inp: UnsafePointer<Float>, scratch: UnsafeMutablePointer<Float>, n: Int) {
+    if let scale {
+        linear.forward(scratch, inp, n: n)
+        scaledResidualForward(out, residual, scratch, scale.data, n: n, c: linear.outFeatures)
+    } else {
+        linearForwardAdding(out, residual: residual, inp, linear.weight.data, linear.bias?.data,
+                            n: n, inFeatures: linear.inFeatures, outFeatures: linear.outFeatures)
+    }
+}
+
+/// The MLP half of a layer on n rows: out (n,D) = input + scale2 · fc2(act(fc1(norm2(input)))), input (n,D),
+/// out may alias input; shared by the full layer and the row-only last layer.
+private func mlpForward(_ layer: EncoderLayer, _ out: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
+                        _ a: LayerActivations, n: Int, activation: Activation, norm2: LayerNorm?) {
     let d = layer.d, inter = layer.intermediate
     (norm2 ?? layer.norm2).forward(a.ln2.data, mean: a.mean2.data, rstd: a.rstd2.data, input, n: n)
     let hidden = a.keepsInputs ? a.act.data : a.fc1.data
     linearForward(a.fc1.data, a.ln2.data, layer.fc1.weight.data, nil, n: n, inFeatures: d, outFeatures: inter)
     biasActivationForward(hidden, a.fc1.data, layer.fc1.bias!.data, n: n, c: inter, activation)
-    layer.fc2.forward(a.proj.data, hidden, n: n)
-    if let s = layer.scale2 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: n, c: d) }
+    residualProjection(layer.fc2, scale: layer.scale2, out, residual: input, hidden, scratch: a.proj.data, n: n)
 }
 
 /// The last layer when only one output row per sequence is used (CLS row 0, or a text's EOS row t−1):
@@ -124,11 +136,10 @@ func encoderLayerForwardRow(_ layer: EncoderLayer, _ x: UnsafePointer<Float>, ro
     (norm1 ?? layer.norm1).forward(a.ln1.data, mean: a.mean1.data, rstd: a.rstd1.data, x, n: n)
     layer.qkv.forward(a.qkv.data, a.ln1.data, n: n)
     attentionForward(a.att.data, probs: a.probs.data, a.qkv.data, b: b, t: t, d: d, heads: heads, causal: causal, onlyRow: row)
-    layer.out.forward(a.proj.data, a.att.data, n: b)
-    if let s = layer.scale1 { channelScaleForward(a.proj.data, a.proj.data, s.data, n: b, c: d) }
-    for bi in 0..<b { residualForward(mid + bi * d, x + (bi * t + row) * d, a.proj.data + bi * d, count: d) }
-    mlpForward(layer, mid, a, n: b, activation: activation, norm2: norm2)
-    residualForward(y.data, mid, a.proj.data, count: b * d)
+    // mid (B,D) = x[:, row] + scale1 ⊙ out(att)
+    for bi in 0..<b { copyFloats(mid + bi * d, x + (bi * t + row) * d, count: d) }
+    residualProjection(layer.out, scale: layer.scale1, mid, residual: mid, a.att.data, scratch: a.proj.data, n: b)
+    mlpForward(layer, y.data, input: mid, a, n: b, activation: activation, norm2: norm2)
     withExtendedLifetime(midBuffer) {}
     return y
 }
@@ -148,6 +159,16 @@ final class LayerGradScratch {
     }
 }
 
+/// The gradient of a projection whose output is scaled by `scale` before the residual add: dout · scale in
+/// scratch (n,D), or dout itself without a layer scale (no copy).
+private func scaledGradient(_ dout: UnsafePointer<Float>, _ scale: Buffer?, scratch: UnsafeMutablePointer<Float>,
+                            n: Int, d: Int) -> UnsafePointer<Float> {
+    guard let scale else { return dout }
+    zeroFloats(scratch, count: n * d)
+    channelScaleBackward(dinp: scratch, dout, scale.data, n: n, c: d)
+    return UnsafePointer(scratch)
+}
+
 /// Backward of encoderLayerForwardRow: from dy (B,D), the gradient of its output, writes dx (B,T,D), the
 /// gradient of its input x; LayerNorm weight/bias gradients accumulate into g1, g2.
 func encoderLayerBackwardRow(_ layer: EncoderLayer, dx: UnsafeMutablePointer<Float>, _ dy: UnsafePointer<Float>, row: Int,
@@ -156,28 +177,25 @@ func encoderLayerBackwardRow(_ layer: EncoderLayer, dx: UnsafeMutablePointer<Flo
     withProfilePhase(.backward) {
         precondition(a.keepsInputs)
         let b = a.b, t = a.t, n = b * t, d = layer.d, inter = layer.intermediate
-        let dm = s.dm.data, dmid = Buffer(count: b * d)
+        let dmid = Buffer(count: b * d)
         // y = mid + scale2 ⊙ fc2(act(fc1(norm2(mid)))), one row per sequence
         copyFloats(dmid.data, dy, count: b * d)
-        zeroFloats(dm, count: b * d)
-        if let s2 = layer.scale2 { channelScaleBackward(dinp: dm, dy, s2.data, n: b, c: d) } else { copyFloats(dm, dy, count: b * d) }
-        zeroFloats(s.dhidden.data, count: b * inter)
-        linearBackward(dinp: s.dhidden.data, dweight: nil, dbias: nil, dm, a.act.data, layer.fc2.weight.data, n: b, inFeatures: inter, outFeatures: d)
-        zeroFloats(s.dfc1.data, count: b * inter)
-        activationBackward(dinp: s.dfc1.data, s.dhidden.data, a.fc1.data, count: b * inter, activation)
-        zeroFloats(s.dln.data, count: b * d)
-        linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dfc1.data, a.ln2.data, layer.fc1.weight.data, n: b, inFeatures: d, outFeatures: inter)
+        let dm = scaledGradient(dy, layer.scale2, scratch: s.dm.data, n: b, d: d)
+        linearBackward(dinp: s.dhidden.data, dweight: nil, dbias: nil, dm, a.act.data, layer.fc2.weight.data, n: b, inFeatures: inter, outFeatures: d,
+                       accumulate: false)
+        activationBackward(dinp: s.dfc1.data, s.dhidden.data, a.fc1.data, count: b * inter, activation, accumulate: false)
+        linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dfc1.data, a.ln2.data, layer.fc1.weight.data, n: b, inFeatures: d, outFeatures: inter,
+                       accumulate: false)
         layerNormBackward(dinp: dmid.data, dweight: g2.weight.data, dbias: g2.bias.data, s.dln.data, a.mid.data, norm2.weight.data,
                           mean: a.mean2.data, rstd: a.rstd2.data, n: b, c: d)
         // mid = x[:, row] + scale1 ⊙ out(attention_row(qkv(norm1(x))))
-        zeroFloats(dm, count: b * d)
-        if let s1 = layer.scale1 { channelScaleBackward(dinp: dm, dmid.data, s1.data, n: b, c: d) } else { copyFloats(dm, dmid.data, count: b * d) }
-        zeroFloats(s.datt.data, count: b * d)
-        linearBackward(dinp: s.datt.data, dweight: nil, dbias: nil, dm, a.att.data, layer.out.weight.data, n: b, inFeatures: d, outFeatures: d)
-        s.dqkv.zero()
+        let dm1 = scaledGradient(dmid.data, layer.scale1, scratch: s.dm.data, n: b, d: d)
+        linearBackward(dinp: s.datt.data, dweight: nil, dbias: nil, dm1, a.att.data, layer.out.weight.data, n: b, inFeatures: d, outFeatures: d,
+                       accumulate: false)
+        s.dqkv.zero()   // dq is written for the one row only
         attentionBackward(dqkv: s.dqkv.data, s.datt.data, a.qkv.data, probs: a.probs.data, b: b, t: t, d: d, heads: heads, onlyRow: row)
-        s.dln.zero()
-        linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dqkv.data, a.ln1.data, layer.qkv.weight.data, n: n, inFeatures: d, outFeatures: 3 * d)
+        linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dqkv.data, a.ln1.data, layer.qkv.weight.data, n: n, inFeatures: d, outFeatures: 3 * d,
+                       accumulate: false)
         zeroFloats(dx, count: n * d)
         for bi in 0..<b { copyFloats(dx + (bi * t + row) * d, dmid.data + bi * d, count: d) }
         layerNormBackward(dinp: dx, dweight: g1.weight.data, dbias: g1.bias.data, s.dln.data, a.input.data, norm1.weight.data,
@@ -195,18 +213,22 @@ func encoderLayerBackward(_ layer: EncoderLayer, _ dx: UnsafeMutablePointer<Floa
         precondition(a.keepsInputs)
         let n = a.b * a.t, d = layer.d, inter = layer.intermediate
         // x = mid + scale2 ⊙ fc2(act(fc1(norm2(mid)))): dmid = dx + …
-        let dm = s.dm.data
-        if let s2 = layer.scale2 { s.dm.zero(); channelScaleBackward(dinp: dm, dx, s2.data, n: n, c: d) } else { copyFloats(dm, dx, count: n * d) }
-        s.dhidden.zero(); linearBackward(dinp: s.dhidden.data, dweight: nil, dbias: nil, dm, a.act.data, layer.fc2.weight.data, n: n, inFeatures: inter, outFeatures: d)
-        s.dfc1.zero(); activationBackward(dinp: s.dfc1.data, s.dhidden.data, a.fc1.data, count: n * inter, activation)
-        s.dln.zero(); linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dfc1.data, a.ln2.data, layer.fc1.weight.data, n: n, inFeatures: d, outFeatures: inter)
+        // Every gradient buffer below is written whole by its first kernel (accumulate: false): none is zeroed.
+        let dm = scaledGradient(dx, layer.scale2, scratch: s.dm.data, n: n, d: d)
+        linearBackward(dinp: s.dhidden.data, dweight: nil, dbias: nil, dm, a.act.data, layer.fc2.weight.data, n: n, inFeatures: inter, outFeatures: d,
+                       accumulate: false)
+        activationBackward(dinp: s.dfc1.data, s.dhidden.data, a.fc1.data, count: n * inter, activation, accumulate: false)
+        linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dfc1.data, a.ln2.data, layer.fc1.weight.data, n: n, inFeatures: d, outFeatures: inter,
+                       accumulate: false)
         layerNormBackward(dinp: dx, dweight: g2.weight.data, dbias: g2.bias.data, s.dln.data, a.mid.data, norm2.weight.data,
                           mean: a.mean2.data, rstd: a.rstd2.data, n: n, c: d)
         // mid = input + scale1 ⊙ out(attention(qkv(norm1(input))))
-        if let s1 = layer.scale1 { s.dm.zero(); channelScaleBackward(dinp: dm, dx, s1.data, n: n, c: d) } else { copyFloats(dm, dx, count: n * d) }
-        s.datt.zero(); linearBackward(dinp: s.datt.data, dweight: nil, dbias: nil, dm, a.att.data, layer.out.weight.data, n: n, inFeatures: d, outFeatures: d)
-        s.dqkv.zero(); attentionBackward(dqkv: s.dqkv.data, s.datt.data, a.qkv.data, probs: a.probs.data, b: a.b, t: a.t, d: d, heads: heads)
-        s.dln.zero(); linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dqkv.data, a.ln1.data, layer.qkv.weight.data, n: n, inFeatures: d, outFeatures: 3 * d)
+        let dm1 = scaledGradient(dx, layer.scale1, scratch: s.dm.data, n: n, d: d)
+        linearBackward(dinp: s.datt.data, dweight: nil, dbias: nil, dm1, a.att.data, layer.out.weight.data, n: n, inFeatures: d, outFeatures: d,
+                       accumulate: false)
+        attentionBackward(dqkv: s.dqkv.data, s.datt.data, a.qkv.data, probs: a.probs.data, b: a.b, t: a.t, d: d, heads: heads, accumulate: false)
+        linearBackward(dinp: s.dln.data, dweight: nil, dbias: nil, s.dqkv.data, a.ln1.data, layer.qkv.weight.data, n: n, inFeatures: d, outFeatures: 3 * d,
+                       accumulate: false)
         layerNormBackward(dinp: dx, dweight: g1.weight.data, dbias: g1.bias.data, s.dln.data, a.input.data, norm1.weight.data,
                           mean: a.mean1.data, rstd: a.rstd1.data, n: n, c: d)
     }
