@@ -262,6 +262,7 @@ struct TuneStage: PipelineStage {
             // Data-parallel tuning (this attempt): units computed here and by helpers, the helpers, and
             // the owner's seconds spent on the database and waiting for helpers' units.
             "units_here": number(owner.unitsHere), "units_helped": number(owner.unitsHelped),
+            "units_rescued": number(owner.unitsRescued),
             "helpers": .array(owner.helpers.sorted().map(JSONValue.string)),
             "coordination_seconds": number(owner.coordinationSeconds), "wait_seconds": number(owner.waitSeconds),
             "unit_seconds": number(owner.computeSeconds), "step_seconds": number(owner.stepSeconds),

@@ -27,6 +27,8 @@ final class TuningOwner {
     let labelSmoothing: Double
     /// Figures for the stage's metrics event.
     private(set) var unitsHere = 0, unitsHelped = 0, steps = 0
+    /// Units this owner took over from a worker whose lease had expired.
+    private(set) var unitsRescued = 0
     private(set) var waitSeconds = 0.0, coordinationSeconds = 0.0, computeSeconds = 0.0
     /// Seconds from the units' results to the step's end (sum in unit order + AdamW): the serial step.
     private(set) var stepSeconds = 0.0
@@ -74,6 +76,7 @@ final class TuningOwner {
                 try TuningUnits.claim($0, worker: job.worker, leaseSeconds: lease, jobID: job.id)
             }), claim.step == plan.step, claim.attempt == job.attempt {
                 lap(&coordinationSeconds)
+                if claim.claims > 1 { unitsRescued += 1 }
                 let started = Date()
                 let result = try promptUnitGradient(encoder: encoder, state: state, targets: claim.targets,
                                                     pixels: try strongViews(claim.images, claim.epoch),
