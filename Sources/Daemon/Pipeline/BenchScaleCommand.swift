@@ -23,7 +23,7 @@ struct BenchScale: ParsableCommand {
     @Option(help: "Worker processes per run, comma-separated.") var workers = "1,2"
     @Option(help: "Threads of each worker process.") var threads = 1
     @Option(help: "PostgreSQL server binaries.") var pgBin = ProcessInfo.processInfo.environment["NOLAD_PG_BIN"] ?? "/usr/lib/postgresql/15/bin"
-    @Option(help: "Keep the temporary folder (cluster, daemon logs) for inspection.") var keep = false
+    @Flag(help: "Keep the temporary folder (cluster, daemon logs) for inspection.") var keep = false
 
     struct Figures {
         var workers = 0
@@ -35,6 +35,7 @@ struct BenchScale: ParsableCommand {
     }
 
     func run() throws {
+        setvbuf(stdout, nil, _IOLBF, 0)
         let counts = workers.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
         guard !counts.isEmpty, counts.allSatisfy({ $0 >= 1 }) else { throw ValidationError("--workers: positive counts, e.g. 1,2") }
         guard let data = parameters.data(using: .utf8), (try? JSONSerialization.jsonObject(with: data)) is [String: Any] else {
@@ -66,27 +67,30 @@ struct BenchScale: ParsableCommand {
                          f.number("unit_seconds"), f.number("coordination_seconds"), f.number("wait_seconds"), f.number("step_seconds")))
         }
         guard let one = all.first(where: { $0.workers == 1 }) ?? all.first else { return }
-        // The serial part: what no helper shares today — the stages before tuning that are not sharded
-        // here (describe, pseudo-labels), the owner's optimizer steps and reductions (sum + AdamW +
-        // publishing) — and the coordination per step measured with the most workers.
+        // The serial part S: what no helper shares — discover, describe, pseudo-labels, and the owner's
+        // optimizer steps and reductions (sum in unit order + AdamW). The per-image stages (encode,
+        // label) divide among workers only where their shards are spread; both predictions are printed.
+        // c: the owner's database time per step with the most workers (publishing, claims, writes,
+        // reading results; waiting for helpers is not counted).
         let steps = max(1, one.number("steps_this_attempt"))
         let most = all.max { $0.workers < $1.workers }!
         let perStep = most.number("coordination_seconds") / max(1, most.number("steps_this_attempt"))
-        let serial = one.stage("validate") + one.stage("describe") + one.stage("pseudolabel") + one.number("step_seconds")
-        let parallel = max(0, one.wall - serial - one.number("coordination_seconds"))
-        print(String(format: "serial part: %.2f s (describe %.2f, pseudo-labels %.2f, optimizer steps and reductions %.2f)",
-                     serial, one.stage("describe"), one.stage("pseudolabel"), one.number("step_seconds")))
-        print(String(format: "coordination overhead per optimizer step: %.1f ms (owner's database time with %d workers, %d steps)",
+        let serial = one.stage("discover") + one.stage("validate") + one.stage("describe") + one.stage("pseudolabel") + one.number("step_seconds")
+        let perImage = one.stage("encode") + one.stage("label")
+        let rest = max(0, one.wall - serial - perImage - one.number("coordination_seconds"))
+        print(String(format: "serial part S: %.2f s (discover %.2f, describe %.2f, pseudo-labels %.2f, optimizer steps and reductions %.2f); encode + label %.2f s",
+                     serial, one.stage("discover"), one.stage("describe"), one.stage("pseudolabel"), one.number("step_seconds"), perImage))
+        print(String(format: "coordination overhead per optimizer step c: %.1f ms (owner's database time with %d workers over %d steps)",
                      1000 * perStep, most.workers, Int(most.number("steps_this_attempt"))))
         for f in all where f.workers > 1 {
             print(String(format: "speed-up with %d workers: %.2f× (goal for 2: ≥ 1.8×)", f.workers, one.wall / max(1e-9, f.wall)))
         }
         for n in [8, 32] {
-            let predicted = one.wall / (serial + parallel / Double(n) + steps * perStep)
-            print(String(format: "expected speed-up at %d workers: %.1f× = T1 / (S + P/N + steps · c) with T1 %.1f s, S %.2f s, P %.1f s, %d steps, c %.1f ms",
-                         n, predicted, one.wall, serial, parallel, Int(steps), 1000 * perStep))
+            let sharded = one.wall / (serial + (rest + perImage) / Double(n) + steps * perStep)
+            let unsharded = one.wall / (serial + perImage + rest / Double(n) + steps * perStep)
+            print(String(format: "expected speed-up at %d workers: %.1f× with encode/label sharded, %.1f× without (T1 %.1f s, S %.2f s, P %.1f s + encode/label %.1f s, %d steps, c %.1f ms)",
+                         n, sharded, unsharded, one.wall, serial, rest, perImage, Int(steps), 1000 * perStep))
         }
-        print("(encode and label are counted in P only where shards spread them over workers; see docs/scale-out-tuning.md)")
     }
 
     func runJob(server: BenchCluster, workers n: Int, classes: [String], descriptionsJSON: String?) throws -> Figures {
@@ -194,22 +198,30 @@ final class BenchCluster {
 
     func conninfo(_ dbname: String) -> String { "host=\(folder) port=\(port) user=postgres dbname=\(dbname)" }
 
+    /// Runs a server binary to completion. posix_spawn + waitpid with the output in a file: the server
+    /// `pg_ctl start` leaves running inherits the child's descriptors, and Foundation's Process then
+    /// never sees the child end.
     func tool(_ name: String, _ args: [String]) throws {
-        let p = Process()
-        if getuid() == 0 {
-            p.executableURL = URL(fileURLWithPath: "/usr/sbin/runuser")
-            p.arguments = ["-u", "postgres", "--", binDir + "/" + name] + args
-        } else {
-            p.executableURL = URL(fileURLWithPath: binDir + "/" + name)
-            p.arguments = args
-        }
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else { throw ValidationError("\(name) failed (\(p.terminationStatus)): \(text)") }
+        let path = getuid() == 0 ? "/usr/sbin/runuser" : binDir + "/" + name
+        let arguments = getuid() == 0 ? ["-u", "postgres", "--", binDir + "/" + name] + args : args
+        let outPath = NSTemporaryDirectory() + "/nolad-bench-scale-\(getpid())-\(name).out"
+        defer { try? FileManager.default.removeItem(atPath: outPath) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, outPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        let argv: [UnsafeMutablePointer<CChar>?] = ([path] + arguments).map { strdup($0) } + [nil]
+        let env: [UnsafeMutablePointer<CChar>?] = ProcessInfo.processInfo.environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { for p in argv + env { free(p) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, path, &actions, nil, argv, env)
+        guard rc == 0 else { throw ValidationError("cannot start \(path): \(String(cString: strerror(rc)))") }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let text = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""
+        guard status == 0 else { throw ValidationError("\(name) failed (status \(status)): \(text)") }
     }
 
     func stop() {

@@ -93,7 +93,8 @@ final class TuningOwner {
                 continue
             }
             let missing = plan.units.indices.filter { results[$0] == nil }
-            for done in try context.withDatabase({ try TuningUnits.results($0, job, step: plan.step, units: missing) }) {
+            let found = try context.withDatabase { try TuningUnits.results($0, job, step: plan.step, units: missing) }
+            for done in found {
                 guard let result = PromptUnitResult(bytes: done.result, count: count) else {
                     throw JobError.transient("unit \(done.unit) of prompt-tuning step \(plan.step) has a result of \(done.result.count) bytes, expected \(4 * count + 24) (written by \(done.worker))")
                 }
@@ -101,7 +102,8 @@ final class TuningOwner {
                 unitsHelped += 1
                 helpers.insert(done.worker)
             }
-            lap(&coordinationSeconds)
+            // A look that found nothing new is part of the wait, not of the coordination.
+            if found.isEmpty { lap(&waitSeconds) } else { lap(&coordinationSeconds) }
             if results.count < plan.units.count {
                 // Units other workers hold: wait for their results (or for a lease to expire, when the
                 // claim above takes the unit over).
