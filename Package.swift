@@ -1,6 +1,7 @@
 // swift-tools-version:6.0
 // nolad: a daemon that labels unlabeled image collections with the NoLA method.
-// Layers, lowest first (DESIGN.md): C shims → Kernels → Models, Imaging → Method → Queue → Daemon → nolad.
+// Layers, lowest first (DESIGN.md): C shims → Kernels → Models, Imaging → Method → Queue → Pipeline → Daemon
+// → NoladCLI (Sources/CommandLine) → nolad. Each layer is a folder under Sources/.
 import Foundation
 import PackageDescription
 
@@ -28,7 +29,7 @@ let numeric: [SwiftSetting] = [
     .unsafeFlags(["-O"] + (x86_64_v3 ? ["-Xcc", "-march=x86-64-v3", "-Xcc", "-mtune=znver3"] : [])),
 ]
 /// The executable's start-up check refuses a CPU without x86-64-v3 (Sources/Daemon/CPUCheck.swift) when
-/// the numeric code needs it. Daemon and nolad themselves are compiled for the baseline, so the check runs.
+/// the numeric code needs it. Pipeline, Daemon, NoladCLI and nolad are compiled for the baseline, so the check runs.
 let cpuCheck: [SwiftSetting] = x86_64_v3 ? [.define("NOLAD_X86_64_V3")] : []
 
 let package = Package(
@@ -74,26 +75,39 @@ let package = Package(
             "CPostgres",
             .product(name: "Logging", package: "swift-log"),
         ]),
-        // Daemon: configuration, the worker service, systemd integration, CLI commands.
+        // Pipeline: the NoLA job stages (validate, discover, describe, encode, pseudolabel, tune, label), the
+        // JobStage/JobContext plug-in point they run through, the model cache and the collection walk.
+        .target(name: "Pipeline", dependencies: [
+            "Queue", "Method", "Models", "Imaging", "Kernels", "CImageSupport",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Daemon: the service — configuration, the worker loop and leases, signals, systemd, metrics.
         .target(name: "Daemon", dependencies: [
-            "Queue", "Method", "Models", "Imaging", "Kernels", "CSystemd", "CImageSupport",
-            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "Pipeline", "Queue", "Method", "Kernels", "CSystemd", "CImageSupport",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
             .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "FlyingFox", package: "FlyingFox"),
             .product(name: "FlyingSocks", package: "FlyingFox"),
         ], swiftSettings: cpuCheck),
+        // NoladCLI: the command line (serve, submit, status, labels, export, evaluate, benches, ...), a
+        // library so tests can call the commands' pure parts in-process.
+        .target(name: "NoladCLI", dependencies: [
+            "Daemon", "Pipeline", "Queue", "Method", "Models", "Imaging", "Kernels",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ], path: "Sources/CommandLine"),
+        // nolad: the entry point (the CPU check, then the command line).
         .executableTarget(name: "nolad", dependencies: [
-            "Daemon", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "NoladCLI", "Daemon", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
         .testTarget(name: "KernelsTests", dependencies: ["Kernels"], swiftSettings: numeric),
         .testTarget(name: "ModelsTests", dependencies: ["Models", "Kernels"], exclude: ["Fixtures"], swiftSettings: numeric),
         .testTarget(name: "ImagingTests", dependencies: ["Imaging"], exclude: ["Fixtures"], swiftSettings: numeric),
         .testTarget(name: "MethodTests", dependencies: ["Method"], exclude: ["Fixtures"], swiftSettings: numeric),
-        .testTarget(name: "QueueTests", dependencies: ["Queue", "Daemon", "Imaging", "Models"]),
-        .testTarget(name: "DatabaseTests", dependencies: ["Queue", "Daemon", "Models", "Method"], exclude: ["Fixtures"]),
+        .testTarget(name: "QueueTests", dependencies: ["Queue", "Pipeline", "Daemon", "NoladCLI", "Imaging", "Models"]),
+        .testTarget(name: "DatabaseTests", dependencies: ["Queue", "Pipeline", "Daemon", "Models", "Method"], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v5]
 )

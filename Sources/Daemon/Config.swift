@@ -1,4 +1,5 @@
 import Foundation
+import Pipeline
 import Queue
 import Yams
 
@@ -74,6 +75,24 @@ public struct NoladConfig: Equatable, Sendable {
     public var metricsAllowRemote: Bool = false
 
     public init() {}
+
+    /// What the pipeline's stages read of the configuration.
+    public var stageSettings: StageSettings {
+        var s = StageSettings()
+        s.threads = threads
+        s.modelRoot = modelRoot
+        s.clipModel = clipModel
+        s.dinoModel = dinoModel
+        s.llmURL = llmURL
+        s.llmModel = llmModel
+        s.llmAPIKey = llmAPIKey
+        s.memoryBudgetMB = memoryBudgetMB
+        s.checkpointSeconds = checkpointSeconds
+        s.imageDelaySeconds = imageDelaySeconds
+        s.pipeline = pipeline
+        s.unitLeaseSeconds = leaseSeconds
+        return s
+    }
 
     /// Every key of the YAML file, in the order of the example file.
     public static let keys = [

@@ -59,7 +59,7 @@ private let loggingBootstrap: Void = {
 }()
 
 /// The process-wide logger (bootstrapped once).
-func makeLogger(level: String) -> Logger {
+public func makeLogger(level: String) -> Logger {
     _ = loggingBootstrap
     var logger = Logger(label: "nolad")
     logger.logLevel = Logger.Level(rawValue: level) ?? .info

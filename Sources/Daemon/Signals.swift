@@ -32,10 +32,10 @@ final class WakePipe: @unchecked Sendable {
 }
 
 /// Delivers SIGTERM/SIGINT through DispatchSource instead of the default "die now".
-final class SignalWatcher {
+public final class SignalWatcher {
     private var sources: [DispatchSourceSignal] = []
 
-    init(signals: [Int32], handler: @escaping @Sendable (Int32) -> Void) {
+    public init(signals: [Int32], handler: @escaping @Sendable (Int32) -> Void) {
         for s in signals {
             signal(s, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: s, queue: .global())
@@ -45,7 +45,7 @@ final class SignalWatcher {
         }
     }
 
-    func cancel() {
+    public func cancel() {
         for s in sources { s.cancel() }
         sources = []
     }

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Pipeline
 import Queue
 
 /// The `serve` service. The main loop, on one control connection, feeds events to `WorkerLoop` (the
@@ -77,7 +78,8 @@ public final class Worker: @unchecked Sendable {
         var helperThread: Thread?
         let helperDone = DispatchSemaphore(value: 0)
         if config.pipeline == "nola" {
-            let helper = TuningHelper(config: config, worker: id, logger: logger)
+            let helper = TuningHelper(conninfo: config.conninfo, limits: config.controlConnectionLimits, settings: config.stageSettings,
+                                      worker: id, logger: logger)
             let slots = config.concurrency
             let thread = Thread { [self] in
                 helper.run(mayHelp: { self.snapshot().count < slots }, shouldStop: { self.isShuttingDown })

@@ -2,6 +2,7 @@ import Foundation
 import Kernels
 import Logging
 import Method
+import Pipeline
 import Queue
 
 /// The executor: one thread with its own connection per claimed job. The job's `JobLifecycle` decides
@@ -93,7 +94,7 @@ extension Worker {
             let collection = try CollectionAccess.resolve(claimed.collection, roots: config.collectionRoots)
             let context = JobContext(
                 job: ref, collection: collection, roots: roots.map { URL(fileURLWithPath: $0) }, classes: claimed.classes,
-                descriptionsJSON: claimed.descriptionsJSON, parametersJSON: claimed.parametersJSON, config: config,
+                descriptionsJSON: claimed.descriptionsJSON, parametersJSON: claimed.parametersJSON, settings: config.stageSettings,
                 database: database, logger: logger,
                 onProgress: { [weak self, job] stage, done, total in
                     self?.lock.withLock { job.stage = stage; job.done = done; job.total = total }

@@ -77,10 +77,11 @@ public struct PromptTuningState: Equatable, Sendable {
     public var stoppedEarly = false
 
     /// Initial state: prompts U(±sqrt(6/(3·16·16 + W))) from the job seed (the reference's bound, with its
-    /// fixed 16×16 patch), the encoder's LayerNorms, the head = classifier (C, E).
+    /// fixed 16×16 patch), the encoder's LayerNorms, the head = classifier (C, E). promptCount 0: an
+    /// encoder without prompt tokens (an MCi tower, `MCiPromptEncoder`), whose prompts are (0, W).
     public init(encoder: PromptTunableEncoder, classifier: [Float], promptCount: Int, seed: UInt64) {
         let w = encoder.hiddenSize, e = encoder.featureSize
-        precondition(classifier.count % e == 0 && promptCount > 0)
+        precondition(classifier.count % e == 0 && promptCount >= 0)
         var random = SeededRandom(seed: seed, stream: "prompt init")
         let bound = Float((6.0 / Double(3 * 16 * 16 + w)).squareRoot())
         let prompts = (0..<(promptCount * w)).map { _ in random.uniform(-bound, bound) }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Daemon
+import NoladCLI
 import Foundation
 
 // First, before any code compiled for x86-64-v3 can run: a CPU without AVX2/FMA gets a sentence, not SIGILL.

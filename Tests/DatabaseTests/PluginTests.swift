@@ -2,6 +2,7 @@
 import Daemon
 import Foundation
 import Logging
+import Pipeline
 import Queue
 import XCTest
 

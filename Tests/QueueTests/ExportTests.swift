@@ -1,6 +1,6 @@
 // `nolad export` naming and documents as pure functions (docs/exports.md); the files themselves are
 // tested with a real job in DatabaseTests/ExportCommandTests.swift.
-@testable import Daemon
+@testable import NoladCLI
 import Queue
 import XCTest
 

@@ -1,6 +1,8 @@
 // QueueTests — everything of the queue and daemon layers that needs no database: the job lifecycle
 // state machine, retry backoff, SHA-256, libpq text formats, configuration, collection checks.
 @testable import Daemon
+@testable import NoladCLI
+@testable import Pipeline
 import Models
 import Foundation
 import Imaging

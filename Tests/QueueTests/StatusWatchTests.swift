@@ -1,5 +1,5 @@
 // `nolad status --watch` rendering as pure functions: terminal frames and plain-line updates for given rows.
-@testable import Daemon
+@testable import NoladCLI
 import XCTest
 
 final class StatusWatchTests: XCTestCase {

@@ -11,7 +11,7 @@ struct BenchScale: ParsableCommand {
         commandName: "bench-scale",
         abstract: "Time one whole job with 1 worker process and then with 2 (data-parallel prompt tuning), on a PostgreSQL of its own.")
 
-    static let checkout = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../..").standardizedFileURL
+    static let checkout = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../..").standardizedFileURL
 
     @Option(help: "Collection (one sub-folder per class; default: the demo's).") var collection = checkout.appendingPathComponent("Demo/collection").path
     @Option(help: "Model root holding tiny-clip/ and tiny-dino/ (default: the demo's).") var models = checkout.appendingPathComponent("Demo/models").path

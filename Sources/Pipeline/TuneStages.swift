@@ -98,18 +98,18 @@ final class DecodedImages: @unchecked Sendable {
 
 // MARK: stage 3
 
-struct TuneStage: PipelineStage {
+struct TuneStage: NolaStage {
     let name = "tune"
 
-    func body(_ context: JobContext) throws {
-        let run = try NolaPipeline.runs.get(context)
-        guard run.promptsFromJob == nil, let stage2 = run.stage2 else { return }
+    func run(_ taught: Taught, _ context: JobContext) throws -> Tuned {
+        let encoded = taught.encoded
+        if let source = encoded.validated.promptsFromJob { return Tuned(taught: taught, prompts: .fromJob(source)) }
+        guard let stage2 = taught.stage2 else { throw JobError.transient("stage 2 did not run") }
         let start = Date()
-        let p = run.parameters
-        let clip = run.clip.model
+        let p = encoded.parameters
+        let clip = encoded.clip.model
         let encoder = CLIPPromptEncoder(model: clip, promptCount: p.promptCount)
-        run.encoder = encoder
-        let c = context.classes.count, n = run.readable.count
+        let c = context.classes.count, n = encoded.readable.count
         var state: PromptTuningState
         var teacher = stage2.teacherLabels
         // A stored checkpoint that cannot be restored, or does not fit, fails the job (bad input, not
@@ -134,10 +134,9 @@ struct TuneStage: PipelineStage {
             ])
             context.logger.info("prompt tuning resumes from the checkpoint", metadata: ["epoch": "\(state.epoch)", "step": "\(state.step)"])
         } else {
-            state = PromptTuningState(encoder: encoder, classifier: run.classifier, promptCount: p.promptCount, seed: p.seed)
+            state = PromptTuningState(encoder: encoder, classifier: encoded.described.classifier, promptCount: p.promptCount, seed: p.seed)
         }
-        run.teacherLabels = teacher
-        let budgetMicro = promptMicroBatchSize(memoryBudgetBytes: context.config.memoryBudgetMB << 20,
+        let budgetMicro = promptMicroBatchSize(memoryBudgetBytes: context.settings.memoryBudgetMB << 20,
                                                bytesPerImage: encoder.trainingBytesPerImage, logicalBatch: p.promptBatchSize)
         // The micro-batch is the job's (its units are the same on every worker, so the result does not
         // depend on who runs it). It may exceed the collection or the logical batch (only what exists is
@@ -147,11 +146,11 @@ struct TuneStage: PipelineStage {
         let used = min(micro, p.promptBatchSize, n)
         if used > budgetMicro {
             let gib = Double(used) * Double(encoder.trainingBytesPerImage) / Double(1 << 30)
-            throw JobError.badInput("\(MethodError(.badParameter, NolaParameters.Key.promptMicroBatchSize.rawValue, "\(used) images need about \(String(format: "%.1f", gib)) GiB of prompt-tuning activations, more than this worker's memory_budget_mb \(context.config.memoryBudgetMB); set it to at most \(budgetMicro), or raise memory_budget_mb"))")
+            throw JobError.badInput("\(MethodError(.badParameter, NolaParameters.Key.promptMicroBatchSize.rawValue, "\(used) images need about \(String(format: "%.1f", gib)) GiB of prompt-tuning activations, more than this worker's memory_budget_mb \(context.settings.memoryBudgetMB); set it to at most \(budgetMicro), or raise memory_budget_mb"))")
         }
-        let decoded = DecodedImages(files: (0..<n).map { run.file(context, readableIndex: $0) }, threads: context.threads)
+        let decoded = DecodedImages(files: (0..<n).map { encoded.file(context, readableIndex: $0) }, threads: context.threads)
         var strong = StrongViewConfig()
-        strong.size = run.imageSize
+        strong.size = encoded.described.imageSize
         if !p.colourJitter {
             strong.jitterProbability = 0
             strong.secondJitter = nil
@@ -202,7 +201,7 @@ struct TuneStage: PipelineStage {
         }
         // Every step's units go through nola.tuning_units, so idle workers can compute some of them.
         let owner = TuningOwner(context: context, encoder: encoder, teacher: teacher,
-                                files: (0..<n).map { run.file(context, readableIndex: $0).pathBytes },
+                                files: (0..<n).map { encoded.file(context, readableIndex: $0).pathBytes },
                                 labelSmoothing: p.labelSmoothing, strongViews: views)
         try owner.begin()
         do {
@@ -214,7 +213,7 @@ struct TuneStage: PipelineStage {
                 latest = s
                 withinBatch = 0
                 try context.reportProgress(stage: name, done: min(total, Int(progress.fraction * Double(total))), total: total)
-                if Date().timeIntervalSince(lastSave) >= context.config.checkpointSeconds { try save(s) }
+                if Date().timeIntervalSince(lastSave) >= context.settings.checkpointSeconds { try save(s) }
             }, onEpoch: { epoch, s in
                 latest = s
                 try save(s)
@@ -248,7 +247,6 @@ struct TuneStage: PipelineStage {
         } catch let error as MethodError {
             throw JobError.badInput("\(error)")
         }
-        run.tuned = state
         try owner.finish()
         try context.reportProgress(stage: name, done: total, total: total)
         // With the stopping rule: the epoch it stopped after (nil: it ran every epoch) and why.
@@ -268,25 +266,28 @@ struct TuneStage: PipelineStage {
             "unit_seconds": number(owner.computeSeconds), "step_seconds": number(owner.stepSeconds),
             "steps_this_attempt": number(owner.steps),
         ])
+        return Tuned(taught: taught, prompts: .tuned(state: state, encoder: encoder, teacherLabels: teacher))
     }
 }
 
 // MARK: stage 4
 
-struct LabelStage: PipelineStage {
+struct LabelStage: NolaStage {
     let name = "label"
     /// Classes kept per image in nola.labels.top_labels.
     static let topCount = 3
 
-    func body(_ context: JobContext) throws {
-        let run = try NolaPipeline.runs.get(context)
-        defer { NolaPipeline.runs.finish(context.job) }
+    func run(_ tuned: Tuned, _ context: JobContext) throws {
+        let taught = tuned.taught, run = tuned.encoded, validated = run.validated
         let start = Date()
         let clip = run.clip.model
         let c = context.classes.count, n = run.readable.count
         var state: PromptTuningState
         let encoder: CLIPPromptEncoder
-        if let source = run.promptsFromJob {
+        let teacher: [Int]?
+        switch tuned.prompts {
+        case .fromJob(let source):
+            teacher = nil
             guard let saved = try context.withDatabase({ try PipelineTables.prompts($0, jobID: source) }) else {
                 throw JobError.badInput("parameter 'prompts_from_job': job \(source) has no tuned prompts")
             }
@@ -307,15 +308,15 @@ struct LabelStage: PipelineStage {
             guard state.head.shape[0] == c else {
                 throw JobError.badInput("tuned prompts of job \(source) have a head for \(state.head.shape[0]) classes, this job has \(c)")
             }
-        } else {
-            guard let tuned = run.tuned, let e = run.encoder else { throw JobError.transient("prompt tuning did not run") }
-            state = tuned
-            encoder = e
+        case .tuned(let tunedState, let tunedEncoder, let teacherLabels):
+            state = tunedState
+            encoder = tunedEncoder
+            teacher = teacherLabels
         }
 
         // Incremental (only_new): the labels these prompts already gave to the same content, by SHA-256.
         var reusable: [String: Results.ReusableLabel] = [:]
-        if run.onlyNew, let source = run.promptsFromJob {
+        if validated.onlyNew, let source = validated.promptsFromJob {
             reusable = try context.withDatabase { try Results.reusableLabels($0, promptsJob: source) }
         }
         let classIndex = Dictionary(context.classes.enumerated().map { ($1, $0) }, uniquingKeysWith: { a, _ in a })
@@ -333,7 +334,7 @@ struct LabelStage: PipelineStage {
         for from in stride(from: 0, to: m, by: batch) {
             try context.reportProgress(stage: name, done: from, total: m)
             let indices = Array(toCompute[from..<min(m, from + batch)])
-            let (pixels, errors) = weakViewBatch(indices.map { run.file(context, readableIndex: $0) }, config: run.weakConfig, threads: context.threads)
+            let (pixels, errors) = weakViewBatch(indices.map { run.file(context, readableIndex: $0) }, config: run.described.weakConfig, threads: context.threads)
             if let (j, error) = errors.first {
                 throw JobError.transient("\(run.images[run.readable[indices[j]]].path) became unreadable: \(error)")
             }
@@ -346,16 +347,15 @@ struct LabelStage: PipelineStage {
         let probabilities = labelProbabilities(features: features, head: state.head.values, classCount: c)
         try context.reportProgress(stage: name, done: m, total: m)
         // Signals and abstention of the images labelled here (toCompute order).
-        let teacher = run.promptsFromJob == nil ? (run.teacherLabels ?? run.stage2?.teacherLabels) : nil
         let signals = toCompute.enumerated().map { j, k in
             LabelSignals(probabilities: probabilities[(j * c)..<((j + 1) * c)], count: min(c, LabelStage.topCount),
-                         zeroShot: run.zeroShotLabels[k], teacher: teacher?[k])
+                         zeroShot: taught.zeroShotLabels[k], teacher: teacher?[k])
         }
         let rule = AbstentionRule(run.parameters)
         var abstentions: [String?] = Array(repeating: nil, count: m)
         var byReason: [AbstentionRule.Reason: Int] = [:]
         for j in 0..<m {
-            guard let (reasons, text) = rule.judge(signals[j], zeroShot: run.zeroShotLabels[toCompute[j]], names: context.classes) else { continue }
+            guard let (reasons, text) = rule.judge(signals[j], zeroShot: taught.zeroShotLabels[toCompute[j]], names: context.classes) else { continue }
             abstentions[j] = text
             for r in reasons { byReason[r, default: 0] += 1 }
         }
@@ -363,7 +363,7 @@ struct LabelStage: PipelineStage {
         // copied rows keep what the earlier job wrote (signals included).
         var labels = [Int](repeating: 0, count: n), confidences = [Float](repeating: 0, count: n)
         var abstained = [Bool](repeating: false, count: n)
-        var zeroShot = run.zeroShotLabels
+        var zeroShot = taught.zeroShotLabels
         var computedAt: [Int: Int] = [:]
         for (j, k) in toCompute.enumerated() {
             labels[k] = signals[j].label
@@ -388,8 +388,8 @@ struct LabelStage: PipelineStage {
                 let j = computedAt[k]!, s = signals[j]
                 records.append(LabelRecord(path: image.path, label: abstentions[j] == nil ? context.classes[s.label] : nil,
                                            abstained: abstentions[j], confidence: s.confidence,
-                                           zeroShotLabel: context.classes[run.zeroShotLabels[k]],
-                                           zeroShotConfidence: min(1, max(0, run.zeroShotConfidences[k])),
+                                           zeroShotLabel: context.classes[taught.zeroShotLabels[k]],
+                                           zeroShotConfidence: min(1, max(0, taught.zeroShotConfidences[k])),
                                            topLabels: s.top.map { context.classes[$0] }, topProbabilities: s.probabilities,
                                            margin: s.margin, teacherLabel: s.teacher.map { context.classes[$0] }, agreement: s.agreement))
             } else {
@@ -399,7 +399,7 @@ struct LabelStage: PipelineStage {
         for chunk in stride(from: 0, to: records.count, by: 500).map({ Array(records[$0..<min(records.count, $0 + 500)]) }) {
             try context.write { try Results.insertLabels($0, context.job, chunk) }
         }
-        if let source = run.promptsFromJob, !toCopy.isEmpty {
+        if let source = validated.promptsFromJob, !toCopy.isEmpty {
             let paths = toCopy.map { run.images[run.readable[$0]].path }
             for chunk in stride(from: 0, to: paths.count, by: 5000).map({ Array(paths[$0..<min(paths.count, $0 + 5000)]) }) {
                 let written = try context.withDatabase { try Results.copyLabels($0, context.job, promptsJob: source, paths: chunk) }
@@ -412,16 +412,16 @@ struct LabelStage: PipelineStage {
 
         var backbone: [String: JSONValue] = ["clip": run.clip.identity.json]
         if let dino = run.dino { backbone["dino"] = dino.identity.json }
-        if run.promptsFromJob == nil {
+        if validated.promptsFromJob == nil {
             let classesJSON = String(decoding: try JSONEncoder().encode(context.classes), as: UTF8.self)
             let blob = state.resultsSafeTensors(metadata: [
                 "clip_model": run.clip.identity.name, "clip_weights_sha256": run.clip.identity.weightsSHA256,
                 "dino_model": run.dino?.identity.name ?? "", "dino_weights_sha256": run.dino?.identity.weightsSHA256 ?? "",
-                "parameters": run.parametersJSON, "classes": classesJSON, "job_id": String(context.jobID),
+                "parameters": validated.parametersJSON, "classes": classesJSON, "job_id": String(context.jobID),
             ])
             var shapes: [String: JSONValue] = [:]
             for t in state.learnedTensors() { shapes[t.name] = .array(t.shape.map { .number(Double($0)) }) }
-            let parameters = (try? JSONDecoder().decode(JSONValue.self, from: Data(run.parametersJSON.utf8))) ?? .object([:])
+            let parameters = (try? JSONDecoder().decode(JSONValue.self, from: Data(validated.parametersJSON.utf8))) ?? .object([:])
             try context.write {
                 try Results.savePrompts($0, context.job, safetensors: blob, shapes: .object(shapes),
                                         backbone: .object(backbone), parameters: parameters)
@@ -438,7 +438,7 @@ struct LabelStage: PipelineStage {
         var reasons: [String: JSONValue] = [:]
         for r in AbstentionRule.Reason.allCases { reasons[r.rawValue] = number(byReason[r] ?? 0) }
         var metrics: [String: JSONValue] = [
-            "labelled": number(n), "computed": number(m), "copied": number(toCopy.count), "only_new": .bool(run.onlyNew),
+            "labelled": number(n), "computed": number(m), "copied": number(toCopy.count), "only_new": .bool(validated.onlyNew),
             "unreadable": number(run.unreadable.count), "labels_per_class": .object(counts),
             "mean_confidence": number(confidences.isEmpty ? 0 : Double(confidences.reduce(0, +)) / Double(confidences.count)),
             "mean_margin": number(m == 0 ? 0 : Double(signals.map(\.margin).reduce(0, +)) / Double(m)),
@@ -452,7 +452,7 @@ struct LabelStage: PipelineStage {
         if let truth = run.truth {
             metrics["accuracy_final"] = number(accuracy(predicted: labels, truth: truth))
             metrics["accuracy_zero_shot"] = number(accuracy(predicted: zeroShot, truth: truth))
-            if let stage2 = run.stage2 {
+            if let stage2 = taught.stage2 {
                 metrics["accuracy_alignment_module"] = number(accuracy(predicted: stage2.teacherLabels, truth: truth))
             }
             // The accuracy of the labels written, when the job abstains on some (null when it abstains on all).

@@ -1,5 +1,6 @@
 // `nolad status --watch`: one line per job, redrawn in place on a terminal, plain lines on a pipe.
 // The rendering is pure (rows in, text out) so tests need no terminal; StatusCommand does the polling.
+import Daemon
 import Foundation
 import Queue
 

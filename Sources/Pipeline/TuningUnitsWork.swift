@@ -13,8 +13,6 @@ import Queue
 // views seeded by (seed, epoch, image)), and the owner sums results in unit order, so one worker and N
 // workers give the same bits.
 
-/// Seconds a unit's lease lasts before another worker may take the unit over.
-func tuningUnitLeaseSeconds(_ config: NoladConfig) -> Double { config.leaseSeconds }
 
 /// The owner's side: `computeUnits` of `runPromptTuning` through the database.
 final class TuningOwner {
@@ -69,7 +67,7 @@ final class TuningOwner {
         lap(&coordinationSeconds)
         let count = state.gradientCount
         var results: [Int: PromptUnitResult] = [:]
-        let lease = tuningUnitLeaseSeconds(context.config)
+        let lease = context.settings.unitLeaseSeconds
         while results.count < plan.units.count {
             if context.stopReason != nil { throw MethodError(.cancelled, "prompt tuning", "stopped") }
             if let claim = try context.withDatabase({
@@ -126,8 +124,8 @@ final class TuningOwner {
 /// A helper's side: claims units of any job's prompt tuning, computes them with the job's CLIP (loaded
 /// through the model cache) and writes the results. Runs on its own thread with its own connection
 /// while the daemon has a free job slot.
-final class TuningHelper: @unchecked Sendable {
-    let config: NoladConfig
+public final class TuningHelper: @unchecked Sendable {
+    let config: StageSettings
     let worker: String
     let logger: Logger
     private let database: Database
@@ -140,18 +138,18 @@ final class TuningHelper: @unchecked Sendable {
     private var refused: [Int64: Date] = [:]
     private(set) var unitsDone = 0
 
-    init(config: NoladConfig, worker: String, logger: Logger) {
-        self.config = config
+    public init(conninfo: String, limits: ConnectionLimits, settings: StageSettings, worker: String, logger: Logger) {
+        self.config = settings
         self.worker = worker
         self.logger = logger
-        database = Database(conninfo: config.conninfo, logger: logger, limits: config.controlConnectionLimits)
+        database = Database(conninfo: conninfo, logger: logger, limits: limits)
     }
 
     /// Claims and computes one unit; false when there was none to claim.
     func helpOnce(shouldStop: () -> Bool) throws -> Bool {
         let now = Date()
         refused = refused.filter { $0.value > now }
-        let lease = tuningUnitLeaseSeconds(config)
+        let lease = config.unitLeaseSeconds
         guard let claim = try database.run(retryFor: 5, { c in
             try TuningUnits.claim(c, worker: worker, leaseSeconds: lease, excludingJobs: Array(refused.keys))
         }) else { return false }
@@ -237,7 +235,7 @@ final class TuningHelper: @unchecked Sendable {
 
     /// Helps until `shouldStop`; `mayHelp` says whether a job slot is free now. Polls every `poll` seconds
     /// when there is nothing to do.
-    func run(poll: Double = 0.02, mayHelp: () -> Bool, shouldStop: () -> Bool) {
+    public func run(poll: Double = 0.02, mayHelp: () -> Bool, shouldStop: () -> Bool) {
         defer { releaseAll() }
         while !shouldStop() {
             var worked = false

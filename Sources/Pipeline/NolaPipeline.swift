@@ -13,99 +13,37 @@ import Queue
 ///   pseudolabel  stage 2: zero-shot labels, top-k pseudo-labels, alignment module, teacher labels
 ///   tune         stage 3: prompt tuning with checkpoints in nola.checkpoints (resumes after a crash)
 ///   label        stage 4: a label for every image, the tuned prompts blob, accuracy when folders name classes
-/// The stages of one job share a `PipelineRun` (held by `NolaPipeline.runs` for the job's attempt).
+/// Each NoLA stage takes the value the one before it returned and returns its own (PipelineValues.swift):
+/// validate → `Validated`, describe → `Described`, encode → `Encoded`, pseudolabel → `Taught`,
+/// tune → `Tuned`, label. The values live in the attempt's `JobContext`, so a new attempt (a retry,
+/// a rescued job) recomputes them: the feature cache and nola.checkpoints make that cheap.
 public enum NolaPipeline {
-    public static func stages(config: NoladConfig, discover: JobStage) -> [JobStage] {
-        [ValidateStage(), discover, DescribeStage(), EncodeStage(), PseudoLabelJobStage(), TuneStage(), LabelStage()]
+    public static func stages(discover: JobStage) -> [JobStage] {
+        [NolaStep(ValidateStage()), discover, NolaStep(DescribeStage()), NolaStep(EncodeStage()),
+         NolaStep(PseudoLabelJobStage()), NolaStep(TuneStage()), NolaStep(LabelStage())]
     }
-
-    /// Per-job state between stages, by job id; an entry of an earlier attempt is replaced.
-    static let runs = RunRegistry()
 }
 
-/// A stage of the pipeline: when it fails or stops, the job's attempt ends, and so does its shared state.
-protocol PipelineStage: JobStage {
-    func body(_ context: JobContext) throws
+/// A stage of the NoLA method: from the previous stage's value to its own.
+protocol NolaStage: Sendable {
+    associatedtype Input
+    associatedtype Output
+    /// Shown in nola.jobs.stage and nola.events.stage.
+    var name: String { get }
+    func run(_ input: Input, _ context: JobContext) throws -> Output
 }
 
-extension PipelineStage {
+/// A NoLA stage as the worker runs it: takes its input from what the stage before handed over in this
+/// attempt (validate takes nothing), hands its output to the next.
+struct NolaStep<Stage: NolaStage>: JobStage {
+    let stage: Stage
+    init(_ stage: Stage) { self.stage = stage }
+    var name: String { stage.name }
+
     func run(_ context: JobContext) throws {
-        do {
-            try body(context)
-        } catch {
-            NolaPipeline.runs.finish(context.job)
-            throw error
-        }
-    }
-}
-
-final class RunRegistry: @unchecked Sendable {
-    private let lock = NSLock()
-    private var runs: [Int64: PipelineRun] = [:]
-
-    func start(_ run: PipelineRun) { lock.withLock { runs[run.job.id] = run } }
-    func finish(_ job: JobRef) { lock.withLock { if runs[job.id]?.job == job { runs[job.id] = nil } } }
-
-    /// The run of this attempt; a stage that finds none (a bug) fails the job.
-    func get(_ context: JobContext) throws -> PipelineRun {
-        guard let run = lock.withLock({ runs[context.job.id] }), run.job == context.job else {
-            throw JobError.transient("pipeline state of job \(context.jobID) attempt \(context.attempt) is missing")
-        }
-        return run
-    }
-}
-
-/// What the stages of one job attempt share.
-final class PipelineRun: @unchecked Sendable {
-    let job: JobRef
-    let parameters: NolaParameters
-    let parametersJSON: String
-    let clipFolder: URL
-    /// Nil for inference-only jobs.
-    let dinoFolder: URL?
-    /// Inference only: the tuned prompts of an earlier job.
-    let promptsFromJob: Int64?
-    /// Incremental labelling (with `promptsFromJob`): label only image contents not labelled with those
-    /// prompts yet, copy the label rows of the rest (docs/incremental.md).
-    var onlyNew = false
-    var clip: ModelCache.CLIPEntry!
-    var dino: ModelCache.DINOEntry?
-    var classifier: [Float] = []
-    /// Every image of the job (nola.images order) and which of them could be decoded.
-    var images: [ImageRecord] = []
-    var unreadable: [String: String] = [:]
-    /// Indices into `images` of the readable ones; features and labels below follow this order.
-    var readable: [Int] = []
-    var clipFeatures: [Float] = []
-    var dinoFeatures: [Float] = []
-    var truth: [Int]?
-    var stage2: PseudoLabelStage?
-    /// The teacher labels prompt tuning learned from (a resumed job's come from its checkpoint); nil for
-    /// inference-only jobs.
-    var teacherLabels: [Int]?
-    var zeroShotLabels: [Int] = []
-    var zeroShotConfidences: [Float] = []
-    var tuned: PromptTuningState?
-    var encoder: CLIPPromptEncoder?
-
-    init(job: JobRef, parameters: NolaParameters, parametersJSON: String, clipFolder: URL, dinoFolder: URL?, promptsFromJob: Int64?) {
-        self.job = job
-        self.parameters = parameters
-        self.parametersJSON = parametersJSON
-        self.clipFolder = clipFolder
-        self.dinoFolder = dinoFolder
-        self.promptsFromJob = promptsFromJob
-    }
-
-    var imageSize: Int { clip.model.config.visionConfig.imageSize }
-    var weakConfig: WeakViewConfig { WeakViewConfig(resize: imageSize, crop: imageSize, mean: WeakViewConfig.clipMean, std: WeakViewConfig.clipStd) }
-    func file(_ context: JobContext, readableIndex i: Int) -> ImageFile {
-        file(context, image: readable[i])
-    }
-
-    /// The image file, by its exact bytes when its name is not valid UTF-8.
-    func file(_ context: JobContext, image i: Int) -> ImageFile {
-        ImageFile(folder: context.collection.path, relative: images[i].pathBytes ?? Array(images[i].path.utf8))
+        let input: Stage.Input
+        if let none = () as? Stage.Input { input = none } else { input = try context.takeHandedOver(Stage.Input.self, stage: name) }
+        context.handOver(try stage.run(input, context))
     }
 }
 
@@ -117,10 +55,10 @@ func number(_ x: Int) -> JSONValue { .number(Double(x)) }
 // MARK: validate
 
 /// Parameters, model folders and (inference only) the earlier job's prompts, before any work.
-struct ValidateStage: PipelineStage {
+struct ValidateStage: NolaStage {
     let name = "validate"
 
-    func body(_ context: JobContext) throws {
+    func run(_: Void, _ context: JobContext) throws -> Validated {
         let job: JobParameters
         do {
             job = try JobParameters(json: Data(context.parametersJSON.utf8))
@@ -134,10 +72,10 @@ struct ValidateStage: PipelineStage {
             "dino_model": job.given.contains("dino_model") ? parameters.dinoModel : nil,
         ]
         let given = chosen.compactMapValues { $0 }
-        let clip = try modelFolder(context.config, configured: context.config.clipModel, parameter: given["clip_model"],
+        let clip = try modelFolder(context.settings, configured: context.settings.clipModel, parameter: given["clip_model"],
                                    fallback: parameters.clipModel, what: "CLIP")
         // Inference-only jobs need no DINO.
-        let dino = promptsFromJob != nil ? nil : try modelFolder(context.config, configured: context.config.dinoModel,
+        let dino = promptsFromJob != nil ? nil : try modelFolder(context.settings, configured: context.settings.dinoModel,
                                                                  parameter: given["dino_model"], fallback: parameters.dinoModel, what: "DINO")
         if let id = promptsFromJob {
             let found = try context.withDatabase { try PipelineTables.prompts($0, jobID: id) }
@@ -146,23 +84,22 @@ struct ValidateStage: PipelineStage {
         // Record the folders actually used (the configuration may choose them).
         parameters.clipModel = clip.lastPathComponent
         if let dino { parameters.dinoModel = dino.lastPathComponent }
-        let run = PipelineRun(job: context.job, parameters: parameters, parametersJSON: String(decoding: parameters.encodedJSON(), as: UTF8.self),
-                              clipFolder: clip, dinoFolder: dino, promptsFromJob: promptsFromJob)
-        run.onlyNew = job.onlyNew
-        NolaPipeline.runs.start(run)
+        let validated = Validated(parameters: parameters, parametersJSON: String(decoding: parameters.encodedJSON(), as: UTF8.self),
+                                  clipFolder: clip, dinoFolder: dino, promptsFromJob: promptsFromJob, onlyNew: job.onlyNew)
         try context.recordEvent(stage: name, kind: "parameters", metrics: [
             "parameters": (try? JSONDecoder().decode(JSONValue.self, from: parameters.encodedJSON())) ?? .null,
             "clip_model": .string(clip.path), "dino_model": dino.map { .string($0.path) } ?? .null,
             "prompts_from_job": promptsFromJob.map { .number(Double($0)) } ?? .null, "only_new": .bool(job.onlyNew),
             "threads": number(context.threads),
             "threads_requested": context.threadsRequested.map { number($0) } ?? .null,
-            "daemon_threads": number(context.config.threads),
+            "daemon_threads": number(context.settings.threads),
         ])
+        return validated
     }
 
     /// The model folder: the job's parameter (a folder name under model_root), else the configuration's
     /// path (absolute, or relative to model_root), else the default folder name under model_root.
-    func modelFolder(_ config: NoladConfig, configured: String?, parameter: String?, fallback: String, what: String) throws -> URL {
+    func modelFolder(_ config: StageSettings, configured: String?, parameter: String?, fallback: String, what: String) throws -> URL {
         let path: String
         if let parameter {
             guard let root = config.modelRoot else {
@@ -192,13 +129,12 @@ struct ValidateStage: PipelineStage {
 
 // MARK: stage 1
 
-struct DescribeStage: PipelineStage {
+struct DescribeStage: NolaStage {
     let name = "describe"
 
-    func body(_ context: JobContext) throws {
-        let run = try NolaPipeline.runs.get(context)
+    func run(_ validated: Validated, _ context: JobContext) throws -> Described {
         let start = Date()
-        run.clip = try ModelCache.shared.clip(run.clipFolder)
+        let clipEntry = try ModelCache.shared.clip(validated.clipFolder)
         try context.checkCancelled()
         let classes = context.classes
         var descriptions: [String: [String]] = [:]
@@ -212,8 +148,8 @@ struct DescribeStage: PipelineStage {
         var source: [String: String] = [:]
         for c in classes { source[c] = descriptions[c] != nil ? "job" : "templates" }
         var llmCalls = 0, cacheHits = 0
-        if let url = context.config.llmURL.flatMap(URL.init(string:)) {
-            let endpoint = LLMEndpoint(url: url, model: context.config.llmModel, apiKey: context.config.llmAPIKey)
+        if let url = context.settings.llmURL.flatMap(URL.init(string:)) {
+            let endpoint = LLMEndpoint(url: url, model: context.settings.llmModel, apiKey: context.settings.llmAPIKey)
             let client = DescriptionClient(endpoint: endpoint)
             for (i, c) in classes.enumerated() where descriptions[c] == nil {
                 try context.reportProgress(stage: name, done: i, total: classes.count)
@@ -245,18 +181,19 @@ struct DescribeStage: PipelineStage {
                 source[c] = "llm"
             }
         }
-        let sentences = ClassDescriptions.sentences(classes: classes, descriptions: descriptions, templates: run.parameters.templates)
-        let clip = run.clip.model
+        let sentences = ClassDescriptions.sentences(classes: classes, descriptions: descriptions, templates: validated.parameters.templates)
+        let clip = clipEntry.model
         let contextLength = clip.config.textConfig.maxPositionEmbeddings
         let e = clip.projectionDim
         var embeddings: [[Float]] = []
         for (i, list) in sentences.enumerated() {
             try context.reportProgress(stage: name, done: i, total: classes.count)
-            let ids = list.map { run.clip.tokenizer.encode($0, contextLength: contextLength).map(Int32.init) }
+            let ids = list.map { clipEntry.tokenizer.encode($0, contextLength: contextLength).map(Int32.init) }
             embeddings.append(clip.getTextFeatures(ids))
         }
+        let classifier: [Float]
         do {
-            run.classifier = try buildClassifier(embeddings: embeddings, dimension: e)
+            classifier = try buildClassifier(embeddings: embeddings, dimension: e)
         } catch let error as MethodError {
             throw JobError.badInput("\(error)")
         }
@@ -267,7 +204,8 @@ struct DescribeStage: PipelineStage {
         }
         try context.recordEvent(stage: name, kind: "metrics", metrics: [
             "classes": .object(perClass), "llm_calls": number(llmCalls), "cache_hits": number(cacheHits),
-            "clip": run.clip.identity.json, "seconds": seconds(since: start),
+            "clip": clipEntry.identity.json, "seconds": seconds(since: start),
         ])
+        return Described(validated: validated, clip: clipEntry, classifier: classifier)
     }
 }

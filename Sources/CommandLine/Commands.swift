@@ -1,6 +1,8 @@
 import ArgumentParser
+import Daemon
 import Foundation
 import Logging
+import Pipeline
 import Queue
 
 /// Options every subcommand shares: where the configuration is, and a database override.
@@ -59,7 +61,7 @@ public struct ServeCommand: ParsableCommand {
             metrics = m
         }
         defer { listener?.stop() }
-        let worker = Worker(config: config, stages: JobStages.standard(config: config), logger: logger,
+        let worker = Worker(config: config, stages: JobStages.standard(settings: config.stageSettings), logger: logger,
                             observer: metrics ?? NoWorkerObserver())
         metrics?.setWorkerID(worker.id)
         let signals = SignalWatcher(signals: [SIGTERM, SIGINT]) { [worker] signal in

@@ -1,7 +1,5 @@
 import ArgumentParser
-
-/// The version the daemon reports in `nola.workers` and `--version`.
-public let noladVersion = "0.1.0"
+import Daemon
 
 /// The root of the `nolad` command line; each subcommand lives in its own file.
 @available(macOS 10.15, *)

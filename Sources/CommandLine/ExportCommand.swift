@@ -1,5 +1,7 @@
 import ArgumentParser
+import Daemon
 import Foundation
+import Pipeline
 import Queue
 
 public struct ExportCommand: ParsableCommand {

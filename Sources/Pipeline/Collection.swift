@@ -5,14 +5,14 @@ import Queue
 /// Resolving a job's collection folder and walking it, confined to the configured roots.
 public enum CollectionAccess {
     /// The real path (symlinks resolved) of `path`, or nil when it does not exist.
-    static func realPath(_ path: String) -> String? {
+    public static func realPath(_ path: String) -> String? {
         guard let p = realpath(path, nil) else { return nil }
         defer { free(p) }
         return String(cString: p)
     }
 
     /// True when `path` (a real path) is one of `roots` (real paths) or lies below one.
-    static func isUnder(_ path: String, roots: [String]) -> Bool {
+    public static func isUnder(_ path: String, roots: [String]) -> Bool {
         roots.contains { root in
             path == root || path.hasPrefix(root.hasSuffix("/") ? root : root + "/")
         }
@@ -120,14 +120,14 @@ public enum CollectionAccess {
     }
 
     /// `realpath` on bytes.
-    static func realPath(bytes: [UInt8]) -> [UInt8]? {
+    public static func realPath(bytes: [UInt8]) -> [UInt8]? {
         guard let p = withCString(bytes, { realpath($0, nil) }) else { return nil }
         defer { free(p) }
         return Array(UnsafeBufferPointer(start: p, count: strlen(p)).map { UInt8(bitPattern: $0) })
     }
 
     /// `isUnder` on bytes.
-    static func isUnder(bytes path: [UInt8], roots: [[UInt8]]) -> Bool {
+    public static func isUnder(bytes path: [UInt8], roots: [[UInt8]]) -> Bool {
         roots.contains { root in
             let prefix = root.last == 0x2F ? root : root + [0x2F]
             return path == root || path.starts(with: prefix)

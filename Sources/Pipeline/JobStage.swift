@@ -28,11 +28,39 @@ public protocol JobStage: Sendable {
     func run(_ context: JobContext) throws
 }
 
+/// What the stages take from the daemon's configuration (the `NoladConfig` keys of the same names):
+/// the service builds it (`NoladConfig.stageSettings`), the stages never see the rest.
+public struct StageSettings: Equatable, Sendable {
+    /// The daemon's `threads`: the most a job's `threads` parameter may ask for.
+    public var threads: Int = 1
+    /// Folder holding the model folders that job parameters `clip_model` / `dino_model` name.
+    public var modelRoot: String? = nil
+    public var clipModel: String? = nil
+    public var dinoModel: String? = nil
+    /// OpenAI-compatible chat-completions endpoint for class descriptions (none: templates only).
+    public var llmURL: String? = nil
+    public var llmModel: String = "gpt-3.5-turbo"
+    public var llmAPIKey: String? = nil
+    /// Memory for prompt-tuning activations per job; sizes the micro-batches.
+    public var memoryBudgetMB: Int = 4096
+    /// How often prompt tuning saves a checkpoint between epochs (always at the end of an epoch).
+    public var checkpointSeconds: Double = 120
+    /// Testing aid: pause this long per image in the discovery stage (0 in production).
+    public var imageDelaySeconds: Double = 0
+    /// The stages a job runs: "nola" (discover + the NoLA method) or "discover" (image discovery only).
+    public var pipeline: String = "nola"
+    /// How long a claimed prompt-tuning unit stays a worker's before another may take it over (the
+    /// daemon's `lease_seconds`).
+    public var unitLeaseSeconds: Double = 60
+
+    public init() {}
+}
+
 /// The stages every job runs, in order. The labelling pipeline appends its stages here.
 public enum JobStages {
-    public static func standard(config: NoladConfig) -> [JobStage] {
-        let discover = DiscoverImagesStage(delayPerImage: config.imageDelaySeconds)
-        return config.pipeline == "discover" ? [discover] : NolaPipeline.stages(config: config, discover: discover)
+    public static func standard(settings: StageSettings) -> [JobStage] {
+        let discover = DiscoverImagesStage(delayPerImage: settings.imageDelaySeconds)
+        return settings.pipeline == "discover" ? [discover] : NolaPipeline.stages(discover: discover)
     }
 }
 
@@ -52,7 +80,8 @@ public final class JobContext: @unchecked Sendable {
     public let descriptionsJSON: String?
     /// The job's parameters object as JSON text (validated at INSERT; see nola.parameter_type).
     public let parametersJSON: String
-    public let config: NoladConfig
+    /// What the stages take from the daemon's configuration.
+    public let settings: StageSettings
     public let logger: Logger
     /// The threads the job's numeric work runs with (bound by the executor around every stage, see
     /// docs/threading.md): the job's `threads` parameter, at most the daemon's `threads`; the daemon's
@@ -69,18 +98,21 @@ public final class JobContext: @unchecked Sendable {
     private var lastProgressWrite = Date.distantPast
     private let onProgress: @Sendable (String, Int, Int) -> Void
 
-    init(job: JobRef, collection: URL, roots: [URL], classes: [String], descriptionsJSON: String?, parametersJSON: String,
-         config: NoladConfig, database: Database, logger: Logger, onProgress: @escaping @Sendable (String, Int, Int) -> Void) {
+    /// The value the last NoLA stage handed to the next (`NolaStep`); one per attempt, gone with it.
+    private var handedOver: Any?
+
+    public init(job: JobRef, collection: URL, roots: [URL], classes: [String], descriptionsJSON: String?, parametersJSON: String,
+                settings: StageSettings, database: Database, logger: Logger, onProgress: @escaping @Sendable (String, Int, Int) -> Void) {
         self.job = job
         self.collection = collection
         self.roots = roots
         self.classes = classes
         self.descriptionsJSON = descriptionsJSON
         self.parametersJSON = parametersJSON
-        self.config = config
+        self.settings = settings
         let requested = (try? JobParameters(json: Data(parametersJSON.utf8)))?.threads
         threadsRequested = requested
-        threads = min(requested ?? config.threads, config.threads)
+        threads = min(requested ?? settings.threads, settings.threads)
         self.database = database
         self.logger = logger
         self.onProgress = onProgress
@@ -151,7 +183,26 @@ public final class JobContext: @unchecked Sendable {
         return JobError.stopped(reason)
     }
 
-    func requestStop(_ reason: StopReason) {
+    /// Stops the job at its next `checkCancelled()` (the worker calls it on a cancel, timeout, lost lease or shutdown).
+    public func requestStop(_ reason: StopReason) {
         lock.withLock { stop = reason }
+    }
+
+    /// Hands `value` to the next NoLA stage of this attempt (replacing what was handed over before).
+    func handOver<T>(_ value: T) {
+        lock.withLock { handedOver = value }
+    }
+
+    /// Takes what the previous NoLA stage handed over; a stage that finds nothing of its input's type
+    /// (a bug: stages out of order) fails the attempt, to be retried.
+    func takeHandedOver<T>(_ type: T.Type, stage: String) throws -> T {
+        let value: Any? = lock.withLock {
+            defer { handedOver = nil }
+            return handedOver
+        }
+        guard let typed = value as? T else {
+            throw JobError.transient("pipeline stage \(stage) of job \(jobID) attempt \(attempt) found no \(T.self) from the stage before it")
+        }
+        return typed
     }
 }

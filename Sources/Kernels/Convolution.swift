@@ -1,0 +1,265 @@
+// Convolution kernels of the convolutional towers (MobileCLIP's MCi), on images laid out channels-last:
+// an activation (B,H,W,C) is B·H·W rows of C channels, so a 1×1 convolution is `linearForward` over the
+// rows, a BatchNorm a per-channel affine, and a depthwise convolution runs 8 channels per SIMD lane group.
+// Output sizes follow PyTorch: OH = (H + 2·padding − kernel) / stride + 1.
+
+/// Output side of a convolution over `size` pixels (PyTorch's floor rule).
+public func convOutputSize(_ size: Int, kernel: Int, stride: Int, padding: Int) -> Int {
+    (size + 2 * padding - kernel) / stride + 1
+}
+
+/// im2col of a dense convolution: cols (B·OH·OW, C·k·k) from inp (B,H,W,C); each row ordered (c, ky, kx)
+/// like a flattened Conv2d weight (OC,C,k,k); taps outside the image are 0.
+public func im2colConv(_ cols: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>,
+                       b: Int, h: Int, w: Int, c: Int, kernel k: Int, stride s: Int, padding p: Int) {
+    profiled(.patches, .forward) {
+        let oh = convOutputSize(h, kernel: k, stride: s, padding: p), ow = convOutputSize(w, kernel: k, stride: s, padding: p)
+        parallelFor(b * oh, grain: 1) { rows in
+            for row in rows {
+                let bi = row / oh, oy = row % oh
+                for ox in 0..<ow {
+                    let dst = cols + ((bi * oh + oy) * ow + ox) * c * k * k
+                    for ky in 0..<k {
+                        let iy = oy * s + ky - p
+                        for kx in 0..<k {
+                            let ix = ox * s + kx - p
+                            let inside = iy >= 0 && iy < h && ix >= 0 && ix < w
+                            let src = inp + ((bi * h + max(0, min(iy, h - 1))) * w + max(0, min(ix, w - 1))) * c
+                            for ch in 0..<c { dst[(ch * k + ky) * k + kx] = inside ? src[ch] : 0 }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Dense convolution: out (B,OH,OW,OC) = conv(inp (B,H,W,C), weight (OC,C,k,k)) + bias (OC), by im2col and
+/// one GEMM. A 1×1 convolution with stride 1 and no padding needs no im2col: call `linearForward` on the rows.
+public func conv2dForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>,
+                          _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>?,
+                          b: Int, h: Int, w: Int, c: Int, outChannels oc: Int, kernel k: Int, stride s: Int, padding p: Int) {
+    let oh = convOutputSize(h, kernel: k, stride: s, padding: p), ow = convOutputSize(w, kernel: k, stride: s, padding: p)
+    let n = b * oh * ow
+    let cols = UnsafeMutablePointer<Float>.allocate(capacity: max(1, n * c * k * k))
+    defer { cols.deallocate() }
+    im2colConv(cols, inp, b: b, h: h, w: w, c: c, kernel: k, stride: s, padding: p)
+    linearForward(out, cols, weight, bias, n: n, inFeatures: c * k * k, outFeatures: oc)
+}
+
+/// Depthwise convolution (groups = channels, one filter per channel):
+/// out[b,oy,ox,ch] = bias[ch] + Σ_{ky,kx} weight[ky,kx,ch] · inp[b, oy·s+ky−p, ox·s+kx−p, ch].
+/// out is (B,OH,OW,C), inp (B,H,W,C), weight (k,k,C) taps-major (a Conv2d weight (C,1,k,k) transposed),
+/// bias (C) or nil. A depthwise convolution with a channel multiplier m (C·m outputs, output o reading
+/// input o / m) is `repeatChannelsForward` then this.
+public func depthwiseConv2dForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>,
+                                   _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>?,
+                                   b: Int, h: Int, w: Int, c: Int, kernel k: Int, stride s: Int, padding p: Int) {
+    let oh = convOutputSize(h, kernel: k, stride: s, padding: p), ow = convOutputSize(w, kernel: k, stride: s, padding: p)
+    let c8 = c & ~7
+    parallelFor(b * oh, grain: 1) { rows in
+        for row in rows {
+            let bi = row / oh, oy = row % oh
+            let ky0 = max(0, p - oy * s), ky1 = min(k, h + p - oy * s)
+            for ox in 0..<ow {
+                let kx0 = max(0, p - ox * s), kx1 = min(k, w + p - ox * s)
+                let o = out + ((bi * oh + oy) * ow + ox) * c
+                var ch = 0
+                while ch < c8 {
+                    var acc = bias.map { load8($0 + ch) } ?? SIMD8<Float>(repeating: 0)
+                    for ky in ky0..<max(ky0, ky1) {
+                        let src = inp + ((bi * h + oy * s + ky - p) * w + ox * s - p) * c + ch
+                        let wt = weight + ky * k * c + ch
+                        for kx in kx0..<max(kx0, kx1) { acc += load8(src + kx * c) * load8(wt + kx * c) }
+                    }
+                    store8(o + ch, acc)
+                    ch += 8
+                }
+                while ch < c {
+                    var acc = bias?[ch] ?? 0
+                    for ky in ky0..<max(ky0, ky1) {
+                        for kx in kx0..<max(kx0, kx1) {
+                            acc += inp[((bi * h + oy * s + ky - p) * w + ox * s + kx - p) * c + ch] * weight[(ky * k + kx) * c + ch]
+                        }
+                    }
+                    o[ch] = acc
+                    ch += 1
+                }
+            }
+        }
+    }
+}
+
+/// Backward of depthwiseConv2dForward for its input, accumulating dinp (B,H,W,C) += ∂/∂inp from
+/// dout (B,OH,OW,C) (the weight is frozen). Forward: out[oy,ox] += weight[ky,kx] · inp[oy·s+ky−p, ox·s+kx−p];
+/// each input pixel gathers the output pixels it fed, so rows run in parallel without conflicts.
+public func depthwiseConv2dBackward(dinp: UnsafeMutablePointer<Float>, _ dout: UnsafePointer<Float>,
+                                    _ weight: UnsafePointer<Float>,
+                                    b: Int, h: Int, w: Int, c: Int, kernel k: Int, stride s: Int, padding p: Int) {
+    let oh = convOutputSize(h, kernel: k, stride: s, padding: p), ow = convOutputSize(w, kernel: k, stride: s, padding: p)
+    let c8 = c & ~7
+    withProfilePhase(.backward) {
+        parallelFor(b * h, grain: 1) { rows in
+            for row in rows {
+                let bi = row / h, iy = row % h
+                for ix in 0..<w {
+                    let d = dinp + ((bi * h + iy) * w + ix) * c
+                    for ky in 0..<k {
+                        let ty = iy + p - ky
+                        guard ty >= 0, ty % s == 0, ty / s < oh else { continue }
+                        let oy = ty / s
+                        for kx in 0..<k {
+                            let tx = ix + p - kx
+                            guard tx >= 0, tx % s == 0, tx / s < ow else { continue }
+                            let g = dout + ((bi * oh + oy) * ow + tx / s) * c, wt = weight + (ky * k + kx) * c
+                            var ch = 0
+                            while ch < c8 { store8(d + ch, load8(d + ch) + load8(g + ch) * load8(wt + ch)); ch += 8 }
+                            while ch < c { d[ch] += g[ch] * wt[ch]; ch += 1 }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// out (N, C·m) with out[r, o] = inp[r, o / m]: the input side of a grouped convolution with one input
+/// channel per group and m outputs per group (timm's `group_size=1` with out = m · in).
+public func repeatChannelsForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, n: Int, c: Int, multiplier m: Int) {
+    profiled(.copy) {
+        parallelFor(n, grain: 64) { rows in
+            for r in rows {
+                let src = inp + r * c, dst = out + r * c * m
+                for i in 0..<c { for j in 0..<m { dst[i * m + j] = src[i] } }
+            }
+        }
+    }
+}
+
+/// Backward of repeatChannelsForward: dinp[r, i] += Σ_j dout[r, i·m + j].
+public func repeatChannelsBackward(dinp: UnsafeMutablePointer<Float>, _ dout: UnsafePointer<Float>, n: Int, c: Int, multiplier m: Int) {
+    profiled(.copy, .backward) {
+        parallelFor(n, grain: 64) { rows in
+            for r in rows {
+                let src = dout + r * c * m, dst = dinp + r * c
+                for i in 0..<c { for j in 0..<m { dst[i] += src[i * m + j] } }
+            }
+        }
+    }
+}
+
+/// out = inp · scale + shift per channel (an inference BatchNorm: scale = γ/√(var+ε), shift = β − mean·scale).
+/// out, inp are (N,C); scale, shift (C). out may alias inp.
+public func channelAffineForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>,
+                                 _ scale: UnsafePointer<Float>, _ shift: UnsafePointer<Float>, n: Int, c: Int) {
+    profiled(.layerNorm, .forward) {
+        let c8 = c & ~7
+        parallelFor(n, grain: 64) { rows in
+            for r in rows {
+                let x = inp + r * c, y = out + r * c
+                var i = 0
+                while i < c8 { store8(y + i, load8(x + i) * load8(scale + i) + load8(shift + i)); i += 8 }
+                while i < c { y[i] = x[i] * scale[i] + shift[i]; i += 1 }
+            }
+        }
+    }
+}
+
+/// Backward of channelAffineForward, accumulating: dinp (N,C) += dout · scale; dscale (C) += Σ_rows dout · inp;
+/// dshift (C) += Σ_rows dout. Each only when given.
+public func channelAffineBackward(dinp: UnsafeMutablePointer<Float>?, dscale: UnsafeMutablePointer<Float>?,
+                                  dshift: UnsafeMutablePointer<Float>?, _ dout: UnsafePointer<Float>,
+                                  _ inp: UnsafePointer<Float>, _ scale: UnsafePointer<Float>, n: Int, c: Int) {
+    profiled(.layerNorm, .backward) {
+        if dscale != nil || dshift != nil {
+            for r in 0..<n {
+                let x = inp + r * c, dy = dout + r * c
+                for i in 0..<c {
+                    dscale?[i] += dy[i] * x[i]
+                    dshift?[i] += dy[i]
+                }
+            }
+        }
+        guard let dinp else { return }
+        parallelFor(n, grain: 64) { rows in
+            for r in rows { for i in 0..<c { dinp[r * c + i] += dout[r * c + i] * scale[i] } }
+        }
+    }
+}
+
+/// out (B,C) = mean over the N rows of each image of inp (B,N,C): global average pooling.
+public func meanRowsForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, b: Int, n: Int, c: Int) {
+    profiled(.residual, .forward) {
+        for bi in 0..<b {
+            let o = out + bi * c
+            o.update(repeating: 0, count: c)
+            for r in 0..<n { let x = inp + (bi * n + r) * c; for i in 0..<c { o[i] += x[i] } }
+            let inv = 1 / Float(n)
+            for i in 0..<c { o[i] *= inv }
+        }
+    }
+}
+
+/// Backward of meanRowsForward: dinp[b,r,c] += dout[b,c] / N.
+public func meanRowsBackward(dinp: UnsafeMutablePointer<Float>, _ dout: UnsafePointer<Float>, b: Int, n: Int, c: Int) {
+    profiled(.residual, .backward) {
+        let inv = 1 / Float(n)
+        for bi in 0..<b { for r in 0..<n { let d = dinp + (bi * n + r) * c; for i in 0..<c { d[i] += dout[bi * c + i] * inv } } }
+    }
+}
+
+/// out (B,N,C) = inp (B,N,C) · gate[b,c] (gate (B,C)): the excitation of a squeeze-and-excitation block.
+/// out may alias inp.
+public func channelGateForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>,
+                               _ gate: UnsafePointer<Float>, b: Int, n: Int, c: Int) {
+    profiled(.residual, .forward) {
+        parallelFor(b * n, grain: 64) { rows in
+            for r in rows {
+                let g = gate + (r / n) * c, x = inp + r * c, y = out + r * c
+                for i in 0..<c { y[i] = x[i] * g[i] }
+            }
+        }
+    }
+}
+
+/// Backward of channelGateForward, accumulating dinp += dout · gate and dgate[b,c] += Σ_rows dout · inp.
+public func channelGateBackward(dinp: UnsafeMutablePointer<Float>?, dgate: UnsafeMutablePointer<Float>?,
+                                _ dout: UnsafePointer<Float>, _ inp: UnsafePointer<Float>, _ gate: UnsafePointer<Float>,
+                                b: Int, n: Int, c: Int) {
+    profiled(.residual, .backward) {
+        if let dgate {
+            for bi in 0..<b { for r in 0..<n {
+                let x = inp + (bi * n + r) * c, dy = dout + (bi * n + r) * c
+                for i in 0..<c { dgate[bi * c + i] += dy[i] * x[i] }
+            } }
+        }
+        guard let dinp else { return }
+        parallelFor(b * n, grain: 64) { rows in
+            for r in rows {
+                let g = gate + (r / n) * c
+                for i in 0..<c { dinp[r * c + i] += dout[r * c + i] * g[i] }
+            }
+        }
+    }
+}
+
+/// Naive grouped convolution in Double, the oracle of the convolution kernels: out (B,OH,OW,OC) from
+/// inp (B,H,W,C), weight (OC, C/groups, k, k) in PyTorch's layout, bias (OC) or nil; output o of group
+/// g = o / (OC/groups) reads inputs g·(C/groups) ..< (g+1)·(C/groups).
+public func referenceConv2d(_ inp: [Double], _ weight: [Double], _ bias: [Double]?, b: Int, h: Int, w: Int, c: Int,
+                            outChannels oc: Int, groups: Int, kernel k: Int, stride s: Int, padding p: Int) -> [Double] {
+    let oh = convOutputSize(h, kernel: k, stride: s, padding: p), ow = convOutputSize(w, kernel: k, stride: s, padding: p)
+    let ipg = c / groups, opg = oc / groups
+    var out = [Double](repeating: 0, count: b * oh * ow * oc)
+    for bi in 0..<b { for oy in 0..<oh { for ox in 0..<ow { for o in 0..<oc {
+        var acc = bias?[o] ?? 0
+        let g = o / opg
+        for i in 0..<ipg { for ky in 0..<k { for kx in 0..<k {
+            let iy = oy * s + ky - p, ix = ox * s + kx - p
+            guard iy >= 0, iy < h, ix >= 0, ix < w else { continue }
+            acc += weight[((o * ipg + i) * k + ky) * k + kx] * inp[((bi * h + iy) * w + ix) * c + g * ipg + i]
+        } } }
+        out[((bi * oh + oy) * ow + ox) * oc + o] = acc
+    } } } }
+    return out
+}
