@@ -74,7 +74,7 @@ final class TuningOwner {
                 try TuningUnits.claim($0, worker: job.worker, leaseSeconds: lease, jobID: job.id)
             }), claim.step == plan.step, claim.attempt == job.attempt {
                 lap(&coordinationSeconds)
-                if claim.claims > 1 { unitsRescued += 1 }
+                if claim.rescued { unitsRescued += 1 }
                 let started = Date()
                 let result = try promptUnitGradient(encoder: encoder, state: state, targets: claim.targets,
                                                     pixels: try strongViews(claim.images, claim.epoch),

@@ -30,8 +30,10 @@ public enum TuningUnits {
         public var images: [Int]
         public var targets: [Int]
         public var files: [[UInt8]]
-        /// How many times the unit has been claimed (1 = first; more = rescued after a lost lease).
+        /// How many times the unit has been claimed (1 = first; more = given back or rescued before).
         public var claims: Int
+        /// Taken over from a worker whose lease had expired (not given back).
+        public var rescued: Bool
     }
 
     /// A finished unit's result bytes (`PromptUnitResult.bytes`).
@@ -93,8 +95,8 @@ public enum TuningUnits {
     }
 
     static let claimColumns = """
-        job_id, attempt, step, unit, epoch, logical_batch, images::text AS images, targets::text AS targets, claims,
-        (SELECT array_agg(encode(f, 'hex') ORDER BY o) FROM unnest(files) WITH ORDINALITY AS x (f, o))::text AS files
+        u.job_id, u.attempt, u.step, u.unit, u.epoch, u.logical_batch, u.images::text AS images, u.targets::text AS targets, u.claims,
+        (SELECT array_agg(encode(f, 'hex') ORDER BY o) FROM unnest(u.files) WITH ORDINALITY AS x (f, o))::text AS files
         """
 
     /// Claims one unit: pending, or running under an expired lease (its worker died or stalled), of a
@@ -104,10 +106,8 @@ public enum TuningUnits {
     public static func claim(_ c: PostgresConnection, worker: String, leaseSeconds: Double, jobID: Int64? = nil,
                              excludingJobs: [Int64] = []) throws -> Claim? {
         let rows = try c.query("""
-            UPDATE nola.tuning_units u SET state = 'running', worker = $1,
-                lease_expires_at = now() + make_interval(secs => $2), claims = u.claims + 1
-            WHERE (u.job_id, u.step, u.unit) = (
-                SELECT t.job_id, t.step, t.unit FROM nola.tuning_units t
+            WITH pick AS (
+                SELECT t.job_id, t.step, t.unit, t.state AS was FROM nola.tuning_units t
                 JOIN nola.jobs j ON j.id = t.job_id AND j.state = 'running' AND j.attempt = t.attempt AND NOT j.cancel_requested
                 JOIN nola.tuning_parameters p ON p.job_id = t.job_id AND p.attempt = t.attempt AND p.step = t.step
                 WHERE (t.state = 'pending' OR (t.state = 'running' AND t.lease_expires_at < now()))
@@ -115,7 +115,10 @@ public enum TuningUnits {
                 ORDER BY t.job_id, t.unit
                 LIMIT 1
                 FOR UPDATE OF t SKIP LOCKED)
-            RETURNING \(claimColumns)
+            UPDATE nola.tuning_units u SET state = 'running', worker = $1,
+                lease_expires_at = now() + make_interval(secs => $2), claims = u.claims + 1
+            FROM pick WHERE (u.job_id, u.step, u.unit) = (pick.job_id, pick.step, pick.unit)
+            RETURNING \(claimColumns), pick.was = 'running' AS rescued
             """, [worker, leaseSeconds, jobID as PostgresBindable?, "{" + excludingJobs.map(String.init).joined(separator: ",") + "}"])
         guard !rows.isEmpty else { return nil }
         let r = rows[0]
@@ -126,7 +129,7 @@ public enum TuningUnits {
         return Claim(jobID: Int64(try r.int("job_id")), attempt: try r.int("attempt"), step: try r.int("step"), unit: try r.int("unit"),
                      epoch: try r.int("epoch"), logicalBatch: try r.int("logical_batch"),
                      images: try parseIntArray(try r.string("images")), targets: try parseIntArray(try r.string("targets")),
-                     files: files, claims: try r.int("claims"))
+                     files: files, claims: try r.int("claims"), rescued: try r.bool("rescued"))
     }
 
     /// Renews the lease of a claimed unit; false when it is no longer this worker's.

@@ -154,4 +154,48 @@ final class DataParallelTuningJobTests: DatabaseTestCase {
         XCTAssertLessThan(atRestart, epochs, "the restart came mid-tuning")
         try assertSameResult(reference, id)
     }
+
+    /// Cancel reaches helpers (no claims for a job being cancelled), and a helper stopped with SIGTERM
+    /// gives its unit back at once and exits cleanly; the job still finishes with the same result.
+    func testCancelAndSigterm_reachHelpers() throws {
+        let collection = try copyCollection()
+        let epochs = 60
+        let reference = try alone(collection, epochs: epochs)
+        let one = try startPipelineDaemon("one", extra: Self.settings)
+        let two = try startPipelineDaemon("two", extra: Self.settings)
+        // SIGTERM to the helper while it holds a unit.
+        let id = try submit(collection, parameters: Self.parameters(epochs: epochs))
+        var helper: DaemonProcess?
+        try waitUntil("a helper holds a unit", timeout: 240, poll: 0.002) {
+            let owner = try job(id).optionalString("worker")
+            let rows = try db.query("SELECT worker FROM nola.tuning_units WHERE job_id = $1 AND state = 'running' AND worker <> $2",
+                                    [id, owner ?? ""])
+            guard let w = try rows.rows.first?.string("worker") else { return false }
+            helper = try [one, two].first { try workerID($0) == w }
+            helper?.signal(SIGTERM)
+            return helper != nil
+        }
+        let h = try XCTUnwrap(helper)
+        XCTAssertEqual(h.waitExit(timeout: 20), 0, "the helper exits cleanly after SIGTERM")
+        let helperID = h.name
+        XCTAssertEqual(try db.query("SELECT 1 FROM nola.tuning_units WHERE job_id = $1 AND state = 'running' AND worker LIKE $2",
+                                    [id, helperID + "-%"]).count, 0, "the stopped helper holds no unit")
+        try waitSucceeded(id, timeout: 300)
+        XCTAssertEqual(try tuneMetrics(id)["units_rescued"] as? Int, 0, "its unit was given back, not left to expire")
+        try assertSameResult(reference, id)
+
+        // A cancelled job: the remaining daemon plus a fresh helper; after the cancel no helper claims.
+        let three = try startPipelineDaemon("three", extra: Self.settings)
+        let cancelled = try submit(collection, parameters: Self.parameters(epochs: 400))
+        try waitUntil("tuning has started", timeout: 240, poll: 0.01) { try events(cancelled, kind: "epoch").count >= 1 }
+        try db.query("SELECT nola.cancel($1)", [cancelled])
+        let row = try waitState(cancelled, ["cancelled", "succeeded", "failed"], timeout: 60)
+        XCTAssertEqual(try row.string("state"), "cancelled")
+        let claimsAtCancel = try db.query("SELECT coalesce(sum(claims), 0) AS n FROM nola.tuning_units WHERE job_id = $1", [cancelled])[0].int("n")
+        Thread.sleep(forTimeInterval: 1)
+        XCTAssertEqual(try db.query("SELECT coalesce(sum(claims), 0) AS n FROM nola.tuning_units WHERE job_id = $1", [cancelled])[0].int("n"),
+                       claimsAtCancel, "nobody claims units of a cancelled job")
+        XCTAssertEqual(try db.query("SELECT 1 FROM nola.tuning_units WHERE job_id = $1 AND state = 'running' AND lease_expires_at > now() + interval '10 seconds'", [cancelled]).count, 0)
+        XCTAssertTrue(three.process.isRunning)
+    }
 }

@@ -39,6 +39,8 @@ final class TuningUnitsTests: DatabaseTestCase {
         let rescued = try XCTUnwrap(try TuningUnits.claim(db, worker: "owner", leaseSeconds: 30, jobID: id))
         XCTAssertEqual(rescued.unit, 1)
         XCTAssertEqual(rescued.claims, 2)
+        XCTAssertTrue(rescued.rescued)
+        XCTAssertFalse(c.rescued)
         XCTAssertFalse(try TuningUnits.complete(other, b, worker: "helper-b", result: [5], seconds: 1), "a worker whose lease is gone writes nothing")
         XCTAssertTrue(try TuningUnits.complete(db, rescued, worker: "owner", result: [1], seconds: 1))
         XCTAssertNil(try TuningUnits.claim(db, worker: "helper-a", leaseSeconds: 30), "unit 2 is held, the others are done")
@@ -50,6 +52,7 @@ final class TuningUnitsTests: DatabaseTestCase {
         try TuningUnits.release(db, c, worker: "owner")
         let again = try XCTUnwrap(try TuningUnits.claim(other, worker: "helper-b", leaseSeconds: 30))
         XCTAssertEqual(again.unit, 2)
+        XCTAssertFalse(again.rescued, "given back, not rescued")
         XCTAssertTrue(try TuningUnits.complete(other, again, worker: "helper-b", result: [2], seconds: 1))
         XCTAssertEqual(try TuningUnits.progress(db, job, step: 1).done, 3)
 
