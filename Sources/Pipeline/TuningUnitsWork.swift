@@ -233,10 +233,12 @@ public final class TuningHelper: @unchecked Sendable {
         database.close()
     }
 
-    /// Helps until `shouldStop`; `mayHelp` says whether a job slot is free now. Polls every `poll` seconds
-    /// when there is nothing to do.
-    public func run(poll: Double = 0.02, mayHelp: () -> Bool, shouldStop: () -> Bool) {
+    /// Helps until `shouldStop`; `mayHelp` says whether a job slot is free now. With nothing to claim it
+    /// looks again after `poll` seconds, doubling up to `idlePoll` while nothing turns up (a worker that
+    /// just helped looks again soon: the owner publishes the next step within milliseconds).
+    public func run(poll: Double = 0.02, idlePoll: Double = 0.5, mayHelp: () -> Bool, shouldStop: () -> Bool) {
         defer { releaseAll() }
+        var wait = poll
         while !shouldStop() {
             var worked = false
             if mayHelp() {
@@ -246,7 +248,12 @@ public final class TuningHelper: @unchecked Sendable {
                     if !shouldStop() { logger.debug("prompt-tuning help failed", metadata: ["error": "\(error)"]) }
                 }
             }
-            if !worked { usleep(UInt32(poll * 1e6)) }
+            if worked {
+                wait = poll
+            } else {
+                usleep(UInt32(wait * 1e6))
+                wait = min(idlePoll, wait * 2)
+            }
         }
     }
 }
