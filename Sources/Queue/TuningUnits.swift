@@ -74,13 +74,21 @@ public enum TuningUnits {
                     updated_at = now()
                 """, [job.id, job.attempt, step, PostgresValue.bytes(blob)])
             try c.query("DELETE FROM nola.tuning_units WHERE job_id = $1 AND (step <> $2 OR attempt <> $3)", [job.id, step, job.attempt])
-            for u in units {
+            // One statement for all the step's units (a round trip each would cost more than the rest
+            // of the coordination), in chunks that stay far below the protocol's parameter limit.
+            for chunk in stride(from: 0, to: units.count, by: 1000).map({ units[$0..<min(units.count, $0 + 1000)] }) {
+                var values: [String] = []
+                var parameters: [PostgresBindable?] = [job.id, job.attempt, step, epoch, logicalBatch]
+                for u in chunk {
+                    let k = parameters.count
+                    values.append("($1, $2, $3, $\(k + 1), $4, $5, $\(k + 2)::integer[], $\(k + 3)::integer[], $\(k + 4)::bytea[])")
+                    parameters += [u.unit, intArray(u.images), intArray(u.targets), byteaArray(u.files)]
+                }
                 try c.query("""
                     INSERT INTO nola.tuning_units (job_id, attempt, step, unit, epoch, logical_batch, images, targets, files)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7::integer[], $8::integer[], $9::bytea[])
+                    VALUES \(values.joined(separator: ", "))
                     ON CONFLICT (job_id, step, unit) DO NOTHING
-                    """, [job.id, job.attempt, step, u.unit, epoch, logicalBatch, intArray(u.images), intArray(u.targets),
-                          byteaArray(u.files)])
+                    """, parameters)
             }
             return true
         }
