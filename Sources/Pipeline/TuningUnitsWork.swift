@@ -131,7 +131,7 @@ public final class TuningHelper: @unchecked Sendable {
     private let database: Database
     /// The job whose encoder and decoded images are kept (one at a time).
     private var current: (jobID: Int64, attempt: Int, encoder: CLIPPromptEncoder, decoded: DecodedImages,
-                          strong: StrongViewConfig, parameters: NolaParameters)?
+                          strong: StrongViewConfig, parameters: NolaParameters, threads: Int)?
     /// The parameters of the step last read: (job, attempt, step) and the state.
     private var version: (key: String, state: PromptTuningState)?
     /// Jobs this worker cannot help (their CLIP does not load here), until the time given.
@@ -163,7 +163,8 @@ public final class TuningHelper: @unchecked Sendable {
             guard let job = current else { return false }
             let pixels = try job.decoded.strongViews(claim.images, epoch: claim.epoch, seed: job.parameters.seed, config: job.strong,
                                                      files: claim.files.map { ImageFile(pathBytes: $0) })
-            let result = try withThreads(config.threads) {
+            // The job's threads, as its owner computes with (the kernels' sums depend on the count).
+            let result = try withThreads(job.threads) {
                 try promptUnitGradient(encoder: job.encoder, state: state, targets: claim.targets, pixels: pixels,
                                        logicalBatch: claim.logicalBatch, labelSmoothing: job.parameters.labelSmoothing)
             }
@@ -211,8 +212,9 @@ public final class TuningHelper: @unchecked Sendable {
                 strong.jitterProbability = 0
                 strong.secondJitter = nil
             }
+            let threads = min(job.threads ?? config.threads, config.threads)
             current = (claim.jobID, claim.attempt, CLIPPromptEncoder(model: clip.model, promptCount: p.promptCount),
-                       DecodedImages(files: [], threads: config.threads), strong, p)
+                       DecodedImages(files: [], threads: threads), strong, p, threads)
         }
         let key = "\(claim.jobID)/\(claim.attempt)/\(claim.step)"
         if let version, version.key == key { return version.state }
