@@ -24,11 +24,14 @@ struct Bench: ParsableCommand {
     @Option(help: "Timed repetitions after one warm-up.") var iterations = 3
     @Option(help: "Tokens per text, BOS and EOS included.") var textTokens = 20
     @Option(help: "Prompt tokens for the prompt-tuning step.") var prompts = 16
-    @Option(help: "Comma-separated subset of: clip-image, clip-text, prompt-step, strong-views, dino.") var only: String?
+    @Option(help: "Comma-separated subset of: clip-image, clip-text, prompt-step, strong-views, dino, and the MobileCLIP rows (mobileclip-b-image, mobileclip-s2-image, mobileclip-s1-image, mobileclip-s0-image, mobileclip-text, mobileclip-s-text, mobileclip-b-prompt-step, mobileclip-s2-tune-step).") var only: String?
+    @Flag(help: "Also the MobileCLIP rows (full-size random MobileCLIP-B, S2, S1, S0; reference/bench_mobileclip_torch.py is their PyTorch side).") var mobileclip = false
     @Option(help: "Seconds of sgemm timing per GEMM shape (5 rounds, the best one counts).") var sgemmSeconds = 0.2
     @Flag(help: "One JSON object on stdout instead of the text report.") var json = false
 
-    static let figureNames = ["clip-image", "clip-text", "prompt-step", "strong-views", "dino"]
+    static let figureNames = ["clip-image", "clip-text", "prompt-step", "strong-views", "dino"] + mobileCLIPFigureNames
+    static let mobileCLIPFigureNames = ["mobileclip-b-image", "mobileclip-s2-image", "mobileclip-s1-image", "mobileclip-s0-image",
+                                        "mobileclip-text", "mobileclip-s-text", "mobileclip-b-prompt-step", "mobileclip-s2-tune-step"]
 
     func validate() throws {
         guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
@@ -45,7 +48,10 @@ struct Bench: ParsableCommand {
         }
     }
 
-    func wanted(_ name: String) -> Bool { only.map { $0.split(separator: ",").contains(Substring(name)) } ?? true }
+    /// A figure named in --only; without --only every CLIP/DINO figure, and the MobileCLIP ones with --mobileclip.
+    func wanted(_ name: String) -> Bool {
+        only.map { $0.split(separator: ",").contains(Substring(name)) } ?? (mobileclip || !Self.mobileCLIPFigureNames.contains(name))
+    }
 
     /// Every kernel of the command runs with `--threads` threads (docs/threading.md).
     func run() throws { try withThreads(threads) { try runWithThreads() } }
@@ -101,7 +107,17 @@ struct Bench: ParsableCommand {
             if wanted("dino") {
                 add(measure("DINO ViT-B/16 image", key: "dino", items: batch, unit: "img") { _ = dino.clsFeatures(pixels: p, batch: batch, height: 224, width: 224) })
             }
+            if wanted("mobileclip-text") || wanted("mobileclip-s-text") {
+                // open_clip pads to 77 with 0; MobileCLIP-B's causal tower runs up to the end token, S0/S1/S2's all 77
+                for (key, causal, name) in [("mobileclip-text", true, "MobileCLIP-B"), ("mobileclip-s-text", false, "MobileCLIP-S")] where wanted(key) {
+                    var config = MobileCLIPConfig.mobileCLIPB()
+                    config.textConfig.causal = causal
+                    guard let model = try? MobileCLIPModel(config: config, weights: nil) else { continue }
+                    add(measure("\(name) text (\(textTokens) tokens\(causal ? "" : " in 77"))", key: key, items: texts.count, unit: "text") { _ = model.getTextFeatures(texts) })
+                }
+            }
         }
+        try mobileCLIPImageFigures(add)
         let peak = peakResidentMegabytes()
         say(String(format: "peak memory (both models, batch %d): %.0f MB", batch, peak))
 
@@ -128,6 +144,56 @@ struct Bench: ParsableCommand {
                 "figures": figures.map { $0.json(rates: rates, threads: threads) },
             ]
             print(jsonLine(object))
+        }
+    }
+
+    /// The MobileCLIP image rows and tuning steps, each on its own full-size random model (B at 224 px,
+    /// S0/S1/S2 at 256 px), released after its rows.
+    func mobileCLIPImageFigures(_ add: (BenchFigure) -> Void) throws {
+        var rng = SplitMix64(seed: 2)
+        let classes = 10, labels = (0..<batch).map { $0 % classes }
+        for (key, tower, name) in [("mobileclip-b-image", MobileCLIPTowerKind.vitBase, "MobileCLIP-B"), ("mobileclip-s2-image", .mci(2), "MobileCLIP-S2"),
+                                   ("mobileclip-s1-image", .mci(1), "MobileCLIP-S1"), ("mobileclip-s0-image", .mci(0), "MobileCLIP-S0")] {
+            let tuneKey = tower == .vitBase ? "mobileclip-b-prompt-step" : (tower == .mci(2) ? "mobileclip-s2-tune-step" : nil)
+            guard wanted(key) || tuneKey.map(wanted) == true else { continue }
+            var config = MobileCLIPConfig.mobileCLIPB()
+            config.tower = tower
+            if tower != .vitBase { config.imageSize = 256; config.textConfig.causal = false }
+            let model = try MobileCLIPModel(config: config, weights: nil)
+            let s = config.imageSize
+            let pixels = (0..<(batch * 3 * s * s)).map { _ in Float.random(in: 0...1, using: &rng) }
+            pixels.withUnsafeBufferPointer { px in
+                let p = px.baseAddress!
+                if wanted(key) {
+                    add(measure("\(name) image (\(s) px)", key: key, items: batch, unit: "img") { _ = model.getImageFeatures(pixels: p, batch: batch) })
+                }
+                guard let tuneKey, wanted(tuneKey) else { return }
+                switch model.imageTower {
+                case .vit(let vit):
+                    let state = MobileCLIPViTPromptTuning(tower: vit, prompts: (0..<(prompts * vit.hiddenSize)).map { _ in Float.random(in: -0.1...0.1, using: &rng) },
+                                                          promptCount: prompts, head: (0..<(classes * vit.projectionDim)).map { _ in Float.random(in: -0.1...0.1, using: &rng) },
+                                                          classCount: classes)
+                    add(measure("\(name) prompt-tuning step (P=\(prompts))", key: tuneKey, items: batch, unit: "img") {
+                        _ = vit.promptTuningStep(state, pixels: p, batch: batch) { logits, dlogits in
+                            crossEntropyForwardBackward(dlogits: dlogits, logits, labels: labels, n: batch, c: classes, smoothing: 0.1)
+                        }
+                    })
+                case .mci(let mci):
+                    // the tuned variant: features, then the head's loss gradient as the trainer computes it
+                    let tuned = mci.initialTunedTensors(), e = mci.embedDim
+                    let head = (0..<(classes * e)).map { _ in Float.random(in: -0.1...0.1, using: &rng) }
+                    add(measure("\(name) tuned step (last stage norms)", key: tuneKey, items: batch, unit: "img") {
+                        var gradients = tuned.map { [Float](repeating: 0, count: $0.count) }
+                        mci.tuningStep(pixels: p, batch: batch, tuned: tuned, lossGradient: { features in
+                            var logits = [Float](repeating: 0, count: batch * classes), dlogits = logits, dFeatures = [Float](repeating: 0, count: batch * e)
+                            linearForward(&logits, features, head, nil, n: batch, inFeatures: e, outFeatures: classes)
+                            _ = crossEntropyForwardBackward(dlogits: &dlogits, logits, labels: labels, n: batch, c: classes, smoothing: 0.1)
+                            linearBackward(dinp: &dFeatures, dweight: nil, dbias: nil, dlogits, features, head, n: batch, inFeatures: e, outFeatures: classes)
+                            return dFeatures
+                        }, gradients: &gradients)
+                    })
+                }
+            }
         }
     }
 

@@ -61,7 +61,8 @@ public struct ServeCommand: ParsableCommand {
             metrics = m
         }
         defer { listener?.stop() }
-        let worker = Worker(config: config, stages: JobStages.standard(settings: config.stageSettings), logger: logger,
+        let worker = Worker(config: config, stages: JobStages.standard(settings: config.stageSettings),
+                            help: JobStages.help(settings: config.stageSettings), logger: logger,
                             observer: metrics ?? NoWorkerObserver())
         metrics?.setWorkerID(worker.id)
         let signals = SignalWatcher(signals: [SIGTERM, SIGINT]) { [worker] signal in

@@ -14,7 +14,8 @@ struct ModelCommandError: Error, CustomStringConvertible {
 /// What a model folder holds (config.json's `model_type`, or an open_clip folder), and the view its images get by default.
 struct ImageEncoder {
     enum Model {
-        case clip(CLIPModel)
+        /// CLIP or MobileCLIP (`loadImageTextModel`).
+        case clip(any ImageTextModel)
         case vit(ViTModel)
     }
     let model: Model
@@ -24,7 +25,7 @@ struct ImageEncoder {
     init(folder: URL) throws {
         let type = try modelType(folder: folder)
         switch type {
-        case "clip": model = .clip(try CLIPModel(folder: folder))
+        case "clip": model = .clip(try loadImageTextModel(folder: folder))
         case "vit", "dinov2": model = .vit(try ViTModel(folder: folder))
         case let other:
             throw ModelCommandError(description: "\(folder.path)/config.json: model_type \(other ?? "(none)") is not clip, vit or dinov2")
@@ -34,13 +35,18 @@ struct ImageEncoder {
         case .clip: fallback = Self.clipStyleView(imageSize: Self.imageSize(model))
         case .vit: fallback = Self.dinoStyleView(imageSize: Self.imageSize(model))
         }
-        standardView = try Method.standardView(folder: folder, modelType: type!, input: Self.inputRule(model), fallback: fallback)
+        if case .clip(let m as MobileCLIPModel) = model {
+            // open_clip's eval transform for the folder's preprocess_cfg (MobileCLIP: bilinear, mean 0, std 1)
+            standardView = ImageView(openCLIP: m.config.preprocess, imageSize: m.imageSize)
+        } else {
+            standardView = try Method.standardView(folder: folder, modelType: type!, input: Self.inputRule(model), fallback: fallback)
+        }
     }
 
     /// Square input side the model is configured for (DINOv2 accepts any multiple of its patch size).
     static func imageSize(_ model: Model) -> Int {
         switch model {
-        case .clip(let m): return m.config.visionConfig.imageSize
+        case .clip(let m): return m.imageSize
         case .vit(let m): return m.config.imageSize
         }
     }
@@ -128,19 +134,19 @@ struct EmbedText: ParsableCommand {
 
     func runWithThreads() throws {
         let folder = URL(fileURLWithPath: model)
-        let clip: CLIPModel, tokenizer: CLIPTokenizer
+        let clip: any ImageTextModel, tokenizer: CLIPTokenizer
         do {
             let type = try modelType(folder: folder)
             guard type == "clip" else {
                 throw ModelCommandError(description: "\(folder.path)/config.json: model_type \(type ?? "(none)") is not clip")
             }
-            clip = try CLIPModel(folder: folder)
+            clip = try loadImageTextModel(folder: folder)
             tokenizer = try CLIPTokenizer(folder: folder)
-            try tokenizer.checkFits(clip.config.textConfig, source: folder.path)
+            try tokenizer.checkFits(clip.textConfig, source: folder.path)
         } catch {
             throw fail("embed-text", error)
         }
-        let context = clip.config.textConfig.maxPositionEmbeddings
+        let context = clip.textConfig.maxPositionEmbeddings
         let ids = texts.map { tokenizer.encode($0, contextLength: context).map { Int32($0) } }
         let features = clip.getTextFeatures(ids)
         let p = clip.projectionDim
@@ -182,7 +188,12 @@ struct EmbedImage: ParsableCommand {
     func imageView(_ encoder: ImageEncoder) -> ImageView {
         switch view {
         case .standard: return encoder.standardView
-        case .clip: return ImageView(ImageEncoder.clipStyleView(imageSize: encoder.imageSize))
+        case .clip:
+            // NoLA's weak view as the pipeline gives this model (a MobileCLIP: its own mean and std)
+            if case .clip(let m) = encoder.model {
+                return ImageView(WeakViewConfig(resize: encoder.imageSize, crop: encoder.imageSize, mean: m.imageMean, std: m.imageStd))
+            }
+            return ImageView(ImageEncoder.clipStyleView(imageSize: encoder.imageSize))
         case .dino: return ImageView(ImageEncoder.dinoStyleView(imageSize: encoder.imageSize))
         }
     }

@@ -64,6 +64,12 @@ public struct NoladConfig: Equatable, Sendable {
     public var llmModel: String = "gpt-3.5-turbo"
     /// Sent as a bearer token; prefer NOLAD_LLM_API_KEY over the file.
     public var llmAPIKey: String? = nil
+    /// Images per shard of the encode and label stages (docs/scale-out.md), rounded up to a multiple of 8
+    /// (the stages' batch): the owner's setting cuts a job's shards; results do not depend on it.
+    public var shardSize: Int = 256
+    /// Whether a free slot with no job of its own to claim helps running jobs of other workers (their
+    /// shards), as long as it has their model folders.
+    public var helpOtherJobs: Bool = true
     /// Memory for prompt-tuning activations per job; sizes the micro-batches.
     public var memoryBudgetMB: Int = 4096
     /// How often prompt tuning saves a checkpoint between epochs (always at the end of an epoch).
@@ -90,7 +96,9 @@ public struct NoladConfig: Equatable, Sendable {
         s.checkpointSeconds = checkpointSeconds
         s.imageDelaySeconds = imageDelaySeconds
         s.pipeline = pipeline
-        s.unitLeaseSeconds = leaseSeconds
+        s.shardSize = shardSize
+        s.leaseSeconds = leaseSeconds
+        s.heartbeatSeconds = heartbeatSeconds
         return s
     }
 
@@ -100,7 +108,7 @@ public struct NoladConfig: Equatable, Sendable {
         "collection_roots", "clip_model", "dino_model", "threads", "concurrency", "lease_seconds",
         "heartbeat_seconds", "database_timeout", "poll_seconds", "shutdown_timeout_seconds", "retry_base_seconds", "log_level",
         "migrations", "image_delay_seconds", "pipeline", "model_root", "llm_url", "llm_model", "llm_api_key",
-        "memory_budget_mb", "checkpoint_seconds", "metrics_listen", "metrics_allow_remote",
+        "memory_budget_mb", "checkpoint_seconds", "metrics_listen", "metrics_allow_remote", "shard_size", "help_other_jobs",
     ]
 
     /// Reads the YAML file at `path` (if any), then applies NOLAD_* variables from `environment`.
@@ -213,6 +221,8 @@ public struct NoladConfig: Equatable, Sendable {
         case "checkpoint_seconds": checkpointSeconds = try number()
         case "metrics_listen": metricsListen = optional
         case "metrics_allow_remote": metricsAllowRemote = try boolean()
+        case "shard_size": shardSize = try integer()
+        case "help_other_jobs": helpOtherJobs = try boolean()
         default: throw NoladError(.config, "\(source): unknown key \"\(key)\"")
         }
     }
@@ -235,6 +245,7 @@ public struct NoladConfig: Equatable, Sendable {
         if retryBaseSeconds < 0 { throw NoladError(.config, "retry_base_seconds must not be negative") }
         if !["nola", "discover"].contains(pipeline) { throw NoladError(.config, "pipeline must be nola or discover, got \"\(pipeline)\"") }
         if memoryBudgetMB < 64 { throw NoladError(.config, "memory_budget_mb must be at least 64") }
+        if shardSize < 1 || shardSize > 1_000_000 { throw NoladError(.config, "shard_size must be an integer from 1 to 1000000 (images per shard)") }
         if checkpointSeconds <= 0 { throw NoladError(.config, "checkpoint_seconds must be positive") }
         if let llmURL, URL(string: llmURL)?.scheme == nil { throw NoladError(.config, "llm_url must be a URL (http://host:port/v1)") }
         if imageDelaySeconds < 0 { throw NoladError(.config, "image_delay_seconds must not be negative") }

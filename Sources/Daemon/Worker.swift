@@ -11,6 +11,8 @@ import Queue
 public final class Worker: @unchecked Sendable {
     public let config: NoladConfig
     public let stages: [JobStage]
+    /// The kinds of work this worker does for running jobs when a slot has no job of its own (HelpWork.swift).
+    public let helpWork: [HelpWork]
     public let id: String
     let logger: Logger
     /// Called at the points metrics need; no-op by default.
@@ -20,10 +22,14 @@ public final class Worker: @unchecked Sendable {
     let lock = NSLock()
     private var shutdownRequested = false
     var running: [Int64: RunningJob] = [:]
+    var helping: [ObjectIdentifier: RunningHelp] = [:]
+    /// Jobs whose units this worker could not do, and when it gave up (skipped for a while).
+    var cannotHelp: [Int64: Date] = [:]
 
-    public init(config: NoladConfig, stages: [JobStage], logger: Logger, observer: WorkerObserver = NoWorkerObserver()) {
+    public init(config: NoladConfig, stages: [JobStage], help: [HelpWork] = [], logger: Logger, observer: WorkerObserver = NoWorkerObserver()) {
         self.config = config
         self.stages = stages
+        self.helpWork = help
         self.logger = logger
         self.observer = observer
         let host = ProcessInfo.processInfo.hostName
@@ -47,6 +53,7 @@ public final class Worker: @unchecked Sendable {
         let roots = CollectionAccess.resolveRoots(config.collectionRoots)
         logger.info("starting", metadata: ["worker": "\(id)", "version": "\(noladVersion)", "roots": "\(roots)",
                                            "concurrency": "\(config.concurrency)",
+                                           "help_other_jobs": "\(config.helpOtherJobs && !helpWork.isEmpty)",
                                            "database_timeout_s": "\(formatSeconds(config.databaseTimeout))"])
         if let interval = Systemd.watchdogInterval, 2 * config.databaseTimeout >= interval {
             logger.warning("database_timeout is too long for systemd's watchdog: a dead database connection can hold the main loop for 2 × database_timeout, longer than the watchdog interval (half of WatchdogSec), so systemd may restart nolad during a network partition; lower database_timeout or raise WatchdogSec",
@@ -70,14 +77,17 @@ public final class Worker: @unchecked Sendable {
         }
         try control.listen("nola_jobs")
         try control.listen("nola_cancel")
+        try control.listen("nola_work")
         observer.databaseReady()
         Systemd.ready(status: "idle, waiting for jobs")
         logger.info("ready", metadata: ["worker": "\(id)"])
 
-        // Data-parallel prompt tuning: while a job slot is free, compute units of other jobs' optimizer steps.
+        // Data-parallel prompt tuning: while a job slot is free, compute units of other jobs' optimizer steps
+        // (on its own thread for now, beside the HelpWork kinds of WorkerHelp.swift; `help_other_jobs` off
+        // turns it off too).
         var helperThread: Thread?
         let helperDone = DispatchSemaphore(value: 0)
-        if config.pipeline == "nola" {
+        if config.pipeline == "nola" && config.helpOtherJobs {
             let helper = TuningHelper(conninfo: config.conninfo, limits: config.controlConnectionLimits, settings: config.stageSettings,
                                       worker: id, logger: logger)
             let slots = config.concurrency
@@ -94,15 +104,16 @@ public final class Worker: @unchecked Sendable {
         var loop = WorkerLoop(settings: .init(
             heartbeatSeconds: config.heartbeatSeconds, pollSeconds: config.pollSeconds,
             watchdogSeconds: Systemd.watchdogInterval, concurrency: config.concurrency,
-            shutdownTimeoutSeconds: config.shutdownTimeoutSeconds), now: Date())
+            shutdownTimeoutSeconds: config.shutdownTimeoutSeconds, helpOtherJobs: config.helpOtherJobs && !helpWork.isEmpty), now: Date())
         var lastStatus = ""
 
         while true {
             observer.loopTurned()
             if isShuttingDown { loop.shutdown() }
             if reapEnded() { loop.jobEnded() }
+            if reapEndedHelp() { loop.jobEnded() }
             var done = false
-            while let step = loop.next(now: Date(), runningJobs: snapshot().count) {
+            while let step = loop.next(now: Date(), runningJobs: snapshot().count + helpingCount) {
                 if perform(step, &loop, control, roots: roots) { done = true; break }
             }
             if done { break }
@@ -147,6 +158,7 @@ public final class Worker: @unchecked Sendable {
             Systemd.stopping(status: "stopping: releasing running jobs")
             logger.info("shutting down: no more claims; running jobs stop at their next checkpoint")
             for job in snapshot() { interrupt(job) { $0.shutdownRequested() } }
+            stopHelping()
             return false
         case .stop:
             return true
@@ -160,8 +172,16 @@ public final class Worker: @unchecked Sendable {
                                  metadata: ["job": "\(job.claimed.ref.id)", "error": "\(error)"])
                 }
             }
+            for help in lock.withLock({ Array(helping.values) }) where !help.ended {
+                do {
+                    try control.run(retryFor: 1) { try help.unit.release($0, error: nil) }
+                } catch {
+                    logger.error("could not give a help unit back; its lease will expire and another worker takes it",
+                                 metadata: ["unit": "\(help.unit)", "error": "\(error)"])
+                }
+            }
             return true
-        case .heartbeat, .checkCancelRequests, .claim:
+        case .heartbeat, .checkCancelRequests, .claim, .help:
             do {
                 var found = true
                 switch step {
@@ -170,6 +190,8 @@ public final class Worker: @unchecked Sendable {
                     try rescue(control)
                 case .checkCancelRequests:
                     try checkCancelRequests(control)
+                case .help:
+                    found = try help(control, roots: roots)
                 default:
                     found = try produce(control, roots: roots)
                 }
@@ -270,10 +292,11 @@ public final class Worker: @unchecked Sendable {
 
     private func statusLine() -> String {
         let jobs = snapshot()
-        if isShuttingDown { return "stopping: \(jobs.count) job(s) still running" }
-        if jobs.isEmpty { return "idle, waiting for jobs" }
-        return jobs.sorted { $0.claimed.ref.id < $1.claimed.ref.id }.map { job in
+        let helps = lock.withLock { helping.values.map { "helping: \($0.unit)" }.sorted() }
+        if isShuttingDown { return "stopping: \(jobs.count) job(s) still running" + (helps.isEmpty ? "" : ", \(helps.count) help unit(s)") }
+        if jobs.isEmpty && helps.isEmpty { return "idle, waiting for jobs" }
+        return (jobs.sorted { $0.claimed.ref.id < $1.claimed.ref.id }.map { job in
             lock.withLock { "job \(job.claimed.ref.id) attempt \(job.claimed.ref.attempt): \(job.stage) \(job.done)/\(job.total)" }
-        }.joined(separator: "; ")
+        } + helps).joined(separator: "; ")
     }
 }

@@ -19,15 +19,18 @@ public struct WorkerLoop: Sendable {
         public var shutdownTimeoutSeconds: Double
         /// Delay between tries while the database is unavailable.
         public var reconnect: RetryPolicy
+        /// Whether a free slot with no job of its own to claim helps other jobs (`help_other_jobs`).
+        public var helpOtherJobs: Bool
 
         public init(heartbeatSeconds: Double, pollSeconds: Double, watchdogSeconds: Double?, concurrency: Int,
-                    shutdownTimeoutSeconds: Double, reconnect: RetryPolicy = WorkerLoop.reconnectPolicy) {
+                    shutdownTimeoutSeconds: Double, reconnect: RetryPolicy = WorkerLoop.reconnectPolicy, helpOtherJobs: Bool = false) {
             self.heartbeatSeconds = heartbeatSeconds
             self.pollSeconds = pollSeconds
             self.watchdogSeconds = watchdogSeconds
             self.concurrency = concurrency
             self.shutdownTimeoutSeconds = shutdownTimeoutSeconds
             self.reconnect = reconnect
+            self.helpOtherJobs = helpOtherJobs
         }
     }
 
@@ -46,6 +49,8 @@ public struct WorkerLoop: Sendable {
         case checkCancelRequests
         /// Claim one job (the producer).
         case claim
+        /// Claim one unit of work of a running job (a shard, ...) and run it: a free slot found no job to claim.
+        case help
         /// The drain deadline passed: release the jobs that did not stop, then stop.
         case releaseRemainingAndStop
         /// Every job stopped after the drain: stop.
@@ -63,6 +68,7 @@ public struct WorkerLoop: Sendable {
     private var lastHeartbeat: Date?
     private var lastPoll: Date
     private var claimWanted = true
+    private var helpWanted = true
     private var cancelCheckWanted = false
     private var shutdownRequested = false
     private(set) var drainDeadline: Date?
@@ -86,13 +92,17 @@ public struct WorkerLoop: Sendable {
     public mutating func notified(channel: String) {
         switch channel {
         case "nola_jobs": claimWanted = true
+        case "nola_work": helpWanted = true
         case "nola_cancel": cancelCheckWanted = true
         default: break
         }
     }
 
-    /// A running job's thread ended: its slot is free.
-    public mutating func jobEnded() { claimWanted = true }
+    /// A running job's (or help unit's) thread ended: its slot is free.
+    public mutating func jobEnded() {
+        claimWanted = true
+        helpWanted = true
+    }
 
     /// The step succeeded (for `.claim`: `found` says whether a job was claimed).
     public mutating func succeeded(_ step: Step, now: Date, found: Bool = true) -> Report? {
@@ -100,8 +110,11 @@ public struct WorkerLoop: Sendable {
         case .heartbeat:
             lastHeartbeat = now
             claimWanted = true
+            helpWanted = true
         case .claim:
             if !found { claimWanted = false }
+        case .help:
+            if !found { helpWanted = false }
         case .checkCancelRequests:
             cancelCheckWanted = false
         case .pingWatchdog, .beginDrain, .releaseRemainingAndStop, .stop:
@@ -126,6 +139,7 @@ public struct WorkerLoop: Sendable {
     // MARK: decisions
 
     /// The next step to perform now, or nil to sleep. Call again after reporting each step's outcome.
+    /// `runningJobs` counts the threads that hold a slot: our jobs and the help units we run.
     public mutating func next(now: Date, runningJobs: Int) -> Step? {
         if stopped { return nil }
         if let w = settings.watchdogSeconds, lastWatchdog.map({ now.timeIntervalSince($0) >= w }) ?? true {
@@ -153,9 +167,14 @@ public struct WorkerLoop: Sendable {
         if now.timeIntervalSince(lastPoll) >= settings.pollSeconds {
             lastPoll = now
             claimWanted = true
+            helpWanted = true
         }
         if drainDeadline == nil && claimWanted && runningJobs < settings.concurrency {
             return .claim
+        }
+        // Only a slot that found no job of its own helps (a job claim is tried first on every wake-up).
+        if drainDeadline == nil && settings.helpOtherJobs && !claimWanted && helpWanted && runningJobs < settings.concurrency {
+            return .help
         }
         return nil
     }

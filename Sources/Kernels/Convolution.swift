@@ -12,7 +12,7 @@ public func convOutputSize(_ size: Int, kernel: Int, stride: Int, padding: Int) 
 /// like a flattened Conv2d weight (OC,C,k,k); taps outside the image are 0.
 public func im2colConv(_ cols: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>,
                        b: Int, h: Int, w: Int, c: Int, kernel k: Int, stride s: Int, padding p: Int) {
-    profiled(.patches, .forward) {
+    profiled(.convolution, .forward) {
         let oh = convOutputSize(h, kernel: k, stride: s, padding: p), ow = convOutputSize(w, kernel: k, stride: s, padding: p)
         parallelFor(b * oh, grain: 1) { rows in
             for row in rows {
@@ -56,37 +56,85 @@ public func depthwiseConv2dForward(_ out: UnsafeMutablePointer<Float>, _ inp: Un
                                    _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>?,
                                    b: Int, h: Int, w: Int, c: Int, kernel k: Int, stride s: Int, padding p: Int) {
     let oh = convOutputSize(h, kernel: k, stride: s, padding: p), ow = convOutputSize(w, kernel: k, stride: s, padding: p)
-    let c8 = c & ~7
-    parallelFor(b * oh, grain: 1) { rows in
+    // Output columns whose k taps all lie inside the row: ox·s − p ≥ 0 and ox·s − p + k ≤ w.
+    let inLo = min(ow, (p + s - 1) / s), inHi = max(inLo, min(ow, w + p - k >= 0 ? (w + p - k) / s + 1 : 0))
+    profiled(.convolution, .forward) { parallelFor(b * oh, grain: 1) { rows in
         for row in rows {
             let bi = row / oh, oy = row % oh
-            let ky0 = max(0, p - oy * s), ky1 = min(k, h + p - oy * s)
-            for ox in 0..<ow {
-                let kx0 = max(0, p - ox * s), kx1 = min(k, w + p - ox * s)
-                let o = out + ((bi * oh + oy) * ow + ox) * c
-                var ch = 0
-                while ch < c8 {
-                    var acc = bias.map { load8($0 + ch) } ?? SIMD8<Float>(repeating: 0)
-                    for ky in ky0..<max(ky0, ky1) {
-                        let src = inp + ((bi * h + oy * s + ky - p) * w + ox * s - p) * c + ch
-                        let wt = weight + ky * k * c + ch
-                        for kx in kx0..<max(kx0, kx1) { acc += load8(src + kx * c) * load8(wt + kx * c) }
-                    }
-                    store8(o + ch, acc)
-                    ch += 8
-                }
-                while ch < c {
-                    var acc = bias?[ch] ?? 0
-                    for ky in ky0..<max(ky0, ky1) {
-                        for kx in kx0..<max(kx0, kx1) {
-                            acc += inp[((bi * h + oy * s + ky - p) * w + ox * s + kx - p) * c + ch] * weight[(ky * k + kx) * c + ch]
-                        }
-                    }
-                    o[ch] = acc
-                    ch += 1
+            let ky0 = max(0, p - oy * s), ky1 = max(ky0, min(k, h + p - oy * s))
+            // the input row of tap ky at output column 0, channel 0 (may point before the row; only taps inside are read)
+            let base = inp + ((bi * h + oy * s - p) * w - p) * c
+            let o = out + (bi * oh + oy) * ow * c
+            var ox = 0
+            while ox < ow {
+                if ox >= inLo && ox + 4 <= inHi {
+                    depthwiseFour(o + ox * c, base + ox * s * c, weight, bias, c: c, w: w, k: k, s: s, ky0: ky0, ky1: ky1)
+                    ox += 4
+                } else {
+                    let kx0 = max(0, p - ox * s), kx1 = max(kx0, min(k, w + p - ox * s))
+                    depthwiseOne(o + ox * c, base + ox * s * c, weight, bias, c: c, w: w, k: k, ky0: ky0, ky1: ky1, kx0: kx0, kx1: kx1)
+                    ox += 1
                 }
             }
         }
+    } }
+}
+
+/// One output pixel (C channels) of a depthwise convolution over taps ky0..<ky1 × kx0..<kx1; src is the input
+/// at the pixel's tap (0, 0), channel 0.
+@inline(__always)
+private func depthwiseOne(_ o: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
+                          _ bias: UnsafePointer<Float>?, c: Int, w: Int, k: Int, ky0: Int, ky1: Int, kx0: Int, kx1: Int) {
+    var ch = 0
+    while ch + 8 <= c {
+        var acc = SIMD8<Float>(repeating: 0)
+        if let bias { acc = load8(bias + ch) }
+        for ky in ky0..<ky1 {
+            let x = src + ky * w * c + ch, wt = weight + ky * k * c + ch
+            for kx in kx0..<kx1 { acc.addProduct(load8(x + kx * c), load8(wt + kx * c)) }
+        }
+        store8(o + ch, acc)
+        ch += 8
+    }
+    while ch < c {
+        var acc = bias?[ch] ?? 0
+        for ky in ky0..<ky1 { for kx in kx0..<kx1 { acc += src[(ky * w + kx) * c + ch] * weight[(ky * k + kx) * c + ch] } }
+        o[ch] = acc
+        ch += 1
+    }
+}
+
+/// Four neighbouring output pixels whose taps lie inside the row: each weight vector is loaded once for
+/// the four (the loads, not the multiply-adds, bound the one-pixel loop).
+@inline(__always)
+private func depthwiseFour(_ o: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
+                           _ bias: UnsafePointer<Float>?, c: Int, w: Int, k: Int, s: Int, ky0: Int, ky1: Int) {
+    let step = s * c
+    var ch = 0
+    while ch + 8 <= c {
+        var b0 = SIMD8<Float>(repeating: 0)
+        if let bias { b0 = load8(bias + ch) }
+        var a0 = b0, a1 = b0, a2 = b0, a3 = b0
+        for ky in ky0..<ky1 {
+            let x = src + ky * w * c + ch, wt = weight + ky * k * c + ch
+            for kx in 0..<k {
+                let wv = load8(wt + kx * c), xk = x + kx * c
+                a0.addProduct(load8(xk), wv)
+                a1.addProduct(load8(xk + step), wv)
+                a2.addProduct(load8(xk + 2 * step), wv)
+                a3.addProduct(load8(xk + 3 * step), wv)
+            }
+        }
+        store8(o + ch, a0); store8(o + c + ch, a1); store8(o + 2 * c + ch, a2); store8(o + 3 * c + ch, a3)
+        ch += 8
+    }
+    while ch < c {
+        for j in 0..<4 {
+            var acc = bias?[ch] ?? 0
+            for ky in ky0..<ky1 { for kx in 0..<k { acc += src[(ky * w + kx) * c + j * step + ch] * weight[(ky * k + kx) * c + ch] } }
+            o[j * c + ch] = acc
+        }
+        ch += 1
     }
 }
 
@@ -98,7 +146,7 @@ public func depthwiseConv2dBackward(dinp: UnsafeMutablePointer<Float>, _ dout: U
                                     b: Int, h: Int, w: Int, c: Int, kernel k: Int, stride s: Int, padding p: Int) {
     let oh = convOutputSize(h, kernel: k, stride: s, padding: p), ow = convOutputSize(w, kernel: k, stride: s, padding: p)
     let c8 = c & ~7
-    withProfilePhase(.backward) {
+    profiled(.convolution, .backward) {
         parallelFor(b * h, grain: 1) { rows in
             for row in rows {
                 let bi = row / h, iy = row % h

@@ -20,6 +20,7 @@ public enum KernelOp: Int, CaseIterable, Sendable {
     case patches        // im2col of the patch embedding
     case loss           // L2 normalisation of features, the loss
     case augmentation   // strong views: crop, flip, jitter, perspective, blur, normalise
+    case convolution    // depthwise convolutions and their input gradient, im2col of dense ones (MCi towers)
 
     public var label: String {
         switch self {
@@ -34,6 +35,7 @@ public enum KernelOp: Int, CaseIterable, Sendable {
         case .patches: "im2col (patches)"
         case .loss: "L2 norm, loss"
         case .augmentation: "augmentation (strong views)"
+        case .convolution: "convolution (depthwise, im2col)"
         }
     }
     public var key: String {
@@ -49,6 +51,7 @@ public enum KernelOp: Int, CaseIterable, Sendable {
         case .patches: "im2col"
         case .loss: "loss"
         case .augmentation: "augmentation"
+        case .convolution: "convolution"
         }
     }
 }

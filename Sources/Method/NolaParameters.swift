@@ -12,6 +12,11 @@ public struct NolaParameters: Equatable, Sendable {
     /// benchmark") measures ≈ 0.21 s per image-step of prompt tuning, ≈ 0.36 s per image for the CLIP + DINO
     /// features and ≈ 0.08 s per image for the labels: ≈ 107 s an epoch, 30 epochs ≈ 53 min + 7.5 min.
     public static let defaultPromptEpochs = 30
+    /// The default training budget in strong views (docs/budget.md): 120 full logical batches of 512, what
+    /// 30 epochs of a 2,048-image collection see (≈ 3.2 h of prompt tuning on 2 cores at full model size,
+    /// 0.19 s per view, docs/costs.md). Collections below 2,560 images run the default 30 epochs in full;
+    /// the demo's 50 epochs of 480 images are 24,000 views.
+    public static let defaultPromptViewBudget: Int? = 61_440
 
     // Run
     public var seed: UInt64 = 7777
@@ -43,6 +48,10 @@ public struct NolaParameters: Equatable, Sendable {
     /// (the default: on the demo it stops well before the 50 epochs that give the best labels).
     public var stopPatience = 0
     public var stopTolerance = 0.01
+    /// The training budget (docs/budget.md): prompt tuning sees at most this many strong views (whole
+    /// optimizer steps of min(promptBatchSize, N) views each), however many epochs `promptEpochs` asks for,
+    /// so its cost stops growing with N × epochs; nil = no cap.
+    public var promptViewBudget: Int? = NolaParameters.defaultPromptViewBudget
     // Models: folder names under the configured model root (Hugging Face layout).
     public var clipModel = "clip-vit-base-patch32"
     public var dinoModel = "dino-vitb16"
@@ -73,11 +82,18 @@ public struct NolaParameters: Equatable, Sendable {
         case colourJitter = "colour_jitter"
         case stopPatience = "stop_patience"
         case stopTolerance = "stop_tolerance"
+        case promptViewBudget = "prompt_view_budget"
         case clipModel = "clip_model"
         case dinoModel = "dino_model"
         case abstainBelow = "abstain_below"
         case abstainMarginBelow = "abstain_margin_below"
         case abstainUnlessAgree = "abstain_unless_agree"
+    }
+
+    /// The optimizer steps the view budget allows a job of `imageCount` images: ⌊budget / views per step⌋,
+    /// a step being min(promptBatchSize, imageCount) strong views; nil = no cap.
+    public func promptStepBudget(imageCount: Int) -> Int? {
+        promptViewBudget.map { $0 / max(1, min(promptBatchSize, imageCount)) }
     }
 
     /// k of the reference's `find_k`: max(minK, ⌊kFraction · imageCount / classCount⌋).
@@ -138,6 +154,7 @@ public struct NolaParameters: Equatable, Sendable {
         case .colourJitter: colourJitter = bool()
         case .stopPatience: stopPatience = int()
         case .stopTolerance: stopTolerance = double()
+        case .promptViewBudget: promptViewBudget = value == .null ? nil : int()
         case .clipModel: clipModel = string()
         case .dinoModel: dinoModel = string()
         case .abstainBelow: abstainBelow = double()
@@ -174,6 +191,7 @@ public struct NolaParameters: Equatable, Sendable {
             Key.abstainUnlessAgree.rawValue: abstainUnlessAgree,
         ]
         object[Key.promptMicroBatchSize.rawValue] = promptMicroBatchSize
+        object[Key.promptViewBudget.rawValue] = promptViewBudget.map { $0 as Any } ?? NSNull()
         return try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
     }
 }

@@ -104,6 +104,8 @@ extension NolaParameters.Key {
         case .templates, .colourJitter: return ParameterSpec(rawValue, .boolean)
         case .stopPatience: return ParameterSpec(rawValue, .integer, min: 0, max: 10_000)
         case .stopTolerance: return ParameterSpec(rawValue, .number, min: 0, max: 1, exclusiveMin: true)
+        // null: no cap (prompt_epochs alone decides).
+        case .promptViewBudget: return ParameterSpec(rawValue, .integer, min: 1, max: 1_000_000_000_000, nullable: true)
         case .minK: return ParameterSpec(rawValue, .integer, min: 1, max: 1_000_000)
         case .kFraction: return ParameterSpec(rawValue, .number, min: 0, max: 1)
         case .alignmentEpochs, .promptEpochs: return ParameterSpec(rawValue, .integer, min: 0, max: 10_000)

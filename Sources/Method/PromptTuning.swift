@@ -458,12 +458,14 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
                         learningRate: parameters.promptLearningRate, weightDecay: parameters.promptWeightDecay,
                         labelSmoothing: parameters.labelSmoothing, seed: parameters.seed,
                         stopRule: PromptStopRule(patience: parameters.stopPatience, tolerance: parameters.stopTolerance),
+                        stepBudget: parameters.promptStepBudget(imageCount: teacherLabels.count),
                         strongViews: strongViews, computeUnits: computeUnits,
                         shouldStop: shouldStop, onStep: onStep, onEpoch: onEpoch)
 }
 
 /// Runs (or resumes) prompt tuning until `epochs` epochs are complete, or `stopRule` stops it earlier
-/// (`state.stoppedEarly`; a state that has stopped trains no further).
+/// (`state.stoppedEarly`; a state that has stopped trains no further), or `state.step` reaches
+/// `stepBudget` (nil: no cap), which may end it mid-epoch; a state at the budget trains no further.
 /// - teacherLabels: the alignment module's label of every image (computed once; weak view is deterministic).
 /// - strongViews(indices, epoch): pixels (B, 3, H, W) of one fresh strong view of each image; the sampler
 ///   should seed from (job seed, epoch, image index) so a resumed epoch sees the same views.
@@ -481,6 +483,7 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
                             epochs: Int, batchSize: Int, microBatchSize: Int, learningRate: Double,
                             weightDecay: Double, labelSmoothing: Double, seed: UInt64,
                             stopRule: PromptStopRule = .off,
+                            stepBudget: Int? = nil,
                             strongViews: ([Int], Int) throws -> [Float],
                             computeUnits: ((PromptStepPlan, PromptTuningState) throws -> [PromptUnitResult])? = nil,
                             order: ((Int) -> [Int])? = nil,
@@ -507,6 +510,8 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
         let batchesPerEpoch = promptBatches(order: Array(0..<n), batchSize: batchSize).count
         while let plan = promptStepPlan(state: state, imageCount: n, epochs: epochs, batchSize: batchSize,
                                         microBatchSize: microBatchSize, seed: seed, order: order) {
+            // The budget is checked before a step, so a budget met at an epoch's last step still closes that epoch.
+            if let budget = stepBudget, state.step >= budget { return }
             let results = try computeUnits.map { try $0(plan, state) } ?? local(plan, state)
             precondition(results.count == plan.units.count)
             let total = sumPromptUnits(results)

@@ -67,3 +67,13 @@ public func standardView(folder: URL, modelType: String, input: InputSizeRule, f
     }
     return view
 }
+
+extension ImageView {
+    /// open_clip's eval transform for a `preprocess_cfg` (resize_mode shortest, square image_size): torchvision's
+    /// Resize(image_size, interpolation) of the shorter side on the Pillow image, CenterCrop(image_size),
+    /// ToTensor, Normalize(mean, std). MobileCLIP's standard view (mean 0, std 1, bilinear).
+    public init(openCLIP p: OpenCLIPPreprocess, imageSize s: Int) {
+        self.init(resize: .shortestEdge(s), filter: p.interpolation == .bilinear ? .bilinear : .bicubic, crop: (s, s),
+                  cropRule: .torchvision, rescaleFactor: 1.0 / 255.0, mean: p.mean, std: p.std)
+    }
+}

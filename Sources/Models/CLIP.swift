@@ -21,6 +21,8 @@ public struct CLIPTextConfig: Sendable {
     /// Where a sequence's features are taken: transformers' rule (`.firstEOS`: the first `eos_token_id`,
     /// or the highest id for configs with the legacy eos_token_id 2), or open_clip's (the highest id).
     public var pooling = TextPooling.firstEOS
+    /// Whether attention is causal (CLIP); open_clip's `no_causal_mask` (MobileCLIP S0/S1/S2) makes it false.
+    public var causal = true
 }
 
 public enum TextPooling: Sendable {
@@ -303,7 +305,7 @@ extension CLIPModel {
 
 // MARK: text
 
-extension CLIPModel {
+extension CLIPTextConfig {
     private func poolingAtHighestID(_ ids: [Int32]) -> Int {
         ids.indices.max { ids[$0] < ids[$1] || (ids[$0] == ids[$1] && $0 > $1) } ?? 0
     }
@@ -311,52 +313,68 @@ extension CLIPModel {
     /// The position a sequence is pooled at (`TextPooling`): the first `eos_token_id`, or the first
     /// position of the highest id.
     public func poolingPosition(_ ids: [Int32]) -> Int {
-        switch config.textConfig.pooling {
+        switch pooling {
         case .highestID: return poolingAtHighestID(ids)
-        case .firstEOS where config.textConfig.eosTokenId == 2: return poolingAtHighestID(ids)
-        case .firstEOS: return ids.firstIndex(of: Int32(config.textConfig.eosTokenId)) ?? 0
+        case .firstEOS where eosTokenId == 2: return poolingAtHighestID(ids)
+        case .firstEOS: return ids.firstIndex(of: Int32(eosTokenId)) ?? 0
         }
     }
+}
+
+extension CLIPModel {
+    /// The position a sequence is pooled at (`CLIPTextConfig.poolingPosition`).
+    public func poolingPosition(_ ids: [Int32]) -> Int { config.textConfig.poolingPosition(ids) }
 
     /// `get_text_features` for each id sequence (BOS … EOS, padding optional): (N, projection_dim).
-    /// Thanks to the causal mask, each sequence runs only up to its pooling position; equal lengths share a batch.
     public func getTextFeatures(_ sequences: [[Int32]]) -> [Float] {
-        let c = config.textConfig, d = c.hiddenSize
-        var out = [Float](repeating: 0, count: sequences.count * projectionDim)
-        precondition(sequences.allSatisfy { !$0.isEmpty }, "an id sequence is empty (BOS … EOS expected)")
-        let lengths = sequences.map { poolingPosition($0) + 1 }
-        // equal lengths share a batch, at most 128 sequences (bounds the activations: 128·77 tokens)
-        let batches = Set(lengths).sorted().flatMap { length in
-            let all = lengths.indices.filter { lengths[$0] == length }
-            return stride(from: 0, to: all.count, by: 128).map { (length, Array(all[$0..<min($0 + 128, all.count)])) }
-        }
-        for (length, members) in batches {
-            precondition(length <= c.maxPositionEmbeddings, "sequence longer than max_position_embeddings")
-            let b = members.count
-            let x = Buffer(count: b * length * d)
-            for (bi, s) in members.enumerated() {
-                for pos in 0..<length {
-                    let id = Int(sequences[s][pos])
-                    precondition(id >= 0 && id < c.vocabSize, "token id \(id) outside the vocabulary")
-                    residualForward(x.data + (bi * length + pos) * d, textModel.tokenEmbedding.data + id * d,
-                                    textModel.positionEmbedding.data + pos * d, count: d)
-                }
-            }
-            let acts = LayerActivations(b: b, t: length, d: d, heads: c.numAttentionHeads, intermediate: c.intermediateSize, keepsInputs: false)
-            for layer in textModel.layers.dropLast() {
-                encoderLayerForward(layer, x.data, acts, heads: c.numAttentionHeads, activation: c.hiddenAct, causal: true)
-            }
-            let last = encoderLayerForwardRow(textModel.layers.last!, x.data, row: length - 1, acts, heads: c.numAttentionHeads,
-                                              activation: c.hiddenAct, causal: true)
-            let pooled = Buffer(count: b * d)
-            textModel.finalLayerNorm.forward(pooled.data, mean: nil, rstd: nil, last.data, n: b)
-            let features = Buffer(count: b * projectionDim)
-            textProjection.forward(features.data, pooled.data, n: b)
-            for (bi, s) in members.enumerated() {
-                for j in 0..<projectionDim { out[s * projectionDim + j] = features.data[bi * projectionDim + j] }
-            }
-            withExtendedLifetime((x, acts, last, pooled, features)) {}
-        }
-        return out
+        textTowerFeatures(textModel, projection: textProjection, sequences)
     }
+}
+
+/// The projected features (N, P) of a CLIP text tower (transformers' or open_clip's, also MobileCLIP's) for
+/// each id sequence (BOS … EOS, padding optional). With the causal mask each sequence runs only up to its
+/// pooling position; without it (`causal` false: MobileCLIP S0/S1/S2, every token sees every other) each runs
+/// over the whole context padded with id 0, as open_clip's tokenizer pads. Sequences that share (length,
+/// pooled row) share a batch.
+func textTowerFeatures(_ text: CLIPTextTransformer, projection: Linear, _ sequences: [[Int32]]) -> [Float] {
+    let c = text.config, d = c.hiddenSize, e = projection.outFeatures
+    var out = [Float](repeating: 0, count: sequences.count * e)
+    precondition(sequences.allSatisfy { !$0.isEmpty }, "an id sequence is empty (BOS … EOS expected)")
+    let rows = sequences.map { c.poolingPosition($0) }
+    let lengths = rows.map { c.causal ? $0 + 1 : c.maxPositionEmbeddings }
+    // equal (length, row) share a batch, at most 128 sequences (bounds the activations: 128·77 tokens)
+    let keys = Set(zip(lengths, rows).map { [$0, $1] }).sorted { $0.lexicographicallyPrecedes($1) }
+    let batches = keys.flatMap { key in
+        let all = lengths.indices.filter { lengths[$0] == key[0] && rows[$0] == key[1] }
+        return stride(from: 0, to: all.count, by: 128).map { (key[0], key[1], Array(all[$0..<min($0 + 128, all.count)])) }
+    }
+    for (length, row, members) in batches {
+        precondition(length <= c.maxPositionEmbeddings && (c.causal || members.allSatisfy { sequences[$0].count <= length }),
+                     "sequence longer than max_position_embeddings")
+        let b = members.count
+        let x = Buffer(count: b * length * d)
+        for (bi, s) in members.enumerated() {
+            for pos in 0..<length {
+                let id = pos < sequences[s].count ? Int(sequences[s][pos]) : 0
+                precondition(id >= 0 && id < c.vocabSize, "token id \(id) outside the vocabulary")
+                residualForward(x.data + (bi * length + pos) * d, text.tokenEmbedding.data + id * d,
+                                text.positionEmbedding.data + pos * d, count: d)
+            }
+        }
+        let acts = LayerActivations(b: b, t: length, d: d, heads: c.numAttentionHeads, intermediate: c.intermediateSize, keepsInputs: false)
+        for layer in text.layers.dropLast() {
+            encoderLayerForward(layer, x.data, acts, heads: c.numAttentionHeads, activation: c.hiddenAct, causal: c.causal)
+        }
+        let last = encoderLayerForwardRow(text.layers.last!, x.data, row: row, acts, heads: c.numAttentionHeads,
+                                          activation: c.hiddenAct, causal: c.causal)
+        let pooled = Buffer(count: b * d)
+        text.finalLayerNorm.forward(pooled.data, mean: nil, rstd: nil, last.data, n: b)
+        let features = Buffer(count: b * e)
+        projection.forward(features.data, pooled.data, n: b)
+        for (bi, s) in members.enumerated() {
+            for j in 0..<e { out[s * e + j] = features.data[bi * e + j] }
+        }
+        withExtendedLifetime((x, acts, last, pooled, features)) {}
+    }
+    return out
 }

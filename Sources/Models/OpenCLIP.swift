@@ -3,7 +3,8 @@ import Kernels
 
 /// open_clip's hub layout of a CLIP model: `open_clip_config.json` ({"model_cfg": …, "preprocess_cfg": …})
 /// with `open_clip_model.safetensors` or `open_clip_pytorch_model.bin` (open_clip's parameter names).
-/// Only ViT image towers with open_clip's standard text tower load; the config is mapped once onto
+/// Here: ViT image towers with open_clip's standard text tower (MobileCLIP's timm towers load as
+/// `MobileCLIPModel`, MobileCLIP/MobileCLIP.swift); the config is mapped once onto
 /// `CLIPConfig` and the parameter names once onto transformers' `CLIPModel` names, so the same forward
 /// passes (and prompt tuning) run on both layouts.
 public enum OpenCLIPFolder {
@@ -32,59 +33,39 @@ public enum OpenCLIPFolder {
         let parsed = try config(folder)
         let url = try weightsFile(folder)
         let file: TensorSource = url.pathExtension == "safetensors" ? try SafeTensorsFile(url: url) : try TorchCheckpointFile(url: url)
-        return (parsed.config, OpenCLIPNames(file, config: parsed.config, textPrefix: parsed.customText ? "text." : ""))
+        return (parsed.config, OpenCLIPNames(file, visionLayers: parsed.config.visionConfig.numHiddenLayers,
+                                             textLayers: parsed.config.textConfig.numHiddenLayers, textPrefix: parsed.customText ? "text." : ""))
     }
 
     /// Reads `open_clip_config.json`: `model_cfg` becomes a `CLIPConfig`; everything that would change
     /// the architecture away from open_clip's plain ViT + text transformer is refused by name.
     public static func config(_ folder: URL) throws -> (config: CLIPConfig, customText: Bool) {
-        let url = folder.appendingPathComponent(configFile)
-        let top = ConfigReader(object: try readJSONObject(url), file: url.path)
-        let m = top.object["model_cfg"] != nil ? try top.sub("model_cfg") : top
+        let (top, m, url) = try sections(folder)
         let v = try m.sub("vision_cfg"), t = try m.sub("text_cfg")
         func refuse(_ what: String) -> CheckpointError { .badConfig(file: url.path, reason: what) }
 
-        if v.object["timm_model_name"].map({ !($0 is NSNull) }) == true {
-            throw refuse("the image tower is a timm model (\(v.object["timm_model_name"]!)); only open_clip's ViT image tower is supported")
+        if let name = timmModelName(v) {
+            if MobileCLIPTowerKind(timmModelName: name) != nil {
+                throw refuse("the image tower is MobileCLIP's \(name), not open_clip's ViT; the folder loads as a MobileCLIP model")
+            }
+            throw refuse("the image tower is a timm model (\(name)); only open_clip's ViT image tower and MobileCLIP's (\(MobileCLIPTowerKind.names)) are supported")
         }
         if v.object["layers"] is [Any] {
             throw refuse("the image tower is a ResNet (vision_cfg.layers is a list); only open_clip's ViT image tower is supported")
         }
-        if t.object["hf_model_name"].map({ !($0 is NSNull) }) == true {
-            throw refuse("the text tower is a Hugging Face model (\(t.object["hf_model_name"]!)); only open_clip's standard text transformer is supported")
-        }
-        if t.object["hf_tokenizer_name"].map({ !($0 is NSNull) }) == true {
-            throw refuse("the tokenizer is \(t.object["hf_tokenizer_name"]!); only CLIP's BPE tokenizer is supported")
-        }
-        if m.object["multimodal_cfg"] != nil { throw refuse("multimodal_cfg (a CoCa-style decoder) is not supported") }
-        if m.object["init_logit_bias"].map({ !($0 is NSNull) }) == true {
-            throw refuse("init_logit_bias (a SigLIP-style sigmoid head) is not supported")
-        }
-        // Options of open_clip's towers that nolad's forward pass does not have, with their defaults.
-        let unsupported: [(ConfigReader, String, String, Any)] = [
-            (v, "vision_cfg", "ls_init_value", NSNull()), (v, "vision_cfg", "attentional_pool", false),
-            (v, "vision_cfg", "no_ln_pre", false), (v, "vision_cfg", "pos_embed_type", "learnable"),
-            (v, "vision_cfg", "final_ln_after_pool", false), (v, "vision_cfg", "pool_type", "tok"),
-            (v, "vision_cfg", "act_kwargs", NSNull()), (v, "vision_cfg", "norm_kwargs", NSNull()),
-            (v, "vision_cfg", "block_type", NSNull()), (v, "vision_cfg", "qk_norm", false),
-            (v, "vision_cfg", "scaled_cosine_attn", false), (v, "vision_cfg", "scale_heads", false),
-            (v, "vision_cfg", "scale_attn_inner", false), (v, "vision_cfg", "scale_attn", false),
-            (v, "vision_cfg", "scale_fc", false),
-            (t, "text_cfg", "ls_init_value", NSNull()), (t, "text_cfg", "embed_cls", false),
-            (t, "text_cfg", "no_causal_mask", false), (t, "text_cfg", "final_ln_after_pool", false),
-            (t, "text_cfg", "pool_type", "argmax"), (t, "text_cfg", "proj_bias", false),
-            (t, "text_cfg", "proj_type", "linear"), (t, "text_cfg", "act_kwargs", NSNull()),
-            (t, "text_cfg", "norm_kwargs", NSNull()), (t, "text_cfg", "block_type", NSNull()),
-            (t, "text_cfg", "qk_norm", false), (t, "text_cfg", "scaled_cosine_attn", false),
-            (t, "text_cfg", "scale_heads", false), (t, "text_cfg", "scale_attn_inner", false),
-            (t, "text_cfg", "scale_attn", false), (t, "text_cfg", "scale_fc", false),
-            (t, "text_cfg", "tokenizer_mode", NSNull()), (t, "text_cfg", "tokenizer_kwargs", NSNull()),
+        try checkTextAndHeads(m, t, file: url.path)
+        // Options of open_clip's ViT tower that nolad's forward pass does not have, with their defaults.
+        let unsupported: [(String, Any)] = [
+            ("ls_init_value", NSNull()), ("attentional_pool", false),
+            ("no_ln_pre", false), ("pos_embed_type", "learnable"),
+            ("final_ln_after_pool", false), ("pool_type", "tok"),
+            ("act_kwargs", NSNull()), ("norm_kwargs", NSNull()),
+            ("block_type", NSNull()), ("qk_norm", false),
+            ("scaled_cosine_attn", false), ("scale_heads", false),
+            ("scale_attn_inner", false), ("scale_attn", false),
+            ("scale_fc", false),
         ]
-        for (reader, section, key, standard) in unsupported {
-            guard let value = reader.object[key] else { continue }
-            if jsonText(value) == jsonText(standard) { continue }
-            throw refuse("\(section).\(key) \(jsonText(value)) is not supported (nolad runs open_clip's plain ViT and text transformer; this option must be \(jsonText(standard)))")
-        }
+        try refuseOptions(v, section: "vision_cfg", unsupported, file: url.path)
 
         let act: Activation = try bool(m, "quick_gelu", file: url.path) ? .quickGelu : .gelu
         var c = CLIPConfig()
@@ -98,36 +79,93 @@ public enum OpenCLIPFolder {
         c.visionConfig.imageSize = try imageSide(v, "image_size", 224, file: url.path)
         c.visionConfig.patchSize = try imageSide(v, "patch_size", 16, file: url.path)
         c.visionConfig.hiddenAct = act
-        let textWidth = try t.int("width", 512)
-        c.textConfig.hiddenSize = textWidth
-        c.textConfig.numAttentionHeads = try t.int("heads", 8)
-        c.textConfig.numHiddenLayers = try t.int("layers", 12)
-        c.textConfig.intermediateSize = try mlpWidth(t, textWidth, section: "text_cfg", file: url.path)
-        c.textConfig.vocabSize = try t.int("vocab_size", 49408)
-        c.textConfig.maxPositionEmbeddings = try t.int("context_length", 77)
-        c.textConfig.hiddenAct = act
-        // open_clip pools the text at the highest token id (its end-of-text token is the last id).
-        c.textConfig.pooling = .highestID
+        c.textConfig = try textConfig(t, activation: act, file: url.path)
         try m.checkHeads(c.visionConfig.hiddenSize, c.visionConfig.numAttentionHeads)
-        try m.checkHeads(c.textConfig.hiddenSize, c.textConfig.numAttentionHeads)
         if c.visionConfig.imageSize % c.visionConfig.patchSize != 0 {
             throw refuse("vision_cfg.image_size \(c.visionConfig.imageSize) is not divisible by patch_size \(c.visionConfig.patchSize)")
-        }
-        if c.textConfig.maxPositionEmbeddings < 2 {
-            throw refuse("text_cfg.context_length \(c.textConfig.maxPositionEmbeddings) leaves no room for the start and end tokens (at least 2)")
         }
         try checkPreprocess(top, file: url.path)
         return (c, try bool(m, "custom_text", file: url.path))
     }
 
-    private static func bool(_ r: ConfigReader, _ key: String, file: String) throws -> Bool {
+    /// The file's top level, its `model_cfg` (the top level itself in older files) and the file's URL.
+    static func sections(_ folder: URL) throws -> (top: ConfigReader, model: ConfigReader, url: URL) {
+        let url = folder.appendingPathComponent(configFile)
+        let top = ConfigReader(object: try readJSONObject(url), file: url.path)
+        return (top, top.object["model_cfg"] != nil ? try top.sub("model_cfg") : top, url)
+    }
+
+    /// vision_cfg.timm_model_name, nil when absent or null.
+    static func timmModelName(_ v: ConfigReader) -> String? {
+        guard let value = v.object["timm_model_name"], !(value is NSNull) else { return nil }
+        return value as? String ?? "\(value)"
+    }
+
+    /// What every open_clip model nolad loads shares: open_clip's text transformer with CLIP's tokenizer,
+    /// no CoCa decoder, no SigLIP head.
+    static func checkTextAndHeads(_ m: ConfigReader, _ t: ConfigReader, file: String) throws {
+        func refuse(_ what: String) -> CheckpointError { .badConfig(file: file, reason: what) }
+        if t.object["hf_model_name"].map({ !($0 is NSNull) }) == true {
+            throw refuse("the text tower is a Hugging Face model (\(t.object["hf_model_name"]!)); only open_clip's standard text transformer is supported")
+        }
+        if t.object["hf_tokenizer_name"].map({ !($0 is NSNull) }) == true {
+            throw refuse("the tokenizer is \(t.object["hf_tokenizer_name"]!); only CLIP's BPE tokenizer is supported")
+        }
+        if m.object["multimodal_cfg"] != nil { throw refuse("multimodal_cfg (a CoCa-style decoder) is not supported") }
+        if m.object["init_logit_bias"].map({ !($0 is NSNull) }) == true {
+            throw refuse("init_logit_bias (a SigLIP-style sigmoid head) is not supported")
+        }
+    }
+
+    /// Refuses, by name, any option of `section` whose value is not the listed default.
+    static func refuseOptions(_ reader: ConfigReader, section: String, _ options: [(String, Any)], file: String) throws {
+        for (key, standard) in options {
+            guard let value = reader.object[key] else { continue }
+            if jsonText(value) == jsonText(standard) { continue }
+            throw CheckpointError.badConfig(file: file, reason: "\(section).\(key) \(jsonText(value)) is not supported (nolad runs open_clip's plain ViT and text transformer; this option must be \(jsonText(standard)))")
+        }
+    }
+
+    /// open_clip's `text_cfg` as a `CLIPTextConfig`: pooled at the highest id, causal unless `no_causal_mask`.
+    static func textConfig(_ t: ConfigReader, activation act: Activation, file: String) throws -> CLIPTextConfig {
+        try refuseOptions(t, section: "text_cfg", [
+            ("ls_init_value", NSNull()), ("embed_cls", false),
+            ("use_pad_mask", false), ("final_ln_after_pool", false),
+            ("pool_type", "argmax"), ("proj_bias", false),
+            ("proj_type", "linear"), ("act_kwargs", NSNull()),
+            ("norm_kwargs", NSNull()), ("block_type", NSNull()),
+            ("qk_norm", false), ("scaled_cosine_attn", false),
+            ("scale_heads", false), ("scale_attn_inner", false),
+            ("scale_attn", false), ("scale_fc", false),
+            ("tokenizer_mode", NSNull()), ("tokenizer_kwargs", NSNull()),
+        ], file: file)
+        var c = CLIPTextConfig()
+        let textWidth = try t.int("width", 512)
+        c.hiddenSize = textWidth
+        c.numAttentionHeads = try t.int("heads", 8)
+        c.numHiddenLayers = try t.int("layers", 12)
+        c.intermediateSize = try mlpWidth(t, textWidth, section: "text_cfg", file: file)
+        c.vocabSize = try t.int("vocab_size", 49408)
+        c.maxPositionEmbeddings = try t.int("context_length", 77)
+        c.hiddenAct = act
+        // open_clip pools the text at the highest token id (its end-of-text token is the last id).
+        c.pooling = .highestID
+        c.causal = !(try bool(t, "no_causal_mask", file: file))
+        try t.checkHeads(c.hiddenSize, c.numAttentionHeads)
+        if c.maxPositionEmbeddings < 2 {
+            throw CheckpointError.badConfig(file: file, reason: "text_cfg.context_length \(c.maxPositionEmbeddings) leaves no room for the start and end tokens (at least 2)")
+        }
+        return c
+    }
+
+    static func bool(_ r: ConfigReader, _ key: String, file: String) throws -> Bool {
         guard let value = r.object[key] else { return false }
         guard let b = value as? Bool else { throw CheckpointError.badConfig(file: file, reason: "\(key) is not true or false") }
         return b
     }
 
     /// open_clip's image size may be an int or a [height, width] pair; only square inputs are supported.
-    private static func imageSide(_ r: ConfigReader, _ key: String, _ fallback: Int, file: String) throws -> Int {
+    static func imageSide(_ r: ConfigReader, _ key: String, _ fallback: Int, file: String) throws -> Int {
         if let pair = r.object[key] as? [NSNumber] {
             guard pair.count == 2, pair[0] == pair[1], pair[0].intValue > 0 else {
                 throw CheckpointError.badConfig(file: file, reason: "vision_cfg.\(key) \(pair) is not square; only square inputs are supported")
@@ -137,7 +175,7 @@ public enum OpenCLIPFolder {
         return try r.int(key, fallback)
     }
 
-    private static func mlpWidth(_ r: ConfigReader, _ width: Int, section: String, file: String) throws -> Int {
+    static func mlpWidth(_ r: ConfigReader, _ width: Int, section: String, file: String) throws -> Int {
         let ratio = Double(try r.float("mlp_ratio", 4))
         let hidden = Double(width) * ratio
         guard hidden >= 1, hidden == hidden.rounded() else {
@@ -166,7 +204,7 @@ public enum OpenCLIPFolder {
         }
     }
 
-    private static func jsonText(_ value: Any) -> String {
+    static func jsonText(_ value: Any) -> String {
         guard let data = try? JSONSerialization.data(withJSONObject: value, options: [.fragmentsAllowed, .sortedKeys]) else {
             return "\(value)"
         }
@@ -175,7 +213,8 @@ public enum OpenCLIPFolder {
 }
 
 /// An open_clip state dict seen under transformers' `CLIPModel` names. The renaming is a table built
-/// once; two tensors are reshaped on access: `attn.in_proj_weight` / `in_proj_bias` are split into
+/// once (without the ViT image tower's part when `visionLayers` is nil: MobileCLIP's towers are read under
+/// their own names, which pass through); two tensors are reshaped on access: `attn.in_proj_weight` / `in_proj_bias` are split into
 /// the q, k and v projections, and `visual.proj` / `text_projection` (used as x @ P) are transposed
 /// into the (out, in) layout of a linear layer.
 final class OpenCLIPNames: TensorSource, @unchecked Sendable {
@@ -187,8 +226,10 @@ final class OpenCLIPNames: TensorSource, @unchecked Sendable {
 
     let base: TensorSource
     let table: [String: Source]
+    /// The file's names some mapping reads (not visible under their own name).
+    let referenced: Set<String>
 
-    init(_ base: TensorSource, config: CLIPConfig, textPrefix: String) {
+    init(_ base: TensorSource, visionLayers: Int?, textLayers: Int, textPrefix: String) {
         self.base = base
         var t: [String: Source] = [:]
         func block(_ hf: String, _ oc: String) {
@@ -207,21 +248,23 @@ final class OpenCLIPNames: TensorSource, @unchecked Sendable {
             t[hf + ".mlp.fc2.weight"] = .same(oc + ".mlp.c_proj.weight")
             t[hf + ".mlp.fc2.bias"] = .same(oc + ".mlp.c_proj.bias")
         }
-        t["vision_model.embeddings.patch_embedding.weight"] = .same("visual.conv1.weight")
-        t["vision_model.embeddings.class_embedding"] = .same("visual.class_embedding")
-        t["vision_model.embeddings.position_embedding.weight"] = .same("visual.positional_embedding")
-        t["vision_model.pre_layrnorm.weight"] = .same("visual.ln_pre.weight")
-        t["vision_model.pre_layrnorm.bias"] = .same("visual.ln_pre.bias")
-        for i in 0..<config.visionConfig.numHiddenLayers {
-            block("vision_model.encoder.layers.\(i)", "visual.transformer.resblocks.\(i)")
+        if let visionLayers {
+            t["vision_model.embeddings.patch_embedding.weight"] = .same("visual.conv1.weight")
+            t["vision_model.embeddings.class_embedding"] = .same("visual.class_embedding")
+            t["vision_model.embeddings.position_embedding.weight"] = .same("visual.positional_embedding")
+            t["vision_model.pre_layrnorm.weight"] = .same("visual.ln_pre.weight")
+            t["vision_model.pre_layrnorm.bias"] = .same("visual.ln_pre.bias")
+            for i in 0..<visionLayers {
+                block("vision_model.encoder.layers.\(i)", "visual.transformer.resblocks.\(i)")
+            }
+            t["vision_model.post_layernorm.weight"] = .same("visual.ln_post.weight")
+            t["vision_model.post_layernorm.bias"] = .same("visual.ln_post.bias")
+            t["visual_projection.weight"] = .transposed("visual.proj")
         }
-        t["vision_model.post_layernorm.weight"] = .same("visual.ln_post.weight")
-        t["vision_model.post_layernorm.bias"] = .same("visual.ln_post.bias")
-        t["visual_projection.weight"] = .transposed("visual.proj")
         let p = textPrefix
         t["text_model.embeddings.token_embedding.weight"] = .same(p + "token_embedding.weight")
         t["text_model.embeddings.position_embedding.weight"] = .same(p + "positional_embedding")
-        for i in 0..<config.textConfig.numHiddenLayers {
+        for i in 0..<textLayers {
             block("text_model.encoder.layers.\(i)", p + "transformer.resblocks.\(i)")
         }
         t["text_model.final_layer_norm.weight"] = .same(p + "ln_final.weight")
@@ -229,18 +272,15 @@ final class OpenCLIPNames: TensorSource, @unchecked Sendable {
         t["text_projection.weight"] = .transposed(p + "text_projection")
         t["logit_scale"] = .same("logit_scale")
         table = t
+        referenced = Set(t.values.map { source in
+            switch source { case .same(let n), .rows(let n, _, _), .transposed(let n): return n }
+        })
     }
 
     /// The mapped names present, and the file's names no mapping reads (so that the model's check for
     /// left-over tensors reports them).
     var tensorNames: [String] {
-        var referenced = Set<String>()
-        for source in table.values {
-            switch source {
-            case .same(let n), .rows(let n, _, _), .transposed(let n): referenced.insert(n)
-            }
-        }
-        return table.keys.filter { shape(of: $0) != nil } + base.tensorNames.filter { !referenced.contains($0) }
+        table.keys.filter { shape(of: $0) != nil } + base.tensorNames.filter { !referenced.contains($0) }
     }
 
     func displayName(_ name: String) -> String {
@@ -260,7 +300,7 @@ final class OpenCLIPNames: TensorSource, @unchecked Sendable {
         case .transposed(let n)?:
             guard let s = base.shape(of: n), s.count == 2 else { return nil }
             return [s[1], s[0]]
-        case nil: return nil
+        case nil: return referenced.contains(name) ? nil : base.shape(of: name)
         }
     }
 
@@ -280,7 +320,9 @@ final class OpenCLIPNames: TensorSource, @unchecked Sendable {
             var out = [Float](repeating: 0, count: all.count)
             for i in 0..<s[0] { for j in 0..<s[1] { out[j * s[0] + i] = all[i * s[1] + j] } }
             return out
-        case nil: throw CheckpointError.missingTensor(name)
+        case nil:
+            guard !referenced.contains(name) else { throw CheckpointError.missingTensor(name) }
+            return try base.floats(name)
         }
     }
 }

@@ -38,84 +38,36 @@ struct EncodeStage: NolaStage {
         let e = clip.projectionDim, dd = dino?.model.config.hiddenSize ?? 0
         let view = "weak-\(imageSize)-clip"
         let hashes = Array(Set(images.map(\.sha256)))
-        var clipCache: [String: [Float]] = [:], dinoCache: [String: [Float]] = [:]
-        for chunk in stride(from: 0, to: hashes.count, by: 1000).map({ Array(hashes[$0..<min(hashes.count, $0 + 1000)]) }) {
-            clipCache.merge(try context.withDatabase { try PipelineTables.cachedFeatures($0, model: clipEntry.identity.key, view: view, sha256: chunk, dimension: e) }) { a, _ in a }
-            if let dino {
-                dinoCache.merge(try context.withDatabase { try PipelineTables.cachedFeatures($0, model: dino.identity.key, view: view, sha256: chunk, dimension: dd) }) { a, _ in a }
+        func readCache() throws -> (clip: [String: [Float]], dino: [String: [Float]]) {
+            var clipCache: [String: [Float]] = [:], dinoCache: [String: [Float]] = [:]
+            for chunk in stride(from: 0, to: hashes.count, by: 1000).map({ Array(hashes[$0..<min(hashes.count, $0 + 1000)]) }) {
+                clipCache.merge(try context.withDatabase { try PipelineTables.cachedFeatures($0, model: clipEntry.identity.key, view: view, sha256: chunk, dimension: e) }) { a, _ in a }
+                if let dino {
+                    dinoCache.merge(try context.withDatabase { try PipelineTables.cachedFeatures($0, model: dino.identity.key, view: view, sha256: chunk, dimension: dd) }) { a, _ in a }
+                }
             }
+            return (clipCache, dinoCache)
         }
+        var (clipCache, dinoCache) = try readCache()
         func cached(_ i: Int) -> Bool {
             let sha = images[i].sha256
             return clipCache[sha] != nil && (dino == nil || dinoCache[sha] != nil)
         }
-        let missing = (0..<n).filter { !cached($0) }
-        let cachedCount = n - missing.count
+        let cachedCount = (0..<n).filter(cached).count
         try context.reportProgress(stage: name, done: cachedCount, total: n)
 
-        // Decode the next batch on another thread while this one is encoded.
-        let batches = stride(from: 0, to: missing.count, by: Self.batchSize).map { Array(missing[$0..<min(missing.count, $0 + Self.batchSize)]) }
-        let threads = context.threads
-        let config = described.weakConfig
-        func decode(_ batch: [Int]) -> (tensor: [Float], errors: [Int: ImageError]) {
-            weakViewBatch(batch.map { Encoded.file(context, images[$0]) }, config: config, threads: threads)
+        // The images in shards that any worker may compute (docs/scale-out.md); this one works on them too.
+        // A shard skips the images found in the feature cache and reports the unreadable ones.
+        let sharded = try ShardComputation.runStage(
+            context, stage: name, paths: images.map(\.path), clipFolder: validated.clipFolder,
+            dinoFolder: dino == nil ? nil : validated.dinoFolder,
+            modelKeys: [clipEntry.identity.key] + (dino.map { [$0.identity.key] } ?? []), blob: nil)
+        for shard in sharded.results { unreadable.merge(shard.unreadable) { a, _ in a } }
+        (clipCache, dinoCache) = try readCache()
+        let computed = (0..<n).filter(cached).count - cachedCount
+        for i in 0..<n where unreadable[images[i].path] == nil && !cached(i) {
+            throw JobError.transient("the features of \(images[i].path) are missing from the feature cache after its shard was done")
         }
-        var done = cachedCount
-        var computed = 0
-        let prefetch = DispatchQueue(label: "nolad.encode.decode")
-        var pending: DispatchWorkItem?
-        var next: (tensor: [Float], errors: [Int: ImageError])?
-        let slot = 3 * imageSize * imageSize
-        for (b, batch) in batches.enumerated() {
-            try context.checkCancelled()
-            let decoded: (tensor: [Float], errors: [Int: ImageError])
-            if let pending { pending.wait(); decoded = next! } else { decoded = decode(batch) }
-            pending = nil
-            if b + 1 < batches.count {
-                let following = batches[b + 1]
-                let item = DispatchWorkItem { next = decode(following) }
-                pending = item
-                prefetch.async(execute: item)
-            }
-            var ok: [Int] = []
-            var pixels: [Float] = []
-            for (j, i) in batch.enumerated() {
-                if let error = decoded.errors[j] {
-                    unreadable[images[i].path] = "\(error)"
-                } else {
-                    ok.append(i)
-                    pixels += decoded.tensor[(j * slot)..<((j + 1) * slot)]
-                }
-            }
-            if !ok.isEmpty {
-                let cf = clip.getImageFeatures(pixels: pixels, batch: ok.count)
-                var rows: [(sha256: String, values: [Float])] = []
-                for (j, i) in ok.enumerated() {
-                    let values = Array(cf[(j * e)..<((j + 1) * e)])
-                    clipCache[images[i].sha256] = values
-                    rows.append((images[i].sha256, values))
-                }
-                let clipRows = rows
-                try context.withDatabase { try PipelineTables.cacheFeatures($0, model: clipEntry.identity.key, view: view, dimension: e, clipRows) }
-                if let dino {
-                    let df = pixels.withUnsafeBufferPointer {
-                        dino.model.clsFeatures(pixels: $0.baseAddress!, batch: ok.count, height: imageSize, width: imageSize)
-                    }
-                    var dinoRows: [(sha256: String, values: [Float])] = []
-                    for (j, i) in ok.enumerated() {
-                        let values = Array(df[(j * dd)..<((j + 1) * dd)])
-                        dinoCache[images[i].sha256] = values
-                        dinoRows.append((images[i].sha256, values))
-                    }
-                    let rowsToWrite = dinoRows
-                    try context.withDatabase { try PipelineTables.cacheFeatures($0, model: dino.identity.key, view: view, dimension: dd, rowsToWrite) }
-                }
-                computed += ok.count
-            }
-            done += batch.count
-            try context.reportProgress(stage: name, done: done, total: n)
-        }
-        pending?.wait()
 
         let readable = (0..<n).filter { unreadable[images[$0].path] == nil }
         guard !readable.isEmpty else {
@@ -132,6 +84,7 @@ struct EncodeStage: NolaStage {
             "from_cache": number(cachedCount), "encoded": number(computed),
             "images_per_second": number(computed > 0 ? Double(computed) / elapsed : 0),
             "seconds": seconds(since: start), "folder_labels": .bool(encoded.truth != nil),
+            "shards": number(sharded.results.count), "shards_by_worker": .object(sharded.workers.mapValues { number($0) }),
         ])
         return encoded
     }

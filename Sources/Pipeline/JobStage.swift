@@ -49,9 +49,11 @@ public struct StageSettings: Equatable, Sendable {
     public var imageDelaySeconds: Double = 0
     /// The stages a job runs: "nola" (discover + the NoLA method) or "discover" (image discovery only).
     public var pipeline: String = "nola"
-    /// How long a claimed prompt-tuning unit stays a worker's before another may take it over (the
-    /// daemon's `lease_seconds`).
-    public var unitLeaseSeconds: Double = 60
+    /// Images per shard of the encode and label stages (rounded up to a multiple of 8; docs/scale-out.md).
+    public var shardSize: Int = 256
+    /// The lease of a shard (or other help unit), renewed every `heartbeatSeconds` while it is worked on.
+    public var leaseSeconds: Double = 60
+    public var heartbeatSeconds: Double = 10
 
     public init() {}
 }
@@ -61,6 +63,11 @@ public enum JobStages {
     public static func standard(settings: StageSettings) -> [JobStage] {
         let discover = DiscoverImagesStage(delayPerImage: settings.imageDelaySeconds)
         return settings.pipeline == "discover" ? [discover] : NolaPipeline.stages(discover: discover)
+    }
+
+    /// The work this daemon does for running jobs when a slot has none of its own (`help_other_jobs`).
+    public static func help(settings: StageSettings) -> [HelpWork] {
+        settings.pipeline == "discover" ? [] : [ShardHelpWork()]
     }
 }
 

@@ -183,7 +183,7 @@ struct DescribeStage: NolaStage {
         }
         let sentences = ClassDescriptions.sentences(classes: classes, descriptions: descriptions, templates: validated.parameters.templates)
         let clip = clipEntry.model
-        let contextLength = clip.config.textConfig.maxPositionEmbeddings
+        let contextLength = clip.textConfig.maxPositionEmbeddings
         let e = clip.projectionDim
         var embeddings: [[Float]] = []
         for (i, list) in sentences.enumerated() {

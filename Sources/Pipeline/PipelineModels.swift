@@ -61,7 +61,8 @@ final class ModelCache: @unchecked Sendable {
 
     struct CLIPEntry {
         let identity: ModelIdentity
-        let model: CLIPModel
+        /// CLIP (transformers' or open_clip's ViT) or MobileCLIP (an open_clip folder with a MobileCLIP tower).
+        let model: any ImageTextModel
         let tokenizer: CLIPTokenizer
     }
     struct DINOEntry {
@@ -74,7 +75,7 @@ final class ModelCache: @unchecked Sendable {
     private var dinos: [String: (stamp: String, entry: DINOEntry)] = [:]
 
     private func stamp(_ folder: URL) -> String {
-        ["model.safetensors", "pytorch_model.bin"].map { name -> String in
+        (["model.safetensors", "pytorch_model.bin"] + OpenCLIPFolder.weightFiles).map { name -> String in
             var st = stat()
             guard stat(folder.appendingPathComponent(name).path, &st) == 0 else { return "-" }
             return "\(st.st_size):\(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)"
@@ -91,8 +92,8 @@ final class ModelCache: @unchecked Sendable {
             guard type == "clip" else {
                 throw JobError.badInput("\(folder.path)/config.json: model_type is \(type ?? "(none)"), not clip")
             }
-            let model = try CLIPModel(folder: folder), tokenizer = try CLIPTokenizer(folder: folder)
-            try tokenizer.checkFits(model.config.textConfig, source: folder.path)
+            let model = try loadImageTextModel(folder: folder), tokenizer = try CLIPTokenizer(folder: folder)
+            try tokenizer.checkFits(model.textConfig, source: folder.path)
             entry = CLIPEntry(identity: identity, model: model, tokenizer: tokenizer)
         } catch let error as CheckpointError {
             throw JobError.badInput("CLIP model \(folder.path): \(error)")

@@ -31,9 +31,30 @@ struct Described {
     let classifier: [Float]
 
     var parameters: NolaParameters { validated.parameters }
-    var imageSize: Int { clip.model.config.visionConfig.imageSize }
-    var weakConfig: WeakViewConfig {
-        WeakViewConfig(resize: imageSize, crop: imageSize, mean: WeakViewConfig.clipMean, std: WeakViewConfig.clipStd)
+    var imageSize: Int { clip.model.imageSize }
+    /// The weak view at the model's image_size, normalised with the model's mean and std (CLIP's; MobileCLIP's
+    /// preprocess_cfg: 0 and 1). DINO reads the same view renormalised to CLIP's statistics (`dinoPixels`).
+    var weakConfig: WeakViewConfig { Self.weakConfig(clip.model) }
+
+    /// Weak-view pixels (B,3,S,S) as DINO reads them: with CLIP's mean and std, as the NoLA reference feeds
+    /// DINO CLIP's view. The pixels themselves when the model normalises as CLIP does.
+    func dinoPixels(_ pixels: [Float]) -> [Float] { Self.dinoPixels(pixels, model: clip.model) }
+
+    static func weakConfig(_ model: any ImageTextModel) -> WeakViewConfig {
+        WeakViewConfig(resize: model.imageSize, crop: model.imageSize, mean: model.imageMean, std: model.imageStd)
+    }
+
+    static func dinoPixels(_ pixels: [Float], model: any ImageTextModel) -> [Float] {
+        let mean = model.imageMean, std = model.imageStd
+        let clipMean = WeakViewConfig.clipMean, clipStd = WeakViewConfig.clipStd
+        if mean == clipMean && std == clipStd { return pixels }
+        let plane = model.imageSize * model.imageSize
+        var out = pixels
+        for i in 0..<out.count {
+            let c = (i / plane) % 3
+            out[i] = (pixels[i] * std[c] + mean[c] - clipMean[c]) / clipStd[c]
+        }
+        return out
     }
 }
 
@@ -90,7 +111,7 @@ struct Tuned {
     enum Prompts {
         /// Tuned by this job, with the teacher labels tuning learned from (a resumed job's come from its
         /// checkpoint).
-        case tuned(state: PromptTuningState, encoder: CLIPPromptEncoder, teacherLabels: [Int])
+        case tuned(state: PromptTuningState, encoder: PromptTunableEncoder, teacherLabels: [Int])
         /// Inference only: the label stage loads the prompts of this earlier job.
         case fromJob(Int64)
     }

@@ -48,15 +48,16 @@ final class DecodedImages: @unchecked Sendable {
     }
 
     /// `strongViews` of images whose files are given with the call (a helper learns them unit by unit).
-    func strongViews(_ indices: [Int], epoch: Int, seed: UInt64, config: StrongViewConfig, files given: [ImageFile]) throws -> [Float] {
+    func strongViews(_ indices: [Int], epoch: Int, seed: UInt64, config: StrongViewConfig, mean: [Float], std: [Float],
+                     files given: [ImageFile]) throws -> [Float] {
         precondition(given.count == indices.count)
         lock.withLock { for (i, f) in zip(indices, given) { files[i] = f } }
-        return try strongViews(indices, epoch: epoch, seed: seed, config: config)
+        return try strongViews(indices, epoch: epoch, seed: seed, config: config, mean: mean, std: std)
     }
 
     /// One strong view (3, S, S) per index, computed in parallel; the views' randomness comes only from
     /// (job seed, epoch, image), so a resumed epoch sees the same views.
-    func strongViews(_ indices: [Int], epoch: Int, seed: UInt64, config: StrongViewConfig) throws -> [Float] {
+    func strongViews(_ indices: [Int], epoch: Int, seed: UInt64, config: StrongViewConfig, mean: [Float], std: [Float]) throws -> [Float] {
         let slot = 3 * config.size * config.size
         var out = [Float](repeating: 0, count: indices.count * slot)
         var failure: String?
@@ -70,7 +71,7 @@ final class DecodedImages: @unchecked Sendable {
                     do {
                         let image = try self.image(i)
                         var rng = AugmentRNG(seed: strongViewSeed(jobSeed: seed, epoch: epoch, image: i))
-                        let view = strongView(image, config: config, rng: &rng)
+                        let view = strongView(image, config: config, rng: &rng, mean: mean, std: std)
                         view.withUnsafeBufferPointer { (base + j * slot).update(from: $0.baseAddress!, count: slot) }
                     } catch {
                         self.lock.withLock { failure = "\(error)" }
@@ -108,7 +109,8 @@ struct TuneStage: NolaStage {
         let start = Date()
         let p = encoded.parameters
         let clip = encoded.clip.model
-        let encoder = CLIPPromptEncoder(model: clip, promptCount: p.promptCount)
+        // prompt tokens after CLS on ViT towers; none on an MCi tower (its tuned variant trains its norms)
+        let (encoder, promptCount) = promptTunableEncoder(clip, promptCount: p.promptCount)
         let c = context.classes.count, n = encoded.readable.count
         var state: PromptTuningState
         var teacher = stage2.teacherLabels
@@ -123,7 +125,7 @@ struct TuneStage: NolaStage {
             state = restored.state
             let expectedNorms = encoder.initialLayerNorms().map { "\($0.name)\($0.shape)" }
             guard restored.teacherLabels.count == n, state.head.shape == [c, encoder.featureSize],
-                  state.prompts.shape == [p.promptCount, encoder.hiddenSize],
+                  state.prompts.shape == [promptCount, encoder.hiddenSize],
                   state.layerNorms.map({ "\($0.name)\($0.shape)" }) == expectedNorms else {
                 throw JobError.badInput("checkpoint of job \(context.jobID) does not fit this job (\(restored.teacherLabels.count) teacher labels for \(n) images, head \(state.head.shape), prompts \(state.prompts.shape)); \(startOver)")
             }
@@ -134,7 +136,7 @@ struct TuneStage: NolaStage {
             ])
             context.logger.info("prompt tuning resumes from the checkpoint", metadata: ["epoch": "\(state.epoch)", "step": "\(state.step)"])
         } else {
-            state = PromptTuningState(encoder: encoder, classifier: encoded.described.classifier, promptCount: p.promptCount, seed: p.seed)
+            state = PromptTuningState(encoder: encoder, classifier: encoded.described.classifier, promptCount: promptCount, seed: p.seed)
         }
         let budgetMicro = promptMicroBatchSize(memoryBudgetBytes: context.settings.memoryBudgetMB << 20,
                                                bytesPerImage: encoder.trainingBytesPerImage, logicalBatch: p.promptBatchSize)
@@ -157,7 +159,11 @@ struct TuneStage: NolaStage {
         }
         let perBatch = min(p.promptBatchSize, n)
         let batchesPerEpoch = promptBatches(order: Array(0..<n), batchSize: p.promptBatchSize).count
-        let total = max(1, p.promptEpochs * batchesPerEpoch * perBatch)
+        // The training budget (docs/budget.md) caps the steps whatever the epochs ask for.
+        let plannedSteps = p.promptEpochs * batchesPerEpoch
+        let stepBudget = p.promptStepBudget(imageCount: n)
+        let steps = stepBudget.map { min($0, plannedSteps) } ?? plannedSteps
+        let total = max(1, steps * perBatch)
         var lastSave = Date()
         var savedStep = state.step
         var latest = state
@@ -197,7 +203,7 @@ struct TuneStage: NolaStage {
             // Progress within the logical batch too (a full-size batch of 512 takes minutes).
             try context.reportProgress(stage: name, done: min(total, (latest.epoch * batchesPerEpoch + latest.batchInEpoch) * perBatch + withinBatch), total: total)
             withinBatch += indices.count
-            return try decoded.strongViews(indices, epoch: epoch, seed: p.seed, config: strong)
+            return try decoded.strongViews(indices, epoch: epoch, seed: p.seed, config: strong, mean: clip.imageMean, std: clip.imageStd)
         }
         // Every step's units go through nola.tuning_units, so idle workers can compute some of them.
         let owner = TuningOwner(context: context, encoder: encoder, teacher: teacher,
@@ -212,7 +218,7 @@ struct TuneStage: NolaStage {
                 owner.stepped()
                 latest = s
                 withinBatch = 0
-                try context.reportProgress(stage: name, done: min(total, Int(progress.fraction * Double(total))), total: total)
+                try context.reportProgress(stage: name, done: min(total, (progress.epoch * batchesPerEpoch + progress.batchInEpoch) * perBatch), total: total)
                 if Date().timeIntervalSince(lastSave) >= context.settings.checkpointSeconds { try save(s) }
             }, onEpoch: { epoch, s in
                 latest = s
@@ -247,6 +253,19 @@ struct TuneStage: NolaStage {
         } catch let error as MethodError {
             throw JobError.badInput("\(error)")
         }
+        // Ended by the budget (not by the epochs or the stopping rule): the state at the cap is the
+        // checkpoint a resumed attempt starts from, and it takes no further step.
+        let atBudget = stepBudget.map { state.step >= $0 } == true && state.epoch < p.promptEpochs && !state.stoppedEarly
+        if atBudget, let budget = p.promptViewBudget, let cap = stepBudget {
+            if state.step > savedStep { try save(state) }
+            try context.recordEvent(stage: name, kind: "budget_reached", metrics: [
+                "view_budget": number(budget), "step_budget": number(cap), "steps": number(state.step), "planned_steps": number(plannedSteps),
+                "epoch": number(state.epoch), "batch_in_epoch": number(state.batchInEpoch),
+                "strong_views": number(state.step * perBatch),
+            ])
+            context.logger.info("prompt tuning ends at its step budget", metadata: [
+                "steps": "\(state.step)", "planned_steps": "\(plannedSteps)", "epoch": "\(state.epoch)"])
+        }
         try owner.finish()
         try context.reportProgress(stage: name, done: total, total: total)
         // With the stopping rule: the epoch it stopped after (nil: it ran every epoch) and why.
@@ -257,6 +276,9 @@ struct TuneStage: NolaStage {
             "stop_patience": number(p.stopPatience), "stop_tolerance": .number(p.stopTolerance),
             "stopped_at_epoch": state.stoppedEarly ? number(state.epoch) : .null,
             "stop_reason": stopReason.map(JSONValue.string) ?? .null,
+            "view_budget": p.promptViewBudget.map { number($0) } ?? .null, "step_budget": stepBudget.map { number($0) } ?? .null,
+            "planned_steps": number(plannedSteps),
+            "stopped_at_budget": .bool(atBudget),
             // Data-parallel tuning (this attempt): units computed here and by helpers, the helpers, and
             // the owner's seconds spent on the database and waiting for helpers' units.
             "units_here": number(owner.unitsHere), "units_helped": number(owner.unitsHelped),
@@ -283,7 +305,7 @@ struct LabelStage: NolaStage {
         let clip = run.clip.model
         let c = context.classes.count, n = run.readable.count
         var state: PromptTuningState
-        let encoder: CLIPPromptEncoder
+        let encoder: PromptTunableEncoder
         let teacher: [Int]?
         switch tuned.prompts {
         case .fromJob(let source):
@@ -298,7 +320,7 @@ struct LabelStage: NolaStage {
                 if let hash = file.metadata["clip_weights_sha256"], hash != run.clip.identity.weightsSHA256 {
                     throw JobError.badInput("tuned prompts of job \(source) belong to CLIP \(file.metadata["clip_model"] ?? "?") (weights \(hash.prefix(12))…), this job uses \(run.clip.identity.name) (weights \(run.clip.identity.weightsSHA256.prefix(12))…)")
                 }
-                let encoder = CLIPPromptEncoder(model: clip, promptCount: shape[0])
+                let encoder = promptTunableEncoder(clip, promptCount: shape[0]).encoder
                 if let classes = file.metadata["classes"],
                    let names = try? JSONDecoder().decode([String].self, from: Data(classes.utf8)), names != context.classes {
                     throw JobError.badInput("tuned prompts of job \(source) are for classes \(names), this job has \(context.classes)")
@@ -327,24 +349,17 @@ struct LabelStage: NolaStage {
         }
         let m = toCompute.count
 
-        // Prompted features of the weak view of every readable image labelled here.
-        var features: [Float] = []
-        features.reserveCapacity(m * encoder.featureSize)
-        let batch = EncodeStage.batchSize
-        for from in stride(from: 0, to: m, by: batch) {
-            try context.reportProgress(stage: name, done: from, total: m)
-            let indices = Array(toCompute[from..<min(m, from + batch)])
-            let (pixels, errors) = weakViewBatch(indices.map { run.file(context, readableIndex: $0) }, config: run.described.weakConfig, threads: context.threads)
-            if let (j, error) = errors.first {
-                throw JobError.transient("\(run.images[run.readable[indices[j]]].path) became unreadable: \(error)")
-            }
-            do {
-                features += try encoder.features(pixels: pixels, batch: indices.count, prompts: state.prompts.values, layerNorms: state.layerNorms)
-            } catch let error as MethodError {
-                throw JobError.badInput("\(error)")
-            }
+        // The tuned model on the weak view of every readable image labelled here, in shards that any worker
+        // may compute (docs/scale-out.md): each reads the tuned prompts, LayerNorms and head from the database.
+        // (`encoder` checked them against this CLIP; a shard builds its own from the blob.)
+        _ = encoder
+        let sharded = try ShardComputation.runStage(
+            context, stage: name, paths: toCompute.map { run.images[run.readable[$0]].path }, clipFolder: validated.clipFolder,
+            dinoFolder: nil, modelKeys: [run.clip.identity.key], blob: state.resultsSafeTensors(metadata: [:]))
+        let probabilities = sharded.results.flatMap { FloatBytes.decode($0.result ?? []) }
+        guard probabilities.count == m * c else {
+            throw JobError.transient("the label shards of job \(context.jobID) hold \(probabilities.count) probabilities, not \(m) × \(c)")
         }
-        let probabilities = labelProbabilities(features: features, head: state.head.values, classCount: c)
         try context.reportProgress(stage: name, done: m, total: m)
         // Signals and abstention of the images labelled here (toCompute order).
         let signals = toCompute.enumerated().map { j, k in
@@ -428,6 +443,8 @@ struct LabelStage: NolaStage {
             }
             try context.write { try PipelineTables.deleteCheckpoint($0, context.job) }
         }
+        // The label rows are written: the shards' probabilities and the stored blob are no longer needed.
+        try context.write { try ShardStore.clearResults($0, context.job, stage: name) }
 
         // labels_per_class counts the labels written (abstentions are not labels).
         var counts: [String: JSONValue] = [:]
@@ -447,6 +464,7 @@ struct LabelStage: NolaStage {
             "abstained": number(n - kept.count), "abstained_by_reason": .object(reasons),
             "coverage": number(n == 0 ? 0 : Double(kept.count) / Double(n)),
             "images_per_second": number(Double(n) / max(1e-9, Date().timeIntervalSince(start))), "seconds": seconds(since: start),
+            "shards": number(sharded.results.count), "shards_by_worker": .object(sharded.workers.mapValues { number($0) }),
         ]
         if let teacher { metrics["agreement_with_teacher"] = number(accuracy(predicted: labels, truth: teacher)) }
         if let truth = run.truth {

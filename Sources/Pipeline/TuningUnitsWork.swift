@@ -17,7 +17,7 @@ import Queue
 /// The owner's side: `computeUnits` of `runPromptTuning` through the database.
 final class TuningOwner {
     let context: JobContext
-    let encoder: CLIPPromptEncoder
+    let encoder: PromptTunableEncoder
     let teacher: [Int]
     /// Path bytes of each readable image (the same path on every host).
     let files: [[UInt8]]
@@ -33,7 +33,7 @@ final class TuningOwner {
     private var returned: Date?
     private(set) var helpers: Set<String> = []
 
-    init(context: JobContext, encoder: CLIPPromptEncoder, teacher: [Int], files: [[UInt8]], labelSmoothing: Double,
+    init(context: JobContext, encoder: PromptTunableEncoder, teacher: [Int], files: [[UInt8]], labelSmoothing: Double,
          strongViews: @escaping ([Int], Int) throws -> [Float]) {
         self.context = context
         self.encoder = encoder
@@ -67,7 +67,7 @@ final class TuningOwner {
         lap(&coordinationSeconds)
         let count = state.gradientCount
         var results: [Int: PromptUnitResult] = [:]
-        let lease = context.settings.unitLeaseSeconds
+        let lease = context.settings.leaseSeconds
         while results.count < plan.units.count {
             if context.stopReason != nil { throw MethodError(.cancelled, "prompt tuning", "stopped") }
             if let claim = try context.withDatabase({
@@ -130,8 +130,8 @@ public final class TuningHelper: @unchecked Sendable {
     let logger: Logger
     private let database: Database
     /// The job whose encoder and decoded images are kept (one at a time).
-    private var current: (jobID: Int64, attempt: Int, encoder: CLIPPromptEncoder, decoded: DecodedImages,
-                          strong: StrongViewConfig, parameters: NolaParameters, threads: Int)?
+    private var current: (jobID: Int64, attempt: Int, encoder: PromptTunableEncoder, decoded: DecodedImages,
+                          strong: StrongViewConfig, mean: [Float], std: [Float], parameters: NolaParameters, threads: Int)?
     /// The parameters of the step last read: (job, attempt, step) and the state.
     private var version: (key: String, state: PromptTuningState)?
     /// Jobs this worker cannot help (their CLIP does not load here), until the time given.
@@ -149,7 +149,7 @@ public final class TuningHelper: @unchecked Sendable {
     func helpOnce(shouldStop: () -> Bool) throws -> Bool {
         let now = Date()
         refused = refused.filter { $0.value > now }
-        let lease = config.unitLeaseSeconds
+        let lease = config.leaseSeconds
         guard let claim = try database.run(retryFor: 5, { c in
             try TuningUnits.claim(c, worker: worker, leaseSeconds: lease, excludingJobs: Array(refused.keys))
         }) else { return false }
@@ -162,7 +162,7 @@ public final class TuningHelper: @unchecked Sendable {
             let state = try parameters(for: claim)
             guard let job = current else { return false }
             let pixels = try job.decoded.strongViews(claim.images, epoch: claim.epoch, seed: job.parameters.seed, config: job.strong,
-                                                     files: claim.files.map { ImageFile(pathBytes: $0) })
+                                                     mean: job.mean, std: job.std, files: claim.files.map { ImageFile(pathBytes: $0) })
             // The job's threads, as its owner computes with (the kernels' sums depend on the count).
             let result = try withThreads(job.threads) {
                 try promptUnitGradient(encoder: job.encoder, state: state, targets: claim.targets, pixels: pixels,
@@ -207,14 +207,16 @@ public final class TuningHelper: @unchecked Sendable {
             p.clipModel = folder.lastPathComponent
             let clip = try ModelCache.shared.clip(folder)
             var strong = StrongViewConfig()
-            strong.size = clip.model.config.visionConfig.imageSize
+            strong.size = clip.model.imageSize
             if !p.colourJitter {
                 strong.jitterProbability = 0
                 strong.secondJitter = nil
             }
             let threads = min(job.threads ?? config.threads, config.threads)
-            current = (claim.jobID, claim.attempt, CLIPPromptEncoder(model: clip.model, promptCount: p.promptCount),
-                       DecodedImages(files: [], threads: threads), strong, p, threads)
+            // The same encoder the owner builds (prompt tokens on ViT towers, none on MCi).
+            let encoder = promptTunableEncoder(clip.model, promptCount: p.promptCount).encoder
+            current = (claim.jobID, claim.attempt, encoder, DecodedImages(files: [], threads: threads), strong,
+                       clip.model.imageMean, clip.model.imageStd, p, threads)
         }
         let key = "\(claim.jobID)/\(claim.attempt)/\(claim.step)"
         if let version, version.key == key { return version.state }

@@ -180,7 +180,14 @@ public enum SchemaCatalog {
                        "last_heartbeat timestamp with time zone", "attempt integer", "attempts_used integer",
                        "max_attempts integer", "cancel_requested boolean", "error text",
                        "submitted_at timestamp with time zone", "started_at timestamp with time zone",
-                       "finished_at timestamp with time zone"],
+                       "finished_at timestamp with time zone", "shards_done bigint", "shards_total bigint",
+                       "workers_contributing bigint", "worker_rates jsonb"],
+        "shard_inputs": ["job_id bigint", "stage text", "key text", "clip_model text", "dino_model text", "model_keys text[]",
+                         "blob bytea", "created_at timestamp with time zone"],
+        "shards": ["job_id bigint", "stage text", "index integer", "paths text[]", "state text", "worker text", "claims integer",
+                   "lease_expires_at timestamp with time zone", "started_at timestamp with time zone",
+                   "finished_at timestamp with time zone", "seconds double precision", "result bytea", "unreadable jsonb",
+                   "error text"],
     ]
 
     /// Every table and view of schema `nola` with its columns in order, read from the catalog.

@@ -111,7 +111,8 @@ final class OwnershipTests: DatabaseTestCase {
         // The same bad value is refused by INSERT and by the daemon with the same reason.
         let bad = [#"{"min_k": -3}"#, #"{"prompt_lr": 0}"#, #"{"label_smoothing": 1}"#, #"{"seed": "7"}"#, #"{"templates": 1}"#,
                    #"{"prompt_micro_batch_size": 0}"#, #"{"clip_model": "../x"}"#, #"{"prompts_from_job": -3}"#, #"{"k_fraction": 1.5}"#,
-                   #"{"only_new": true}"#, #"{"stop_patience": -1}"#, #"{"stop_tolerance": 0}"#]
+                   #"{"only_new": true}"#, #"{"stop_patience": -1}"#, #"{"stop_tolerance": 0}"#,
+                   #"{"prompt_view_budget": 0}"#, #"{"prompt_view_budget": 2.5}"#]
         for json in bad {
             var daemon = ""
             XCTAssertThrowsError(try JobParameters(json: Data(json.utf8))) { daemon = ($0 as? MethodError)?.reason ?? "\($0)" }
@@ -119,8 +120,10 @@ final class OwnershipTests: DatabaseTestCase {
             XCTAssertEqual(e?.sqlState, "23514", json)
             XCTAssertTrue(e?.message.hasSuffix(" " + daemon) ?? false, "\(json): SQL says \(e?.message ?? "nothing"), the daemon says \(daemon)")
         }
-        // And both accept what the daemon records.
+        // And both accept what the daemon records, and no cap.
         let recorded = String(decoding: NolaParameters().encodedJSON(), as: UTF8.self)
         XCTAssertNoThrow(try db.query("INSERT INTO nola.jobs (collection, classes, parameters) VALUES ('/x', '{a}', $1::jsonb)", [recorded]))
+        XCTAssertNoThrow(try db.query("INSERT INTO nola.jobs (collection, classes, parameters) VALUES ('/x', '{a}', $1::jsonb)",
+                                      [#"{"prompt_view_budget": null}"#]))
     }
 }

@@ -31,8 +31,9 @@ final class ConvolutionTests: XCTestCase {
 
     func testDepthwiseConv_forwardAndBackward_matchReference() {
         var rng = Rng(state: 12)
-        // 19 channels: two SIMD groups and a tail; 7×7 stride 2 (downsampling), 3×3 and 7×7 stride 1
-        for (h, w, k, s, p) in [(9, 8, 7, 2, 3), (6, 7, 3, 1, 1), (5, 4, 7, 1, 3), (4, 4, 3, 2, 1)] {
+        // 19 channels: two SIMD groups and a tail; 7×7 stride 2 (downsampling), 3×3 and 7×7 stride 1; rows wide
+        // enough for the four-pixel interior path at strides 1 and 2
+        for (h, w, k, s, p) in [(9, 8, 7, 2, 3), (6, 7, 3, 1, 1), (5, 4, 7, 1, 3), (4, 4, 3, 2, 1), (5, 21, 7, 2, 3), (3, 14, 7, 1, 3)] {
             let b = 2, c = 19
             let x = rng.floats(b * h * w * c), wt = rng.floats(c * k * k), bias = rng.floats(c)
             let oh = convOutputSize(h, kernel: k, stride: s, padding: p), ow = convOutputSize(w, kernel: k, stride: s, padding: p)

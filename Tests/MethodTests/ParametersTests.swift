@@ -26,6 +26,7 @@ final class ParametersTests: XCTestCase {
         XCTAssertEqual(p.promptLearningRate, 0.004); XCTAssertEqual(p.promptWeightDecay, 0.01)
         XCTAssertEqual(p.promptBatchSize, 512); XCTAssertEqual(p.promptCount, 16); XCTAssertEqual(p.labelSmoothing, 0.1)
         XCTAssertEqual(p.promptMicroBatchSize, 16); XCTAssertTrue(p.templates); XCTAssertTrue(p.colourJitter)
+        XCTAssertEqual(p.promptViewBudget, NolaParameters.defaultPromptViewBudget)
         XCTAssertEqual(p.clipModel, "clip-vit-base-patch32"); XCTAssertEqual(p.dinoModel, "dino-vitb16")
     }
 
@@ -35,7 +36,7 @@ final class ParametersTests: XCTestCase {
          "alignment_batch_size": 16, "alignment_hidden_size": 64, "prompt_epochs": 2, "prompt_lr": 1,
          "prompt_weight_decay": 0, "prompt_batch_size": 64, "prompt_micro_batch_size": 8, "prompt_count": 4,
          "label_smoothing": 0, "colour_jitter": false, "clip_model": "clip-b16", "dino_model": "dino-s16",
-         "stop_patience": 4, "stop_tolerance": 0.5}
+         "stop_patience": 4, "stop_tolerance": 0.5, "prompt_view_budget": 4000}
         """)
         XCTAssertEqual(p.seed, 3); XCTAssertFalse(p.templates); XCTAssertEqual(p.minK, 8); XCTAssertEqual(p.kFraction, 0.5)
         XCTAssertEqual(p.alignmentEpochs, 5); XCTAssertEqual(p.alignmentLearningRate, 0.01); XCTAssertEqual(p.alignmentBatchSize, 16)
@@ -43,8 +44,9 @@ final class ParametersTests: XCTestCase {
         XCTAssertEqual(p.promptWeightDecay, 0); XCTAssertEqual(p.promptBatchSize, 64); XCTAssertEqual(p.promptMicroBatchSize, 8)
         XCTAssertEqual(p.promptCount, 4); XCTAssertEqual(p.labelSmoothing, 0); XCTAssertFalse(p.colourJitter)
         XCTAssertEqual(p.clipModel, "clip-b16"); XCTAssertEqual(p.dinoModel, "dino-s16")
-        XCTAssertEqual(p.stopPatience, 4); XCTAssertEqual(p.stopTolerance, 0.5)
-        XCTAssertEqual(Set(NolaParameters.Key.allCases.map(\.rawValue)).count, 23)
+        XCTAssertEqual(p.stopPatience, 4); XCTAssertEqual(p.stopTolerance, 0.5); XCTAssertEqual(p.promptViewBudget, 4000)
+        XCTAssertEqual(Set(NolaParameters.Key.allCases.map(\.rawValue)).count, 24)
+        XCTAssertNil(try decode(#"{"prompt_view_budget": null}"#).promptViewBudget, "null: no cap")
     }
 
     func testDecode_whenBadInput_namesTheKeyTheAllowedValuesAndTheValueAsWritten() {

@@ -4,13 +4,14 @@ import XCTest
 
 final class PromptTuningStateTests: XCTestCase {
     func run(_ state: inout PromptTuningState, stopAfterMicroBatches: Int? = nil, epochs: Int = 3, stopRule: PromptStopRule = .off,
+             stepBudget: Int? = nil,
              checkpoints: inout [(tensors: [NamedTensor], metadata: [String: String])],
              epochMetrics: ((PromptTuningEpoch) -> Void)? = nil) throws {
         let (encoder, _, pixels, teacher, _, _) = ReferenceParityTests.toySetup()
         var microBatches = 0
         try runPromptTuning(encoder: encoder, state: &state, teacherLabels: teacher, epochs: epochs, batchSize: 16,
                             microBatchSize: 5, learningRate: 0.01, weightDecay: 0.01, labelSmoothing: 0.1, seed: 99,
-                            stopRule: stopRule,
+                            stopRule: stopRule, stepBudget: stepBudget,
                             strongViews: ReferenceParityTests.strongViews(pixels, perImage: encoder.tokens * encoder.hiddenSize),
                             shouldStop: {
                                 defer { microBatches += 1 }
@@ -63,6 +64,52 @@ final class PromptTuningStateTests: XCTestCase {
             XCTAssertEqual(full.epoch, 5)
             XCTAssertFalse(full.stoppedEarly)
         }
+    }
+
+    /// The training budget ends tuning at its step, mid-epoch or at an epoch's end, on the trajectory of
+    /// the uncapped run; a state at the budget takes no further step when resumed with it, and one resumed
+    /// without it ends like the uncapped run.
+    func testStepBudget_endsAtTheCapOnTheUncappedTrajectory_andAResumedRunHonoursIt() throws {
+        let (_, initial, _, _, _, _) = ReferenceParityTests.toySetup()
+        var uncapped = initial
+        var steps: [(tensors: [NamedTensor], metadata: [String: String])] = []
+        try run(&uncapped, checkpoints: &steps)
+        XCTAssertEqual(uncapped.step, 9) // 3 epochs × ⌊60/16⌋ batches
+        func afterStep(_ k: Int) throws -> PromptTuningState {
+            let saved = try XCTUnwrap(steps.first { $0.metadata["step"] == String(k) })
+            return try PromptTuningState(checkpoint: saved.tensors, metadata: saved.metadata)
+        }
+
+        // A budget of 4 steps: it stops after the first batch of epoch 2, where the uncapped run was after step 4.
+        var capped = initial
+        var saved: [(tensors: [NamedTensor], metadata: [String: String])] = []
+        var epochs = 0
+        try run(&capped, stepBudget: 4, checkpoints: &saved, epochMetrics: { _ in epochs += 1 })
+        XCTAssertEqual(capped.step, 4)
+        XCTAssertEqual(capped.epoch, 1)
+        XCTAssertEqual(capped.batchInEpoch, 1)
+        XCTAssertEqual(epochs, 1)
+        XCTAssertEqual(capped, try afterStep(4))
+
+        // Resumed with the same budget: no micro-batch runs, nothing changes.
+        var resumed = try PromptTuningState(checkpoint: saved.last!.tensors, metadata: saved.last!.metadata)
+        XCTAssertEqual(resumed, capped)
+        var more: [(tensors: [NamedTensor], metadata: [String: String])] = []
+        try run(&resumed, stopAfterMicroBatches: 0, stepBudget: 4, checkpoints: &more)
+        XCTAssertEqual(resumed, capped)
+        XCTAssertTrue(more.isEmpty)
+        // Resumed with a larger budget or none: the uncapped run's end.
+        try run(&resumed, stepBudget: 1000, checkpoints: &more)
+        XCTAssertEqual(resumed, uncapped)
+
+        // A budget met at an epoch's last step closes that epoch (its metrics, the stopping rule) first.
+        var atEpochEnd = initial
+        epochs = 0
+        try run(&atEpochEnd, stepBudget: 3, checkpoints: &saved, epochMetrics: { _ in epochs += 1 })
+        XCTAssertEqual(atEpochEnd.step, 3)
+        XCTAssertEqual(atEpochEnd.epoch, 1)
+        XCTAssertEqual(atEpochEnd.batchInEpoch, 0)
+        XCTAssertEqual(epochs, 1)
     }
 
     func testResume_afterCancellationMidEpoch_endsExactlyLikeAnUninterruptedRun() throws {

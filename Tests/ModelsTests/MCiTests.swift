@@ -32,6 +32,9 @@ final class MCiParityTests: XCTestCase {
     func testMCi_reparameterisedForm_matchesTimm() throws {
         let model = try MCiModel(config: tinyMCi, weights: try io("mci-reparam.safetensors"))
         XCTAssertFalse(model.loadedTrainingForm)
+        XCTAssertTrue(model.accepts(height: 96, width: 96))
+        XCTAssertFalse(model.accepts(height: 96, width: 128))
+        XCTAssertEqual(model.inputSizeRule, "96×96")
         let f = try io("mci_io.safetensors")
         compare("MCi features, reparameterised form", model.imageFeatures(pixels: try f.floats("pixel_values"), batch: 2),
                 try f.floats("reparam.features"), relTol: 1e-4)
@@ -132,11 +135,27 @@ final class MCiParityTests: XCTestCase {
         }
     }
 
+    /// Random weights (benchmarks, no checkpoint) in timm's init keep the full-size towers' features finite
+    /// and O(1): neither overflowing nor sinking into denormals, which would make a benchmark measure them.
+    func testMCi_randomFullSizeWeights_giveFiniteFeaturesOfOrderOne() throws {
+        let model = try MCiModel(config: MCiConfig(timmModelName: "fastvit_mci0")!, weights: nil)
+        var rng = Models.SplitMix64(seed: 3)
+        let pixels = (0..<(3 * 256 * 256)).map { _ in Float.random(in: -2...2, using: &rng) }
+        let f = model.imageFeatures(pixels: pixels, batch: 1)
+        let top = f.map(abs).max()!
+        print("random fastvit_mci0 features: max magnitude \(top)")
+        XCTAssertEqual(f.count, 512)
+        XCTAssertTrue(f.allSatisfy { $0.isFinite })
+        XCTAssertGreaterThan(top, 1e-2)
+        XCTAssertLessThan(top, 1e4)
+    }
+
     func testMCiConfig_timmNames() {
         XCTAssertEqual(MCiConfig(timmModelName: "fastvit_mci0")?.layers, [2, 6, 10, 2])
         XCTAssertEqual(MCiConfig(timmModelName: "fastvit_mci1")?.layers, [4, 12, 20, 4])
         XCTAssertEqual(MCiConfig(timmModelName: "fastvit_mci2")?.embedDims, [80, 160, 320, 640])
         XCTAssertNil(MCiConfig(timmModelName: "fastvit_mci3"))
+        XCTAssertEqual(MCiConfig(timmModelName: "fastvit_mci0")?.imageSize, 256)
         XCTAssertEqual(makeDivisible(1024.0 / 16, 1, roundLimit: 0), 64)
         XCTAssertEqual(makeDivisible(256 * 0.25, 8), 64)
         XCTAssertEqual(makeDivisible(32 * 0.25, 8), 8)

@@ -62,7 +62,7 @@ final class OpenCLIPTests: XCTestCase {
             { m in var t = m["text_cfg"] as! [String: Any]; t[key] = value; m["text_cfg"] = t }
         }
         let cases: [(String, (inout [String: Any]) -> Void)] = [
-            ("the image tower is a timm model (convnext_base); only open_clip's ViT image tower is supported", vision("timm_model_name", "convnext_base")),
+            ("the image tower is a timm model (convnext_base); only open_clip's ViT image tower and MobileCLIP's (fastvit_mci0, fastvit_mci1, fastvit_mci2, vit_base_mci_224) are supported", vision("timm_model_name", "convnext_base")),
             ("the image tower is a ResNet (vision_cfg.layers is a list); only open_clip's ViT image tower is supported", vision("layers", [3, 4, 6, 3])),
             ("the text tower is a Hugging Face model (xlm-roberta-base); only open_clip's standard text transformer is supported", text("hf_model_name", "xlm-roberta-base")),
             ("the tokenizer is timm/ViT-B-16-SigLIP; only CLIP's BPE tokenizer is supported", text("hf_tokenizer_name", "timm/ViT-B-16-SigLIP")),

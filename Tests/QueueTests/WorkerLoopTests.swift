@@ -69,6 +69,57 @@ final class WorkerLoopTests: XCTestCase {
         XCTAssertEqual(turn(&loop, at: at(12)), [], "stopped for good")
     }
 
+    func makeHelpingLoop(concurrency: Int = 1) -> WorkerLoop {
+        WorkerLoop(settings: .init(heartbeatSeconds: 10, pollSeconds: 5, watchdogSeconds: nil, concurrency: concurrency,
+                                   shutdownTimeoutSeconds: 30, helpOtherJobs: true), now: t0)
+    }
+
+    /// Drives the loop with separate outcomes for job claims and help claims.
+    func helpTurn(_ loop: inout WorkerLoop, at now: Date, running: Int = 0, claimFinds: Bool = false, helpFinds: Bool = false) -> [WorkerLoop.Step] {
+        var steps: [WorkerLoop.Step] = []
+        var busy = running
+        while let step = loop.next(now: now, runningJobs: busy) {
+            steps.append(step)
+            let found = step == .claim ? claimFinds : step == .help ? helpFinds : true
+            if (step == .claim || step == .help) && found { busy += 1 }
+            _ = loop.succeeded(step, now: now, found: found)
+            if steps.count > 20 { XCTFail("the loop never sleeps"); break }
+        }
+        return steps
+    }
+
+    func testFreeSlot_triesAJobFirst_thenHelps_untilTheSlotsAreFull() {
+        var loop = makeHelpingLoop(concurrency: 2)
+        XCTAssertEqual(helpTurn(&loop, at: t0, helpFinds: true), [.heartbeat, .claim, .help, .help],
+                       "no job of its own: both slots help")
+        XCTAssertEqual(helpTurn(&loop, at: at(1), running: 2, helpFinds: true), [])
+        loop.jobEnded()
+        XCTAssertEqual(helpTurn(&loop, at: at(2), running: 1, claimFinds: true), [.claim],
+                       "a freed slot claims a job of its own before it helps")
+    }
+
+    func testHelp_whenNothingToHelp_waitsForTheWorkNotificationOrThePoll() {
+        var loop = makeHelpingLoop()
+        XCTAssertEqual(helpTurn(&loop, at: t0), [.heartbeat, .claim, .help])
+        XCTAssertEqual(helpTurn(&loop, at: at(1)), [], "nothing to help: no busy loop")
+        loop.notified(channel: "nola_work")
+        XCTAssertEqual(helpTurn(&loop, at: at(2)), [.help], "new units: only the help claim, the job queue did not change")
+        XCTAssertEqual(helpTurn(&loop, at: at(5)), [.claim, .help], "the poll looks at both")
+    }
+
+    func testHelp_offByConfiguration_orWhileDraining() {
+        var off = makeLoop(concurrency: 2)
+        off.notified(channel: "nola_work")
+        XCTAssertFalse(turn(&off, at: t0).contains(.help), "help_other_jobs false: never helps")
+        var loop = makeHelpingLoop()
+        _ = helpTurn(&loop, at: t0)
+        loop.shutdown()
+        loop.notified(channel: "nola_work")
+        XCTAssertEqual(helpTurn(&loop, at: at(1), running: 1), [.beginDrain])
+        XCTAssertEqual(helpTurn(&loop, at: at(2), running: 1), [], "no help claimed while draining; a running unit holds the stop")
+        XCTAssertEqual(helpTurn(&loop, at: at(3), running: 0), [.stop])
+    }
+
     func testShutdown_pastTheDeadline_releasesTheRest() {
         var loop = makeLoop()
         _ = turn(&loop, at: t0, claimFinds: true)

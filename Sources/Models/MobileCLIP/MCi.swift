@@ -312,8 +312,8 @@ public final class MCiModel: @unchecked Sendable {
                 case .attention:
                     guard d % c.headDim == 0 else { throw CheckpointError.badConfig(file: "MCi config", reason: "width \(d) is not a multiple of head_dim \(c.headDim)") }
                     return .attention(norm: try loader.batchNorm(bn + ".norm", d),
-                                      qkv: try loader.reader.linear(bn + ".token_mixer.qkv", in: d, out: 3 * d, bias: false),
-                                      proj: try loader.reader.linear(bn + ".token_mixer.proj", in: d, out: d),
+                                      qkv: try loader.linear(bn + ".token_mixer.qkv", in: d, out: 3 * d, bias: false),
+                                      proj: try loader.linear(bn + ".token_mixer.proj", in: d, out: d),
                                       layerScale1: try loader.layerScale(bn + ".layer_scale_1", d), mlp: mlp,
                                       layerScale2: try loader.layerScale(bn + ".layer_scale_2", d))
                 }
@@ -323,7 +323,7 @@ public final class MCiModel: @unchecked Sendable {
         }
         self.stages = stages
         finalConv = try loader.mobileOne("final_conv", in: prev, out: c.finalFeatures, kernel: 3, stride: 1, depthwise: true, se: true, act: true)
-        head = try loader.reader.linear("head.fc", in: c.finalFeatures, out: c.embedDim)
+        head = try loader.linear("head.fc", in: c.finalFeatures, out: c.embedDim)
         w = loader.reader
         if let weights {
             for name in weights.tensorNames.sorted() where name.hasPrefix(prefix) && !w.used.contains(name) {
@@ -333,6 +333,13 @@ public final class MCiModel: @unchecked Sendable {
     }
 
     public var embedDim: Int { config.embedDim }
+
+    /// Whether the tower takes (B,3,H,W) input of this size: image_size × image_size only (open_clip
+    /// resizes and crops to it; the pooled features would be defined at other sizes, but not as trained).
+    public func accepts(height h: Int, width w: Int) -> Bool { h == config.imageSize && w == config.imageSize }
+
+    /// The input size `accepts`, in words: "256×256".
+    public var inputSizeRule: String { "\(config.imageSize)×\(config.imageSize)" }
 
     /// Image features (B, embed_dim) of pixels (B,3,S,S), S = image_size, as open_clip's `encode_image`
     /// before normalisation. Sub-batches run side by side (`batchParallel`).
@@ -446,6 +453,27 @@ struct MCiLoader {
     let training: Bool
     let eps: Float
     var random: Bool { reader.source == nil }
+    /// Random weights (no checkpoint, benchmarks) as timm initialises a FastVit, so activations stay O(1):
+    /// convolutions and linears U(±√(6/fan_in)) (He, so GELU stacks keep their scale), biases 0, BatchNorms
+    /// identity, layer scales 1e-5 (timm's init).
+    var generator = SplitMix64(seed: 0x6D6369)
+
+    /// A tensor of the checkpoint, or a random one in timm's init (see `generator`).
+    mutating func tensor(_ name: String, _ shape: [Int]) throws -> Buffer {
+        guard random else { return try reader.tensor(name, shape) }
+        let count = shape.reduce(1, *)
+        if name.hasSuffix(".gamma") { return Buffer([Float](repeating: 1e-5, count: count)) }
+        if shape.count == 1 {
+            let isNormWeight = name.hasSuffix("bn.weight") || name.hasSuffix("norm.weight")
+            return Buffer([Float](repeating: isNormWeight ? 1 : 0, count: count))
+        }
+        let bound = (6 / Float(shape.dropFirst().reduce(1, *))).squareRoot()
+        return Buffer((0..<count).map { _ in Float.random(in: -bound...bound, using: &generator) })
+    }
+
+    mutating func linear(_ name: String, in i: Int, out o: Int, bias: Bool = true) throws -> Linear {
+        Linear(weight: try tensor(name + ".weight", [o, i]), bias: bias ? try tensor(name + ".bias", [o]) : nil, inFeatures: i, outFeatures: o)
+    }
 
     /// BatchNorm `name` (weight, bias, running_mean, running_var) as (scale, shift).
     mutating func bnAffine(_ name: String, _ c: Int) throws -> (scale: [Float], shift: [Float]) {
@@ -455,19 +483,19 @@ struct MCiLoader {
     }
 
     mutating func batchNorm(_ name: String, _ c: Int) throws -> BatchNorm {
-        let weight = try reader.tensor(name + ".weight", [c]), bias = try reader.tensor(name + ".bias", [c])
+        let weight = try tensor(name + ".weight", [c]), bias = try tensor(name + ".bias", [c])
         if random {  // random benchmark weights: identity statistics (a random variance could be negative)
             return BatchNorm(weight: weight, bias: bias, runningMean: Buffer(count: c),
                              runningVar: Buffer([Float](repeating: 1, count: c)), eps: eps)
         }
-        return BatchNorm(weight: weight, bias: bias, runningMean: try reader.tensor(name + ".running_mean", [c]),
-                         runningVar: try reader.tensor(name + ".running_var", [c]), eps: eps)
+        return BatchNorm(weight: weight, bias: bias, runningMean: try tensor(name + ".running_mean", [c]),
+                         runningVar: try tensor(name + ".running_var", [c]), eps: eps)
     }
 
     /// A ConvNormAct branch `name` (conv.weight without bias, bn): the conv with the BatchNorm folded in.
     mutating func convBN(_ name: String, out: Int, inPerGroup: Int, kernel k: Int) throws -> FoldedConv {
         var f = FoldedConv(outChannels: out, inPerGroup: inPerGroup, kernel: k)
-        f.weight = try reader.tensor(name + ".conv.weight", [out, inPerGroup, k, k]).array
+        f.weight = try tensor(name + ".conv.weight", [out, inPerGroup, k, k]).array
         let (scale, shift) = try bnAffine(name + ".bn", out)
         let per = inPerGroup * k * k
         for o in 0..<out { for j in 0..<per { f.weight[o * per + j] *= scale[o] } }
@@ -487,8 +515,8 @@ struct MCiLoader {
     /// `name.reparam_conv` (weight, bias) as read.
     mutating func reparam(_ name: String, out: Int, inPerGroup: Int, kernel k: Int) throws -> FoldedConv {
         var f = FoldedConv(outChannels: out, inPerGroup: inPerGroup, kernel: k)
-        f.weight = try reader.tensor(name + ".reparam_conv.weight", [out, inPerGroup, k, k]).array
-        f.bias = try reader.tensor(name + ".reparam_conv.bias", [out]).array
+        f.weight = try tensor(name + ".reparam_conv.weight", [out, inPerGroup, k, k]).array
+        f.bias = try tensor(name + ".reparam_conv.bias", [out]).array
         return f
     }
 
@@ -506,9 +534,9 @@ struct MCiLoader {
     }
 
     mutating func squeezeExcite(_ name: String, _ c: Int, reduced r: Int) throws -> SqueezeExcite {
-        let fc1 = try reader.tensor(name + ".fc1.weight", [r, c, 1, 1]), fc2 = try reader.tensor(name + ".fc2.weight", [c, r, 1, 1])
-        return SqueezeExcite(fc1: Linear(weight: fc1, bias: try reader.tensor(name + ".fc1.bias", [r]), inFeatures: c, outFeatures: r),
-                             fc2: Linear(weight: fc2, bias: try reader.tensor(name + ".fc2.bias", [c]), inFeatures: r, outFeatures: c))
+        let fc1 = try tensor(name + ".fc1.weight", [r, c, 1, 1]), fc2 = try tensor(name + ".fc2.weight", [c, r, 1, 1])
+        return SqueezeExcite(fc1: Linear(weight: fc1, bias: try tensor(name + ".fc1.bias", [r]), inFeatures: c, outFeatures: r),
+                             fc2: Linear(weight: fc2, bias: try tensor(name + ".fc2.bias", [c]), inFeatures: r, outFeatures: c))
     }
 
     /// MobileOneBlock: folded conv, SE (timm: rd_ratio 1/16, rd_divisor 1), GELU.
@@ -554,8 +582,8 @@ struct MCiLoader {
     mutating func repCPE(_ name: String, _ d: Int, kernel k: Int) throws -> Conv2d {
         guard training else { return Conv2d(try reparam(name, out: d, inPerGroup: 1, kernel: k), inChannels: d, stride: 1) }
         var f = FoldedConv(outChannels: d, inPerGroup: 1, kernel: k)
-        f.weight = try reader.tensor(name + ".pos_enc.weight", [d, 1, k, k]).array
-        f.bias = try reader.tensor(name + ".pos_enc.bias", [d]).array
+        f.weight = try tensor(name + ".pos_enc.weight", [d, 1, k, k]).array
+        f.bias = try tensor(name + ".pos_enc.bias", [d]).array
         for o in 0..<d { f.weight[o * k * k + k * k / 2] += 1 }
         return Conv2d(f, inChannels: d, stride: 1)
     }
@@ -563,15 +591,15 @@ struct MCiLoader {
     /// ConvMlp (both forms alike: timm keeps its conv + bn): the 7×7 depthwise conv with its BN folded, fc1, fc2.
     mutating func convMlp(_ name: String, _ d: Int, hidden: Int) throws -> ConvMlp {
         let conv = Conv2d(try convBN(name + ".conv", out: d, inPerGroup: 1, kernel: 7), inChannels: d, stride: 1)
-        let fc1 = try reader.tensor(name + ".fc1.weight", [hidden, d, 1, 1]), fc2 = try reader.tensor(name + ".fc2.weight", [d, hidden, 1, 1])
+        let fc1 = try tensor(name + ".fc1.weight", [hidden, d, 1, 1]), fc2 = try tensor(name + ".fc2.weight", [d, hidden, 1, 1])
         return ConvMlp(conv: conv,
-                       fc1: Linear(weight: fc1, bias: try reader.tensor(name + ".fc1.bias", [hidden]), inFeatures: d, outFeatures: hidden),
-                       fc2: Linear(weight: fc2, bias: try reader.tensor(name + ".fc2.bias", [d]), inFeatures: hidden, outFeatures: d))
+                       fc1: Linear(weight: fc1, bias: try tensor(name + ".fc1.bias", [hidden]), inFeatures: d, outFeatures: hidden),
+                       fc2: Linear(weight: fc2, bias: try tensor(name + ".fc2.bias", [d]), inFeatures: hidden, outFeatures: d))
     }
 
     /// LayerScale2d `name.gamma` (C,1,1) as (C).
     mutating func layerScale(_ name: String, _ d: Int) throws -> Buffer {
-        try reader.tensor(name + ".gamma", [d, 1, 1])
+        try tensor(name + ".gamma", [d, 1, 1])
     }
 }
 
