@@ -40,6 +40,7 @@ struct BenchJob: ParsableCommand {
         var parameters = NolaParameters()
         parameters.promptEpochs = epochs
         parameters.promptBatchSize = batch
+        parameters.promptMicroBatchSize = microBatch
         print("nolad bench-job: N \(images), C \(classes), E \(epochs), batch \(batch) (micro \(microBatch)), threads \(threads), random full-size CLIP ViT-B/32 + DINO ViT-B/16")
         var timings: [(String, Double)] = []
         func timed<T>(_ name: String, _ body: () throws -> T) rethrows -> T {
@@ -77,7 +78,7 @@ struct BenchJob: ParsableCommand {
         var state = PromptTuningState(encoder: encoder, classifier: classifier, promptCount: parameters.promptCount, seed: parameters.seed)
         try timed("3 prompt tuning (strong views + fwd/bwd)") {
             try runPromptTuning(encoder: encoder, state: &state, teacherLabels: stage2.teacherLabels, parameters: parameters,
-                                microBatchSize: microBatch, strongViews: { indices, epoch in
+                                strongViews: { indices, epoch in
                 var out = [Float](repeating: 0, count: indices.count * 3 * 224 * 224)
                 let slot = 3 * 224 * 224
                 out.withUnsafeMutableBufferPointer { buffer in

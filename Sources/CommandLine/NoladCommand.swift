@@ -10,7 +10,7 @@ public struct NoladCommand: AsyncParsableCommand {
         version: noladVersion,
         subcommands: [ServeCommand.self, MigrateCommand.self, SubmitCommand.self, StatusCommand.self,
                       CancelCommand.self, RequeueCommand.self, LabelsCommand.self, ExportCommand.self, EvaluateCommand.self, ImageBenchCommand.self,
-                      EmbedImage.self, EmbedText.self, Bench.self, BenchJob.self, TokenizeCommand.self]
+                      EmbedImage.self, EmbedText.self, Bench.self, BenchJob.self, BenchScale.self, TokenizeCommand.self]
     )
 
     public init() {}

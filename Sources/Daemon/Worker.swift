@@ -82,6 +82,25 @@ public final class Worker: @unchecked Sendable {
         Systemd.ready(status: "idle, waiting for jobs")
         logger.info("ready", metadata: ["worker": "\(id)"])
 
+        // Data-parallel prompt tuning: while a job slot is free, compute units of other jobs' optimizer steps
+        // (on its own thread for now, beside the HelpWork kinds of WorkerHelp.swift; `help_other_jobs` off
+        // turns it off too).
+        var helperThread: Thread?
+        let helperDone = DispatchSemaphore(value: 0)
+        if config.pipeline == "nola" && config.helpOtherJobs {
+            let helper = TuningHelper(conninfo: config.conninfo, limits: config.controlConnectionLimits, settings: config.stageSettings,
+                                      worker: id, logger: logger)
+            let slots = config.concurrency
+            let thread = Thread { [self] in
+                helper.run(mayHelp: { self.snapshot().count < slots }, shouldStop: { self.isShuttingDown })
+                helperDone.signal()
+            }
+            thread.name = "tuning-helper"
+            thread.start()
+            helperThread = thread
+        }
+        defer { if helperThread != nil { helperDone.wait() } }
+
         var loop = WorkerLoop(settings: .init(
             heartbeatSeconds: config.heartbeatSeconds, pollSeconds: config.pollSeconds,
             watchdogSeconds: Systemd.watchdogInterval, concurrency: config.concurrency,

@@ -35,8 +35,9 @@ public struct NolaParameters: Equatable, Sendable {
     public var promptLearningRate = 0.004
     public var promptWeightDecay = 0.01
     public var promptBatchSize = 512
-    /// Images per forward/backward pass; nil = derived from the worker's memory budget.
-    public var promptMicroBatchSize: Int? = nil
+    /// Images per forward/backward pass: one unit of an optimizer step (data-parallel tuning hands units
+    /// to workers). The job's, never the worker's: the result depends on it. JSON null = the default.
+    public var promptMicroBatchSize = defaultPromptMicroBatchSize
     public var promptCount = 16
     public var labelSmoothing = 0.1
     /// The strong view's two ColorJitters (brightness/contrast/saturation 0.4, hue 0.1). Off for classes that
@@ -147,7 +148,7 @@ public struct NolaParameters: Equatable, Sendable {
         case .promptLearningRate: promptLearningRate = double()
         case .promptWeightDecay: promptWeightDecay = double()
         case .promptBatchSize: promptBatchSize = int()
-        case .promptMicroBatchSize: promptMicroBatchSize = value == .null ? nil : int()
+        case .promptMicroBatchSize: promptMicroBatchSize = value == .null ? defaultPromptMicroBatchSize : int()
         case .promptCount: promptCount = int()
         case .labelSmoothing: labelSmoothing = double()
         case .colourJitter: colourJitter = bool()
@@ -189,7 +190,7 @@ public struct NolaParameters: Equatable, Sendable {
             Key.abstainMarginBelow.rawValue: abstainMarginBelow,
             Key.abstainUnlessAgree.rawValue: abstainUnlessAgree,
         ]
-        object[Key.promptMicroBatchSize.rawValue] = promptMicroBatchSize.map { $0 as Any } ?? NSNull()
+        object[Key.promptMicroBatchSize.rawValue] = promptMicroBatchSize
         object[Key.promptViewBudget.rawValue] = promptViewBudget.map { $0 as Any } ?? NSNull()
         return try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
     }

@@ -276,21 +276,190 @@ public func strongViewSeed(jobSeed: UInt64, epoch: Int, image: Int) -> UInt64 {
     return random.next()
 }
 
-/// `runPromptTuning` with the job's parameters (epochs, batch, learning rate, weight decay, label
-/// smoothing, seed); `microBatchSize` comes from `parameters.promptMicroBatchSize` or the memory budget.
+/// The micro-batch size of a job that does not set `prompt_micro_batch_size`: a fixed number, so every
+/// worker of a job splits its logical batches into the same units (the result must not depend on which
+/// workers run it). 16 images need ≈ 0.8 GiB of activations at ViT-B/32 and ≈ 2.8 GiB at ViT-B/16, inside
+/// the default `memory_budget_mb` (4096); a worker whose budget is smaller refuses the job with a sentence.
+public let defaultPromptMicroBatchSize = 16
+
+/// The units of one optimizer step: the logical batch cut into consecutive micro-batches of
+/// `microBatchSize` images (the last one may be smaller). Unit u holds batch[u·m ..< (u+1)·m].
+public func promptUnits(batch: [Int], microBatchSize: Int) -> [[Int]] {
+    precondition(microBatchSize > 0)
+    return stride(from: 0, to: batch.count, by: microBatchSize).map { Array(batch[$0..<min(batch.count, $0 + microBatchSize)]) }
+}
+
+/// One optimizer step to compute: its number (1-based, the step AdamW takes after it), epoch, the
+/// images of its logical batch, and that batch cut into units.
+public struct PromptStepPlan: Equatable, Sendable {
+    /// The step this plan computes (`state.step + 1` of the state whose parameters it reads).
+    public var step: Int
+    public var epoch: Int
+    public var batch: [Int]
+    public var units: [[Int]]
+}
+
+/// What one unit contributes to its step, computed from zero: the gradient of every trained tensor
+/// (prompts, LayerNorms..., head: `PromptTuningState.trainable` order, flattened), and the unit's sums of
+/// loss, teacher–student agreements and top-probability confidence. The gradient is already divided by
+/// the step's logical batch size (the loss is a mean over it), so a step's gradient is the sum of its
+/// units' gradients.
+public struct PromptUnitResult: Equatable, Sendable {
+    public var gradient: [Float]
+    public var lossSum: Double
+    public var agreements: Int
+    public var confidenceSum: Double
+    public init(gradient: [Float], lossSum: Double, agreements: Int, confidenceSum: Double) {
+        self.gradient = gradient
+        self.lossSum = lossSum
+        self.agreements = agreements
+        self.confidenceSum = confidenceSum
+    }
+
+    /// Little-endian bytes: gradient floats, then lossSum, confidenceSum (Float64) and agreements (Int64).
+    /// What a worker writes to nola.tuning_units; `init(bytes:count:)` reads it back bit for bit.
+    public var bytes: [UInt8] {
+        var out = [UInt8](repeating: 0, count: 4 * gradient.count + 24)
+        out.withUnsafeMutableBytes { raw in
+            for (i, v) in gradient.enumerated() { raw.storeBytes(of: v.bitPattern.littleEndian, toByteOffset: 4 * i, as: UInt32.self) }
+            let o = 4 * gradient.count
+            raw.storeBytes(of: lossSum.bitPattern.littleEndian, toByteOffset: o, as: UInt64.self)
+            raw.storeBytes(of: confidenceSum.bitPattern.littleEndian, toByteOffset: o + 8, as: UInt64.self)
+            raw.storeBytes(of: UInt64(bitPattern: Int64(agreements)).littleEndian, toByteOffset: o + 16, as: UInt64.self)
+        }
+        return out
+    }
+
+    /// Reads `bytes` of a unit whose gradient has `count` floats; nil when the length does not match.
+    public init?(bytes: [UInt8], count: Int) {
+        guard bytes.count == 4 * count + 24 else { return nil }
+        var g = [Float](repeating: 0, count: count)
+        var loss = 0.0, confidence = 0.0, agree = 0
+        bytes.withUnsafeBytes { raw in
+            for i in 0..<count { g[i] = Float(bitPattern: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self))) }
+            let o = 4 * count
+            loss = Double(bitPattern: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: o, as: UInt64.self)))
+            confidence = Double(bitPattern: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: o + 8, as: UInt64.self)))
+            agree = Int(Int64(bitPattern: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: o + 16, as: UInt64.self))))
+        }
+        self.init(gradient: g, lossSum: loss, agreements: agree, confidenceSum: confidence)
+    }
+}
+
+extension PromptTuningState {
+    /// Floats in a unit's gradient: every trained tensor's values.
+    public var gradientCount: Int { trainable.reduce(0) { $0 + $1.values.count } }
+}
+
+/// One unit's gradient and sums, from zero: the student at `state`'s parameters on `pixels` (the strong
+/// views of `images`, (B, 3, H, W)), against the teacher labels `targets`, with the loss averaged over the
+/// step's `logicalBatch` images. It depends only on these inputs (and the machine's arithmetic at the
+/// worker's thread count), never on which worker computes it or on other units.
+public func promptUnitGradient(encoder: PromptTunableEncoder, state: PromptTuningState, targets: [Int], pixels: [Float],
+                               logicalBatch: Int, labelSmoothing: Double) throws -> PromptUnitResult {
+    let c = state.head.shape[0], e = state.head.shape[1]
+    let b = targets.count
+    precondition(b > 0 && logicalBatch >= b && targets.allSatisfy { $0 >= 0 && $0 < c })
+    var promptGradient = [Float](repeating: 0, count: state.prompts.values.count)
+    var layerNormGradients = state.layerNorms.map { [Float](repeating: 0, count: $0.values.count) }
+    var headGradient = [Float](repeating: 0, count: c * e)
+    var lossSum = 0.0, agreements = 0, confidenceSum = 0.0
+    let head = state.head.values
+    try encoder.trainingStep(pixels: pixels, batch: b, prompts: state.prompts.values, layerNorms: state.layerNorms,
+                             lossGradient: { features in
+        precondition(features.count == b * e)
+        // logits (b, C) = features (b, E) · headᵀ
+        let logits = linear(features, head, nil, n: b, inFeatures: e, outFeatures: c)
+        let predicted = argmaxRows(logits, columns: c).labels
+        confidenceSum += topProbabilitySum(logits, columns: c)
+        agreements += zip(predicted, targets).filter { $0 == $1 }.count
+        var dLogits = [Float](repeating: 0, count: b * c)
+        lossSum += smoothedCrossEntropy(logits, targets: targets, classCount: c, smoothing: Float(labelSmoothing),
+                                        logicalBatch: logicalBatch, dLogits: &dLogits)
+        // dHead (C, E) += dLogitsᵀ · features; dFeatures (b, E) = dLogits · head
+        var dFeatures = [Float](repeating: 0, count: b * e)
+        dFeatures.withUnsafeMutableBufferPointer { df in
+            linearGradients(dLogits, features, head, n: b, inFeatures: e, outFeatures: c,
+                            dInp: df.baseAddress!, dWeight: &headGradient, dBias: nil)
+        }
+        return dFeatures
+    }, promptGradient: &promptGradient, layerNormGradients: &layerNormGradients)
+    var gradient = promptGradient
+    gradient.reserveCapacity(state.gradientCount)
+    for g in layerNormGradients { gradient += g }
+    gradient += headGradient
+    return PromptUnitResult(gradient: gradient, lossSum: lossSum, agreements: agreements, confidenceSum: confidenceSum)
+}
+
+/// Σ of the units' results in unit order (element by element, left to right from the first unit), so
+/// the same units give the same bits wherever they were computed.
+public func sumPromptUnits(_ units: [PromptUnitResult]) -> PromptUnitResult {
+    precondition(!units.isEmpty)
+    var total = units[0]
+    for u in units.dropFirst() {
+        precondition(u.gradient.count == total.gradient.count)
+        total.gradient.withUnsafeMutableBufferPointer { t in
+            u.gradient.withUnsafeBufferPointer { g in for i in 0..<t.count { t[i] += g[i] } }
+        }
+        total.lossSum += u.lossSum
+        total.agreements += u.agreements
+        total.confidenceSum += u.confidenceSum
+    }
+    return total
+}
+
+/// The AdamW step over a logical batch whose summed unit results are `total` (state.step += 1).
+public func applyPromptStep(state: inout PromptTuningState, total: PromptUnitResult, learningRate: Double, weightDecay: Double) {
+    precondition(total.gradient.count == state.gradientCount)
+    let decayed = AdamHyperparameters(learningRate: learningRate, weightDecay: weightDecay)
+    let plain = AdamHyperparameters(learningRate: learningRate)
+    state.step += 1
+    let t = state.step
+    var offset = 0
+    func slice(_ count: Int) -> [Float] {
+        defer { offset += count }
+        return Array(total.gradient[offset..<offset + count])
+    }
+    adamStep(parameter: &state.prompts.values, gradient: slice(state.prompts.values.count), moments: &state.moments[0], step: t,
+             PromptTuningState.decays(state.prompts.name) ? decayed : plain)
+    for i in state.layerNorms.indices {
+        adamStep(parameter: &state.layerNorms[i].values, gradient: slice(state.layerNorms[i].values.count),
+                 moments: &state.moments[1 + i], step: t, PromptTuningState.decays(state.layerNorms[i].name) ? decayed : plain)
+    }
+    adamStep(parameter: &state.head.values, gradient: slice(state.head.values.count), moments: &state.moments[state.moments.count - 1],
+             step: t, PromptTuningState.decays(state.head.name) ? decayed : plain)
+}
+
+/// The plan of the step `state` is at (nil when tuning is complete): the epoch's shuffle seeded by
+/// (seed, epoch), its `state.batchInEpoch`-th logical batch, cut into units.
+public func promptStepPlan(state: PromptTuningState, imageCount n: Int, epochs: Int, batchSize: Int, microBatchSize: Int,
+                           seed: UInt64, order: ((Int) -> [Int])? = nil) -> PromptStepPlan? {
+    guard state.epoch < epochs && !state.stoppedEarly && n > 0 else { return nil }
+    var random = SeededRandom(seed: seed, stream: "prompt shuffle", index: state.epoch)
+    let permutation = order?(state.epoch) ?? random.permutation(n)
+    precondition(permutation.count == n)
+    let batches = promptBatches(order: permutation, batchSize: batchSize)
+    guard state.batchInEpoch < batches.count else { return nil }
+    let batch = Array(batches[state.batchInEpoch])
+    return PromptStepPlan(step: state.step + 1, epoch: state.epoch, batch: batch, units: promptUnits(batch: batch, microBatchSize: microBatchSize))
+}
+
+/// `runPromptTuning` with the job's parameters (epochs, batch, micro-batch, learning rate, weight decay,
+/// label smoothing, seed).
 public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTuningState, teacherLabels: [Int],
-                            parameters: NolaParameters, microBatchSize: Int,
+                            parameters: NolaParameters,
                             strongViews: ([Int], Int) throws -> [Float],
+                            computeUnits: ((PromptStepPlan, PromptTuningState) throws -> [PromptUnitResult])? = nil,
                             shouldStop: () -> Bool = { false },
                             onStep: (PromptTuningProgress, PromptTuningState) throws -> Void = { _, _ in },
                             onEpoch: (PromptTuningEpoch, PromptTuningState) throws -> Void = { _, _ in }) throws {
     try runPromptTuning(encoder: encoder, state: &state, teacherLabels: teacherLabels, epochs: parameters.promptEpochs,
-                        batchSize: parameters.promptBatchSize, microBatchSize: microBatchSize,
+                        batchSize: parameters.promptBatchSize, microBatchSize: parameters.promptMicroBatchSize,
                         learningRate: parameters.promptLearningRate, weightDecay: parameters.promptWeightDecay,
                         labelSmoothing: parameters.labelSmoothing, seed: parameters.seed,
                         stopRule: PromptStopRule(patience: parameters.stopPatience, tolerance: parameters.stopTolerance),
                         stepBudget: parameters.promptStepBudget(imageCount: teacherLabels.count),
-                        strongViews: strongViews,
+                        strongViews: strongViews, computeUnits: computeUnits,
                         shouldStop: shouldStop, onStep: onStep, onEpoch: onEpoch)
 }
 
@@ -300,92 +469,61 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
 /// - teacherLabels: the alignment module's label of every image (computed once; weak view is deterministic).
 /// - strongViews(indices, epoch): pixels (B, 3, H, W) of one fresh strong view of each image; the sampler
 ///   should seed from (job seed, epoch, image index) so a resumed epoch sees the same views.
+/// - computeUnits(plan, state): the results of every unit of the plan, in unit order, each computed by
+///   `promptUnitGradient` at `state`'s parameters (data-parallel tuning hands units to other workers
+///   here). Default: computed here, one after the other, with `shouldStop` polled before each.
 /// - order(epoch): image order of an epoch; default a shuffle seeded by (seed, epoch).
-/// - shouldStop: polled before every micro-batch; when true, throws `.cancelled` with `state` at the last
-///   completed step.
+/// - shouldStop: polled before every unit the default `computeUnits` computes (a custom one polls its
+///   own); when true, throws `.cancelled` with `state` at the last completed step.
 /// - onStep(progress, state): after every optimizer step (save a checkpoint here when due).
 /// - onEpoch(metrics, state): after every epoch (save a checkpoint here).
+/// A step's gradient is the sum of its units' gradients in unit order (`sumPromptUnits`), so the result
+/// depends on the micro-batch size (the job's) but not on who computed the units.
 public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTuningState, teacherLabels: [Int],
                             epochs: Int, batchSize: Int, microBatchSize: Int, learningRate: Double,
                             weightDecay: Double, labelSmoothing: Double, seed: UInt64,
                             stopRule: PromptStopRule = .off,
                             stepBudget: Int? = nil,
                             strongViews: ([Int], Int) throws -> [Float],
+                            computeUnits: ((PromptStepPlan, PromptTuningState) throws -> [PromptUnitResult])? = nil,
                             order: ((Int) -> [Int])? = nil,
                             shouldStop: () -> Bool = { false },
                             onStep: (PromptTuningProgress, PromptTuningState) throws -> Void = { _, _ in },
                             onEpoch: (PromptTuningEpoch, PromptTuningState) throws -> Void = { _, _ in }) throws {
     let n = teacherLabels.count
-    let c = state.head.shape[0], e = state.head.shape[1]
+    let c = state.head.shape[0]
     // Bugs: a restored state is checked against the job's CLIP and teacher labels first (TuneStage).
-    precondition(e == encoder.featureSize && state.prompts.shape[1] == encoder.hiddenSize)
+    precondition(state.head.shape[1] == encoder.featureSize && state.prompts.shape[1] == encoder.hiddenSize)
     precondition(batchSize > 0 && microBatchSize > 0 && teacherLabels.allSatisfy { $0 >= 0 && $0 < c })
     guard n > 0 else { throw MethodError(.badInput, "prompt tuning", "no images") }
-    let decayed = AdamHyperparameters(learningRate: learningRate, weightDecay: weightDecay)
-    let plain = AdamHyperparameters(learningRate: learningRate)
     var imagesThisRun = 0
+    func local(_ plan: PromptStepPlan, _ s: PromptTuningState) throws -> [PromptUnitResult] {
+        try plan.units.map { unit in
+            if shouldStop() { throw MethodError(.cancelled, "prompt tuning", "stopped") }
+            return try promptUnitGradient(encoder: encoder, state: s, targets: unit.map { teacherLabels[$0] },
+                                          pixels: try strongViews(unit, plan.epoch),
+                                          logicalBatch: plan.batch.count, labelSmoothing: labelSmoothing)
+        }
+    }
 
     while state.epoch < epochs && !state.stoppedEarly {
-        var random = SeededRandom(seed: seed, stream: "prompt shuffle", index: state.epoch)
-        let permutation = order?(state.epoch) ?? random.permutation(n)
-        precondition(permutation.count == n)
-        let batches = promptBatches(order: permutation, batchSize: batchSize)
-        while state.batchInEpoch < batches.count {
+        let batchesPerEpoch = promptBatches(order: Array(0..<n), batchSize: batchSize).count
+        while let plan = promptStepPlan(state: state, imageCount: n, epochs: epochs, batchSize: batchSize,
+                                        microBatchSize: microBatchSize, seed: seed, order: order) {
             // The budget is checked before a step, so a budget met at an epoch's last step still closes that epoch.
             if let budget = stepBudget, state.step >= budget { return }
-            let batch = Array(batches[state.batchInEpoch])
-            var promptGradient = [Float](repeating: 0, count: state.prompts.values.count)
-            var layerNormGradients = state.layerNorms.map { [Float](repeating: 0, count: $0.values.count) }
-            var headGradient = [Float](repeating: 0, count: c * e)
-            var lossSum = 0.0, agreements = 0, confidenceSum = 0.0
-            var start = 0
-            while start < batch.count {
-                if shouldStop() { throw MethodError(.cancelled, "prompt tuning", "stopped") }
-                let micro = Array(batch[start..<min(batch.count, start + microBatchSize)])
-                let b = micro.count
-                let targets = micro.map { teacherLabels[$0] }
-                let pixels = try strongViews(micro, state.epoch)
-                let head = state.head.values
-                try encoder.trainingStep(pixels: pixels, batch: b, prompts: state.prompts.values, layerNorms: state.layerNorms,
-                                         lossGradient: { features in
-                    precondition(features.count == b * e)
-                    // logits (b, C) = features (b, E) · headᵀ
-                    let logits = linear(features, head, nil, n: b, inFeatures: e, outFeatures: c)
-                    let predicted = argmaxRows(logits, columns: c).labels
-                    confidenceSum += topProbabilitySum(logits, columns: c)
-                    agreements += zip(predicted, targets).filter { $0 == $1 }.count
-                    var dLogits = [Float](repeating: 0, count: b * c)
-                    lossSum += smoothedCrossEntropy(logits, targets: targets, classCount: c, smoothing: Float(labelSmoothing),
-                                                    logicalBatch: batch.count, dLogits: &dLogits)
-                    // dHead (C, E) += dLogitsᵀ · features; dFeatures (b, E) = dLogits · head
-                    var dFeatures = [Float](repeating: 0, count: b * e)
-                    dFeatures.withUnsafeMutableBufferPointer { df in
-                        linearGradients(dLogits, features, head, n: b, inFeatures: e, outFeatures: c,
-                                        dInp: df.baseAddress!, dWeight: &headGradient, dBias: nil)
-                    }
-                    return dFeatures
-                }, promptGradient: &promptGradient, layerNormGradients: &layerNormGradients)
-                start += b
-            }
-            // One AdamW step over the logical batch.
-            state.step += 1
-            let t = state.step
-            adamStep(parameter: &state.prompts.values, gradient: promptGradient, moments: &state.moments[0], step: t,
-                     PromptTuningState.decays(state.prompts.name) ? decayed : plain)
-            for i in state.layerNorms.indices {
-                adamStep(parameter: &state.layerNorms[i].values, gradient: layerNormGradients[i], moments: &state.moments[1 + i],
-                         step: t, PromptTuningState.decays(state.layerNorms[i].name) ? decayed : plain)
-            }
-            adamStep(parameter: &state.head.values, gradient: headGradient, moments: &state.moments[state.moments.count - 1],
-                     step: t, PromptTuningState.decays(state.head.name) ? decayed : plain)
+            let results = try computeUnits.map { try $0(plan, state) } ?? local(plan, state)
+            precondition(results.count == plan.units.count)
+            let total = sumPromptUnits(results)
+            applyPromptStep(state: &state, total: total, learningRate: learningRate, weightDecay: weightDecay)
             state.batchInEpoch += 1
-            state.epochLossSum += lossSum
-            state.epochAgreements += agreements
-            state.epochConfidenceSum += confidenceSum
-            state.epochImages += batch.count
-            imagesThisRun += batch.count
+            state.epochLossSum += total.lossSum
+            state.epochAgreements += total.agreements
+            state.epochConfidenceSum += total.confidenceSum
+            state.epochImages += plan.batch.count
+            imagesThisRun += plan.batch.count
             try onStep(PromptTuningProgress(epoch: state.epoch, epochs: epochs, batchInEpoch: state.batchInEpoch,
-                                            batchesPerEpoch: batches.count, imagesThisRun: imagesThisRun), state)
+                                            batchesPerEpoch: batchesPerEpoch, imagesThisRun: imagesThisRun), state)
         }
         let images = Double(max(1, state.epochImages))
         var metrics = PromptTuningEpoch(epoch: state.epoch, meanLoss: state.epochLossSum / images,

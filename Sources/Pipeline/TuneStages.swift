@@ -33,8 +33,9 @@ func withSafeTensors<T>(_ bytes: [UInt8], what: String, remedy: String? = nil, _
 }
 
 /// Decoded images of a job for the strong views, decoded in parallel and kept while they fit a budget.
+/// Images are named by their index among the job's readable images (the strong view's seed).
 final class DecodedImages: @unchecked Sendable {
-    let files: [ImageFile]
+    private var files: [Int: ImageFile]
     let threads: Int
     private let lock = NSLock()
     private var images: [Int: RGBImage] = [:]
@@ -42,8 +43,16 @@ final class DecodedImages: @unchecked Sendable {
     static let budgetBytes = 1 << 30
 
     init(files: [ImageFile], threads: Int) {
-        self.files = files
+        self.files = Dictionary(uniqueKeysWithValues: files.enumerated().map { ($0, $1) })
         self.threads = threads
+    }
+
+    /// `strongViews` of images whose files are given with the call (a helper learns them unit by unit).
+    func strongViews(_ indices: [Int], epoch: Int, seed: UInt64, config: StrongViewConfig, mean: [Float], std: [Float],
+                     files given: [ImageFile]) throws -> [Float] {
+        precondition(given.count == indices.count)
+        lock.withLock { for (i, f) in zip(indices, given) { files[i] = f } }
+        return try strongViews(indices, epoch: epoch, seed: seed, config: config, mean: mean, std: std)
     }
 
     /// One strong view (3, S, S) per index, computed in parallel; the views' randomness comes only from
@@ -76,7 +85,8 @@ final class DecodedImages: @unchecked Sendable {
 
     func image(_ i: Int) throws -> RGBImage {
         if let hit = lock.withLock({ images[i] }) { return hit }
-        let image = try decodeImage(at: files[i])
+        guard let file = lock.withLock({ files[i] }) else { throw JobError.transient("image \(i) of the job is not known here") }
+        let image = try decodeImage(at: file)
         lock.withLock {
             if bytes + image.pixels.count <= Self.budgetBytes {
                 images[i] = image
@@ -130,14 +140,15 @@ struct TuneStage: NolaStage {
         }
         let budgetMicro = promptMicroBatchSize(memoryBudgetBytes: context.settings.memoryBudgetMB << 20,
                                                bytesPerImage: encoder.trainingBytesPerImage, logicalBatch: p.promptBatchSize)
-        let micro = p.promptMicroBatchSize ?? budgetMicro
-        // A micro-batch set by the job may exceed the collection or the logical batch (only what exists is
+        // The micro-batch is the job's (its units are the same on every worker, so the result does not
+        // depend on who runs it). It may exceed the collection or the logical batch (only what exists is
         // used), but not the worker's memory budget: the activations would be allocated at once and the
         // kernel's OOM killer would end the whole daemon.
+        let micro = p.promptMicroBatchSize
         let used = min(micro, p.promptBatchSize, n)
-        if p.promptMicroBatchSize != nil, used > budgetMicro {
+        if used > budgetMicro {
             let gib = Double(used) * Double(encoder.trainingBytesPerImage) / Double(1 << 30)
-            throw JobError.badInput("\(MethodError(.badParameter, NolaParameters.Key.promptMicroBatchSize.rawValue, "\(used) images need about \(String(format: "%.1f", gib)) GiB of prompt-tuning activations, more than this worker's memory_budget_mb \(context.settings.memoryBudgetMB); use at most \(budgetMicro), or leave it unset to size it from the budget"))")
+            throw JobError.badInput("\(MethodError(.badParameter, NolaParameters.Key.promptMicroBatchSize.rawValue, "\(used) images need about \(String(format: "%.1f", gib)) GiB of prompt-tuning activations, more than this worker's memory_budget_mb \(context.settings.memoryBudgetMB); set it to at most \(budgetMicro), or raise memory_budget_mb"))")
         }
         let decoded = DecodedImages(files: (0..<n).map { encoded.file(context, readableIndex: $0) }, threads: context.threads)
         var strong = StrongViewConfig()
@@ -188,16 +199,23 @@ struct TuneStage: NolaStage {
             return JobError.stopped(reason)
         }
         try context.reportProgress(stage: name, done: (state.epoch * batchesPerEpoch + state.batchInEpoch) * perBatch, total: total)
+        let views: ([Int], Int) throws -> [Float] = { indices, epoch in
+            // Progress within the logical batch too (a full-size batch of 512 takes minutes).
+            try context.reportProgress(stage: name, done: min(total, (latest.epoch * batchesPerEpoch + latest.batchInEpoch) * perBatch + withinBatch), total: total)
+            withinBatch += indices.count
+            return try decoded.strongViews(indices, epoch: epoch, seed: p.seed, config: strong, mean: clip.imageMean, std: clip.imageStd)
+        }
+        // Every step's units go through nola.tuning_units, so idle workers can compute some of them.
+        let owner = TuningOwner(context: context, encoder: encoder, teacher: teacher,
+                                files: (0..<n).map { encoded.file(context, readableIndex: $0).pathBytes },
+                                labelSmoothing: p.labelSmoothing, strongViews: views)
+        try owner.begin()
         do {
-            try runPromptTuning(encoder: encoder, state: &state, teacherLabels: teacher, parameters: p, microBatchSize: micro,
-                                strongViews: { indices, epoch in
-                // Progress within the logical batch too (a full-size batch of 512 takes minutes).
-                try context.reportProgress(stage: name, done: min(total, (latest.epoch * batchesPerEpoch + latest.batchInEpoch) * perBatch + withinBatch), total: total)
-                withinBatch += indices.count
-                return try decoded.strongViews(indices, epoch: epoch, seed: p.seed, config: strong, mean: clip.imageMean, std: clip.imageStd)
-            },
+            try runPromptTuning(encoder: encoder, state: &state, teacherLabels: teacher, parameters: p,
+                                strongViews: views, computeUnits: { plan, s in try owner.compute(plan, s) },
                                 shouldStop: { context.stopReason != nil },
                                 onStep: { progress, s in
+                owner.stepped()
                 latest = s
                 withinBatch = 0
                 try context.reportProgress(stage: name, done: min(total, (progress.epoch * batchesPerEpoch + progress.batchInEpoch) * perBatch), total: total)
@@ -248,6 +266,7 @@ struct TuneStage: NolaStage {
             context.logger.info("prompt tuning ends at its step budget", metadata: [
                 "steps": "\(state.step)", "planned_steps": "\(plannedSteps)", "epoch": "\(state.epoch)"])
         }
+        try owner.finish()
         try context.reportProgress(stage: name, done: total, total: total)
         // With the stopping rule: the epoch it stopped after (nil: it ran every epoch) and why.
         let stopReason = state.stoppedEarly ? PromptStopRule(patience: p.stopPatience, tolerance: p.stopTolerance).reason : nil
@@ -260,6 +279,14 @@ struct TuneStage: NolaStage {
             "view_budget": p.promptViewBudget.map { number($0) } ?? .null, "step_budget": stepBudget.map { number($0) } ?? .null,
             "planned_steps": number(plannedSteps),
             "stopped_at_budget": .bool(atBudget),
+            // Data-parallel tuning (this attempt): units computed here and by helpers, the helpers, and
+            // the owner's seconds spent on the database and waiting for helpers' units.
+            "units_here": number(owner.unitsHere), "units_helped": number(owner.unitsHelped),
+            "units_rescued": number(owner.unitsRescued),
+            "helpers": .array(owner.helpers.sorted().map(JSONValue.string)),
+            "coordination_seconds": number(owner.coordinationSeconds), "wait_seconds": number(owner.waitSeconds),
+            "unit_seconds": number(owner.computeSeconds), "step_seconds": number(owner.stepSeconds),
+            "steps_this_attempt": number(owner.steps),
         ])
         return Tuned(taught: taught, prompts: .tuned(state: state, encoder: encoder, teacherLabels: teacher))
     }

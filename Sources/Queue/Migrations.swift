@@ -12,7 +12,7 @@ public struct Migration: Sendable {
 /// Applies Migrations/*.sql in order, each in one transaction, under an advisory lock, recorded in
 /// `nola.schema_migrations`. The schema version this build of nolad expects is `Migrator.expectedVersion`.
 public enum Migrator {
-    public static let expectedVersion = 10
+    public static let expectedVersion = 11
     /// Arbitrary constant key for pg_advisory_lock, shared by every nolad.
     static let lockKey: Int64 = 0x6e6f_6c61_6d69_6772 // "nolamigr"
 
@@ -164,6 +164,11 @@ public enum SchemaCatalog {
         "prompts": ["job_id bigint", "safetensors bytea", "shapes jsonb", "backbone jsonb", "parameters jsonb",
                     "created_at timestamp with time zone"],
         "checkpoints": ["job_id bigint", "blob bytea", "epoch integer", "step integer", "updated_at timestamp with time zone"],
+        "tuning_parameters": ["job_id bigint", "attempt integer", "step integer", "blob bytea", "updated_at timestamp with time zone"],
+        "tuning_units": ["job_id bigint", "attempt integer", "step integer", "unit integer", "epoch integer", "logical_batch integer",
+                         "images integer[]", "targets integer[]", "files bytea[]", "state text", "worker text",
+                         "lease_expires_at timestamp with time zone", "claims integer", "result bytea", "seconds double precision",
+                         "created_at timestamp with time zone", "finished_at timestamp with time zone"],
         "feature_cache": ["model text", "sha256 text", "view text", "dimension integer", "features bytea",
                           "created_at timestamp with time zone"],
         "description_cache": ["class_name text", "model text", "prompt_version text", "sentences jsonb",

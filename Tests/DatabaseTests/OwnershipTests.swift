@@ -120,7 +120,7 @@ final class OwnershipTests: DatabaseTestCase {
             XCTAssertEqual(e?.sqlState, "23514", json)
             XCTAssertTrue(e?.message.hasSuffix(" " + daemon) ?? false, "\(json): SQL says \(e?.message ?? "nothing"), the daemon says \(daemon)")
         }
-        // And both accept what the daemon records (prompt_micro_batch_size null included), and no cap.
+        // And both accept what the daemon records, and no cap.
         let recorded = String(decoding: NolaParameters().encodedJSON(), as: UTF8.self)
         XCTAssertNoThrow(try db.query("INSERT INTO nola.jobs (collection, classes, parameters) VALUES ('/x', '{a}', $1::jsonb)", [recorded]))
         XCTAssertNoThrow(try db.query("INSERT INTO nola.jobs (collection, classes, parameters) VALUES ('/x', '{a}', $1::jsonb)",

@@ -406,7 +406,7 @@ final class PipelineTests: DatabaseTestCase {
             (#"{"dino_model": "odd-patch-dino"}"#, "DINO model \(models)/odd-patch-dino: bad model config \(models)/odd-patch-dino/config.json: image_size 32 is not a multiple of patch_size 12"),
             (#"{"prompts_from_job": 999999}"#, "parameter 'prompts_from_job': job 999999 has no tuned prompts"),
             (#"{"prompt_count": 1024, "prompt_micro_batch_size": 2, "prompt_epochs": 1, "alignment_epochs": 1, "min_k": 2}"#,
-             "parameter 'prompt_micro_batch_size': 2 images need about \(gib) GiB of prompt-tuning activations, more than this worker's memory_budget_mb 64; use at most 1, or leave it unset to size it from the budget"),
+             "parameter 'prompt_micro_batch_size': 2 images need about \(gib) GiB of prompt-tuning activations, more than this worker's memory_budget_mb 64; set it to at most 1, or raise memory_budget_mb"),
         ]
         var ids: [(Int64, String, String)] = [(damaged, training, "checkpoint of job \(damaged) cannot be read as safetensors: file is 1 bytes, shorter than the 8-byte header length; DELETE FROM nola.checkpoints WHERE job_id = \(damaged) to start prompt tuning over")]
         for (parameters, message) in cases { ids.append((try submit(collection, parameters: parameters), parameters, message)) }

@@ -25,7 +25,7 @@ final class ParametersTests: XCTestCase {
         XCTAssertEqual(p.alignmentBatchSize, 32); XCTAssertEqual(p.alignmentHiddenSize, 256)
         XCTAssertEqual(p.promptLearningRate, 0.004); XCTAssertEqual(p.promptWeightDecay, 0.01)
         XCTAssertEqual(p.promptBatchSize, 512); XCTAssertEqual(p.promptCount, 16); XCTAssertEqual(p.labelSmoothing, 0.1)
-        XCTAssertNil(p.promptMicroBatchSize); XCTAssertTrue(p.templates); XCTAssertTrue(p.colourJitter)
+        XCTAssertEqual(p.promptMicroBatchSize, 16); XCTAssertTrue(p.templates); XCTAssertTrue(p.colourJitter)
         XCTAssertEqual(p.promptViewBudget, NolaParameters.defaultPromptViewBudget)
         XCTAssertEqual(p.clipModel, "clip-vit-base-patch32"); XCTAssertEqual(p.dinoModel, "dino-vitb16")
     }
@@ -82,7 +82,7 @@ final class ParametersTests: XCTestCase {
         XCTAssertEqual(job.promptsFromJob, 12)
         XCTAssertEqual(job.given, ["prompts_from_job", "clip_model", "prompt_micro_batch_size"])
         XCTAssertEqual(job.method.clipModel, "clip-b16")
-        XCTAssertNil(job.method.promptMicroBatchSize)
+        XCTAssertEqual(job.method.promptMicroBatchSize, defaultPromptMicroBatchSize, "null is the fixed default")
         XCTAssertEqual(try JobParameters(json: Data()).method, NolaParameters())
     }
 

@@ -122,9 +122,10 @@ final class PromptTuningParametersTests: XCTestCase {
         let (encoder, initial, pixels, teacher, _, _) = ReferenceParityTests.toySetup()
         var parameters = NolaParameters()
         parameters.promptEpochs = 2; parameters.promptBatchSize = 16; parameters.promptLearningRate = 0.02; parameters.seed = 4
+        parameters.promptMicroBatchSize = 7
         let views = ReferenceParityTests.strongViews(pixels, perImage: encoder.tokens * encoder.hiddenSize)
         var a = initial, b = initial
-        try runPromptTuning(encoder: encoder, state: &a, teacherLabels: teacher, parameters: parameters, microBatchSize: 7, strongViews: views)
+        try runPromptTuning(encoder: encoder, state: &a, teacherLabels: teacher, parameters: parameters, strongViews: views)
         try runPromptTuning(encoder: encoder, state: &b, teacherLabels: teacher, epochs: 2, batchSize: 16, microBatchSize: 7,
                             learningRate: 0.02, weightDecay: 0.01, labelSmoothing: 0.1, seed: 4, strongViews: views)
         XCTAssertEqual(a, b)
