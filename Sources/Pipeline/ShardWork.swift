@@ -136,7 +136,6 @@ enum ShardComputation {
             let encoder = promptTunableEncoder(clip.model, promptCount: shape[0]).encoder
             return (try PromptTuningState(resultsSafeTensors: file, encoder: encoder), encoder)
         }
-        let size = clip.model.imageSize
         let config = Described.weakConfig(clip.model)
         let c = state.head.shape[0]
         var probabilities: [Float] = []
