@@ -108,7 +108,6 @@ if wanted("clip-b16-image") or wanted("clip-b16-prompt-step"):
         prompts = (torch.randn(args.prompts, width) * 0.02).requires_grad_(True)
         head = (torch.randn(10, visual.output_dim) * 0.02).requires_grad_(True)
         labels = torch.arange(B) % 10
-        batch_first = getattr(visual.transformer, "batch_first", True)
 
         def step():
             x = visual.conv1(pixels)                                     # (B, width, 14, 14)
@@ -116,7 +115,7 @@ if wanted("clip-b16-image") or wanted("clip-b16-prompt-step"):
             x = torch.cat([visual.class_embedding.expand(B, 1, -1), x], dim=1) + visual.positional_embedding
             x = visual.ln_pre(x)
             x = torch.cat([x[:, :1], prompts.unsqueeze(0).expand(B, -1, -1), x[:, 1:]], dim=1)
-            x = visual.transformer(x) if batch_first else visual.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
+            x = visual.transformer(x)                                    # (N, L, D) in, as VisionTransformer.forward
             features = visual.ln_post(x[:, 0]) @ visual.proj
             loss = F.cross_entropy(F.normalize(features, dim=-1) @ head.t(), labels, label_smoothing=0.1)
             loss.backward()

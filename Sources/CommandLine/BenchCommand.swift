@@ -156,11 +156,13 @@ struct Bench: ParsableCommand {
     }
 
     /// CLIP ViT-B/16 (OpenAI's sizes, 14×14 patches of 16 px at 224 px; MobileCLIP's paper measures against
-    /// it): image features and the prompt-tuning step, on its own full-size random model, released after its rows.
+    /// it) with exact GELU as open_clip's `ViT-B-16`: image features and the prompt-tuning step, on its own
+    /// full-size random model, released after its rows.
     func clipB16Figures(_ add: (BenchFigure) -> Void) throws {
         guard wanted("clip-b16-image") || wanted("clip-b16-prompt-step") else { return }
         var config = CLIPConfig()
         config.visionConfig.patchSize = 16
+        config.visionConfig.hiddenAct = .gelu
         let clip = try CLIPModel(config: config, weights: nil)
         var rng = SplitMix64(seed: 3)
         let pixels = (0..<(batch * 3 * 224 * 224)).map { _ in Float.random(in: -2...2, using: &rng) }
