@@ -15,8 +15,9 @@ import XCTest
 /// and shapes are timm's FastVit (MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc,
 /// AttentionBlock, ConvMlp), written here from timm's model code, not from nolad's loader.
 struct MCiFolderWriter {
-    static let layers = [2, 6, 10, 2], widths = [64, 128, 256, 512], mlpRatio = 3
-    let embedDim = 512
+    /// fastvit_mci0's blocks per stage, widths and mlp_ratios, and open_clip's embed_dim; other sizes only to
+    /// compare the layout with timm's tiny fixture.
+    var layers = [2, 6, 10, 2], widths = [64, 128, 256, 512], mlpRatios = [3, 3, 3, 3], embedDim = 512
     let imageSize = 256
     /// The tiny text tower (width, heads, layers; the pipeline's tiny CLIP tokenizer: 520 ids, 24 positions).
     let textWidth = 32, textHeads = 4, textLayers = 2, vocabSize = 520, contextLength = 24
@@ -83,8 +84,8 @@ struct MCiFolderWriter {
         if se { squeezeExcite(name + ".se", out, reduced: out / 16) }
     }
     /// ConvMlp: a 7×7 depthwise ConvNormAct, fc1, fc2 (1×1 convs with bias).
-    mutating func convMlp(_ name: String, _ d: Int) {
-        let hidden = d * Self.mlpRatio
+    mutating func convMlp(_ name: String, _ d: Int, ratio: Int) {
+        let hidden = d * ratio
         convBN(name + ".conv", out: d, inPerGroup: 1, kernel: 7)
         weight(name + ".fc1.weight", [hidden, d, 1, 1]); vector(name + ".fc1.bias", hidden, -0.1, 0.1)
         weight(name + ".fc2.weight", [d, hidden, 1, 1]); vector(name + ".fc2.bias", d, -0.1, 0.1)
@@ -92,11 +93,11 @@ struct MCiFolderWriter {
 
     /// Every tensor of the trunk under `visual.trunk.`.
     mutating func writeTrunk() {
-        let p = "visual.trunk.", w = Self.widths
+        let p = "visual.trunk.", w = widths
         mobileOne(p + "stem.0", in: 3, out: w[0], kernel: 3, stride: 2, depthwise: false)
         mobileOne(p + "stem.1", in: w[0], out: w[0], kernel: 3, stride: 2, depthwise: true)
         mobileOne(p + "stem.2", in: w[0], out: w[0], kernel: 1, stride: 1, depthwise: false)
-        for (i, count) in Self.layers.enumerated() {
+        for (i, count) in layers.enumerated() {
             let s = p + "stages.\(i)", d = w[i]
             if i > 0 {
                 // PatchEmbed: a 7×7 stride-2 ReparamLargeKernelConv (groups = input channels) with a 3×3
@@ -115,14 +116,14 @@ struct MCiFolderWriter {
                     mobileOne(b + ".token_mixer.mixer", in: d, out: d, kernel: 3, stride: 1, depthwise: true)
                     mobileOne(b + ".token_mixer.norm", in: d, out: d, kernel: 3, stride: 1, depthwise: true, scaleBranch: false, convBranches: 0)
                     layerScale(b + ".token_mixer.layer_scale", d)
-                    convMlp(b + ".mlp", d)
+                    convMlp(b + ".mlp", d, ratio: mlpRatios[i])
                     layerScale(b + ".layer_scale", d)
                 } else {  // AttentionBlock: BatchNorm pre-norm, qkv without bias, proj with bias
                     batchNorm(b + ".norm", d)
                     weight(b + ".token_mixer.qkv.weight", [3 * d, d])
                     weight(b + ".token_mixer.proj.weight", [d, d]); vector(b + ".token_mixer.proj.bias", d, -0.1, 0.1)
                     layerScale(b + ".layer_scale_1", d)
-                    convMlp(b + ".mlp", d)
+                    convMlp(b + ".mlp", d, ratio: mlpRatios[i])
                     layerScale(b + ".layer_scale_2", d)
                 }
             }
@@ -190,6 +191,24 @@ struct MCiFolderWriter {
 }
 
 final class MobileCLIPMCiJobTests: DatabaseTestCase {
+    /// The writer's layout is timm's: at the sizes of the tiny FastVit that timm saved for the parity tests
+    /// (reference/make_mobileclip_fixtures.py: the MCi block kinds, stages of 1, 1, 1, 2 blocks, widths 8 to
+    /// 64, mlp_ratios 3, 3, 3, 2, embed_dim 12), it writes exactly that checkpoint's names and shapes (BatchNorm's
+    /// num_batches_tracked aside, which nolad ignores).
+    func testMCiFolderWriter_layout_isTimmsTrainingForm() throws {
+        let fixture = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("ModelsTests/Fixtures/mci-train.safetensors")
+        let timm = try SafeTensorsFile(url: fixture)
+        var w = MCiFolderWriter()
+        (w.layers, w.widths, w.mlpRatios, w.embedDim) = ([1, 1, 1, 2], [8, 16, 32, 64], [3, 3, 3, 2], 12)
+        w.writeTrunk()
+        let written = Dictionary(uniqueKeysWithValues: w.tensors.map { ($0.name, $0.shape) })
+        let saved = Dictionary(uniqueKeysWithValues: timm.tensorNames.filter { !$0.hasSuffix(".num_batches_tracked") }.map { ($0, timm.shape(of: $0)!) })
+        XCTAssertEqual(Set(written.keys).subtracting(saved.keys).sorted(), [], "written, not in timm's checkpoint")
+        XCTAssertEqual(Set(saved.keys).subtracting(written.keys).sorted(), [], "in timm's checkpoint, not written")
+        for (name, shape) in written where saved[name] != nil { XCTAssertEqual(shape, saved[name], name) }
+    }
+
     /// The pipeline's tiny DINO (a transformers ViTModel, 2×2 patches of 16 px at 32 px) for the MCi tower's
     /// 256-px weak view: 2×2 patches of 128 px, each kernel tap spread over an 8×8 block (divided by 64), every
     /// other tensor as it is.
