@@ -112,7 +112,7 @@ extension Worker {
                 return
             }
             if case .cannotHelp(let why) = stop {
-                logger.warning("helping: cannot help with this job here; its unit is given back and the job left to others for ten minutes",
+                logger.warning("helping: unit given back; this worker cannot help with the job and leaves it to others for ten minutes",
                                metadata: ["reason": "\(why)"])
             } else {
                 outcome = "given_back"
