@@ -158,6 +158,50 @@ final class DataParallelTuningJobTests: DatabaseTestCase {
         XCTAssertNil(sample("nolad_help_units_total{kind=\"tune\",outcome=\"done\"}", in: try httpGet("http://127.0.0.1:\(ownerPort)/metrics").body))
     }
 
+    /// One helping loop: a helper with `concurrency: 1` that helps one job's prompt tuning and another job's
+    /// shards never holds a tuning unit and a shard at the same time (both share its one slot), yet helps
+    /// with both kinds.
+    func testOneSlot_helpsWithTuningAndShards_butNeverBothAtOnce() throws {
+        let collection = try copyCollection()
+        let second = root + "/shapes-2"
+        try FileManager.default.copyItem(atPath: collection, toPath: second)
+        let shards = ["shard_size": "8", "image_delay_seconds": "0.05"]
+        let a = try startPipelineDaemon("a", extra: Self.settings.merging(shards) { $1 })
+        let tuning = try submit(collection, parameters: Self.parameters(epochs: 400))
+        try waitUntil("job \(tuning) tunes on a", timeout: 240, poll: 0.02) {
+            try db.query("SELECT stage FROM nola.jobs WHERE id = $1", [tuning])[0].optionalString("stage") == "tune"
+        }
+        XCTAssertEqual(try job(tuning).string("worker"), try workerID(a))
+        let b = try startPipelineDaemon("b", extra: Self.settings.merging(shards) { $1 })
+        let sharded = try submit(second, parameters: Self.parameters(epochs: 2))
+        try waitUntil("job \(sharded) runs on b", timeout: 60, poll: 0.02) { try job(sharded).optionalString("worker") == (try workerID(b)) }
+        let c = try startPipelineDaemon("c", extra: Self.settings.merging(shards) { $1 })
+        let helper = try workerID(c)
+        var sawUnit = false, sawShard = false, both = 0, looks = 0
+        try waitUntil("job \(sharded) has finished", timeout: 240, poll: 0.002) {
+            let r = try db.query("""
+                SELECT (SELECT count(*) FROM nola.shards WHERE state = 'running' AND worker = $1)::int AS shards,
+                       (SELECT count(*) FROM nola.tuning_units WHERE state = 'running' AND worker = $1)::int AS units,
+                       (SELECT state::text FROM nola.jobs WHERE id = $2) AS state
+                """, [helper, sharded])[0]
+            let (s, u) = (try r.int("shards"), try r.int("units"))
+            looks += 1
+            if s > 0 { sawShard = true }
+            if u > 0 { sawUnit = true }
+            if s + u > 1 { both += 1 }
+            return try r.string("state") != "running" && r.string("state") != "queued"
+        }
+        try db.query("SELECT nola.cancel($1)", [tuning])
+        print("data-parallel test: one-slot helper: tuning unit seen \(sawUnit), shard seen \(sawShard), both at once \(both) of \(looks) looks")
+        XCTAssertEqual(try job(sharded).string("state"), "succeeded")
+        XCTAssertTrue(sawUnit, "the helper computed tuning units")
+        XCTAssertTrue(sawShard, "the helper computed shards")
+        XCTAssertEqual(both, 0, "never more help units at once than its one slot")
+        let sharedShards = try db.query("SELECT count(*)::int AS n FROM nola.shards WHERE job_id = $1 AND worker = $2 AND state = 'done'",
+                                        [sharded, helper])[0].int("n")
+        XCTAssertGreaterThan(sharedShards, 0)
+    }
+
     func testHelperKilledMidTuning_theOwnerRescuesItsUnit_andTheResultIsTheSame() throws {
         let collection = try copyCollection()
         let epochs = 60
