@@ -148,6 +148,10 @@ final class DataParallelTuningJobTests: DatabaseTestCase {
         XCTAssertNotEqual(owner, helper)
         XCTAssertEqual(seenHelping, [helper], "the helper, and only it, showed the job in nola.workers.helping_jobs")
         XCTAssertEqual(try db.query("SELECT helping_jobs::text AS h FROM nola.workers WHERE id = $1", [owner])[0].string("h"), "{}")
+        let (code, listing) = try runProgram(try noladExecutable(), ["status", "--database", conninfo])
+        XCTAssertEqual(code, 0, listing)
+        XCTAssertTrue(listing.split(separator: "\n").contains { $0.hasPrefix("worker ") && $0.contains(" jobs ") && $0.contains(" helping") },
+                      "`nolad status` lists the workers with the jobs they help: \(listing)")
 
         // The helper's metrics: its tuning units, all written, are the units the owner read from it.
         let helperPort = try workerID(one) == helper ? ports[0] : ports[1]
