@@ -143,8 +143,9 @@ public final class TuningHelpWork: HelpWork, @unchecked Sendable {
         let mean: [Float], std: [Float]
         let parameters: NolaParameters
         let threads: Int
-        /// The parameters of the step last read.
+        /// The parameters of the step last read (only the one unit of the job in hand here touches it).
         var version: (step: Int, state: PromptTuningState)?
+        /// When a unit last used it (read and written under TuningHelpWork's lock).
         var used = Date()
 
         init(attempt: Int, encoder: PromptTunableEncoder, decoded: DecodedImages, strong: StrongViewConfig, mean: [Float], std: [Float],
@@ -182,10 +183,12 @@ public final class TuningHelpWork: HelpWork, @unchecked Sendable {
 
     /// The job attempt's kept state, made on its first unit here (loading its CLIP).
     func entry(for claim: TuningUnits.Claim, _ context: HelpContext) throws -> JobEntry {
-        if let e = lock.withLock({ entries[claim.jobID] }), e.attempt == claim.attempt {
+        let kept = lock.withLock { () -> JobEntry? in
+            guard let e = entries[claim.jobID], e.attempt == claim.attempt else { return nil }
             e.used = Date()
             return e
         }
+        if let kept { return kept }
         let rows = try context.withDatabase { c in
             try c.query("SELECT parameters::text AS p FROM nola.jobs WHERE id = $1 AND attempt = $2", [claim.jobID, claim.attempt])
         }
