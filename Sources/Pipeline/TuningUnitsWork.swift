@@ -29,6 +29,8 @@ final class TuningOwner {
     /// Units this owner took over from a worker whose lease had expired.
     private(set) var unitsRescued = 0
     private(set) var waitSeconds = 0.0, coordinationSeconds = 0.0, computeSeconds = 0.0
+    /// The part of `computeSeconds` spent making the units' strong views (decoding images not kept yet, augmenting).
+    private(set) var viewSeconds = 0.0
     /// Seconds from the units' results to the step's end (sum in unit order + AdamW): the serial step.
     private(set) var stepSeconds = 0.0
     private var returned: Date?
@@ -77,8 +79,9 @@ final class TuningOwner {
                 lap(&coordinationSeconds)
                 if claim.rescued { unitsRescued += 1 }
                 let started = Date()
-                let result = try promptUnitGradient(encoder: encoder, state: state, targets: claim.targets,
-                                                    pixels: try strongViews(claim.images, claim.epoch),
+                let pixels = try strongViews(claim.images, claim.epoch)
+                viewSeconds += Date().timeIntervalSince(started)
+                let result = try promptUnitGradient(encoder: encoder, state: state, targets: claim.targets, pixels: pixels,
                                                     logicalBatch: claim.logicalBatch, labelSmoothing: labelSmoothing)
                 lap(&computeSeconds)
                 results[claim.unit] = result

@@ -80,6 +80,8 @@ final class DataParallelTuningJobTests: DatabaseTestCase {
         let m = try tuneMetrics(id)
         XCTAssertEqual(m["units_helped"] as? Int, 0)
         XCTAssertEqual(m["units_here"] as? Int, epochs * 3 * 3)
+        let views = (m["unit_view_seconds"] as? NSNumber)?.doubleValue ?? -1, units = (m["unit_seconds"] as? NSNumber)?.doubleValue ?? -1
+        XCTAssertTrue(views > 0 && views <= units, "the strong views' part of the units' seconds: \(views) of \(units)")
         a.signal(SIGTERM)
         XCTAssertEqual(a.waitExit(timeout: 20), 0)
         return id
