@@ -16,6 +16,14 @@ public final class Buffer: @unchecked Sendable {
         profiled(.copy) { data.initialize(repeating: 0, count: max(count, 1)) }
     }
 
+    /// A buffer of `count` floats left uninitialised, for outputs a kernel writes whole before anything reads
+    /// them (no zero-filling pass). Never pass one as an accumulated (`+=`) output.
+    public init(uninitializedCount count: Int) {
+        precondition(count >= 0)
+        self.count = count
+        data = .allocate(capacity: max(count, 1))
+    }
+
     public convenience init(_ values: [Float]) {
         self.init(count: values.count)
         values.withUnsafeBufferPointer { data.update(from: $0.baseAddress!, count: values.count) }

@@ -50,11 +50,14 @@ public func conv2dForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePoint
 /// Depthwise convolution (groups = channels, one filter per channel):
 /// out[b,oy,ox,ch] = bias[ch] + Σ_{ky,kx} weight[ky,kx,ch] · inp[b, oy·s+ky−p, ox·s+kx−p, ch].
 /// out is (B,OH,OW,C), inp (B,H,W,C), weight (k,k,C) taps-major (a Conv2d weight (C,1,k,k) transposed),
-/// bias (C) or nil. A depthwise convolution with a channel multiplier m (C·m outputs, output o reading
-/// input o / m) is `repeatChannelsForward` then this.
+/// bias (C) or nil. With `activation`, out = act(conv + bias) in the same pass (the MCi's conv → GELU units
+/// without squeeze-and-excitation), bit for bit what `activationForward` after the convolution gives.
+/// A depthwise convolution with a channel multiplier m (C·m outputs, output o reading input o / m) is
+/// `repeatChannelsForward` then this.
 public func depthwiseConv2dForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>,
                                    _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>?,
-                                   b: Int, h: Int, w: Int, c: Int, kernel k: Int, stride s: Int, padding p: Int) {
+                                   b: Int, h: Int, w: Int, c: Int, kernel k: Int, stride s: Int, padding p: Int,
+                                   activation act: Activation? = nil) {
     let oh = convOutputSize(h, kernel: k, stride: s, padding: p), ow = convOutputSize(w, kernel: k, stride: s, padding: p)
     // Output columns whose k taps all lie inside the row: ox·s − p ≥ 0 and ox·s − p + k ≤ w.
     let inLo = min(ow, (p + s - 1) / s), inHi = max(inLo, min(ow, w + p - k >= 0 ? (w + p - k) / s + 1 : 0))
@@ -68,11 +71,11 @@ public func depthwiseConv2dForward(_ out: UnsafeMutablePointer<Float>, _ inp: Un
             var ox = 0
             while ox < ow {
                 if ox >= inLo && ox + 4 <= inHi {
-                    depthwiseFour(o + ox * c, base + ox * s * c, weight, bias, c: c, w: w, k: k, s: s, ky0: ky0, ky1: ky1)
+                    depthwiseFour(o + ox * c, base + ox * s * c, weight, bias, c: c, w: w, k: k, s: s, ky0: ky0, ky1: ky1, act: act)
                     ox += 4
                 } else {
                     let kx0 = max(0, p - ox * s), kx1 = max(kx0, min(k, w + p - ox * s))
-                    depthwiseOne(o + ox * c, base + ox * s * c, weight, bias, c: c, w: w, k: k, ky0: ky0, ky1: ky1, kx0: kx0, kx1: kx1)
+                    depthwiseOne(o + ox * c, base + ox * s * c, weight, bias, c: c, w: w, k: k, ky0: ky0, ky1: ky1, kx0: kx0, kx1: kx1, act: act)
                     ox += 1
                 }
             }
@@ -84,7 +87,8 @@ public func depthwiseConv2dForward(_ out: UnsafeMutablePointer<Float>, _ inp: Un
 /// at the pixel's tap (0, 0), channel 0.
 @inline(__always)
 private func depthwiseOne(_ o: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
-                          _ bias: UnsafePointer<Float>?, c: Int, w: Int, k: Int, ky0: Int, ky1: Int, kx0: Int, kx1: Int) {
+                          _ bias: UnsafePointer<Float>?, c: Int, w: Int, k: Int, ky0: Int, ky1: Int, kx0: Int, kx1: Int,
+                          act: Activation?) {
     var ch = 0
     while ch + 8 <= c {
         var acc = SIMD8<Float>(repeating: 0)
@@ -93,13 +97,13 @@ private func depthwiseOne(_ o: UnsafeMutablePointer<Float>, _ src: UnsafePointer
             let x = src + ky * w * c + ch, wt = weight + ky * k * c + ch
             for kx in kx0..<kx1 { acc.addProduct(load8(x + kx * c), load8(wt + kx * c)) }
         }
-        store8(o + ch, acc)
+        store8(o + ch, activated8(acc, act))
         ch += 8
     }
     while ch < c {
         var acc = bias?[ch] ?? 0
         for ky in ky0..<ky1 { for kx in kx0..<kx1 { acc += src[(ky * w + kx) * c + ch] * weight[(ky * k + kx) * c + ch] } }
-        o[ch] = acc
+        o[ch] = activated1(acc, act)
         ch += 1
     }
 }
@@ -108,7 +112,7 @@ private func depthwiseOne(_ o: UnsafeMutablePointer<Float>, _ src: UnsafePointer
 /// the four (the loads, not the multiply-adds, bound the one-pixel loop).
 @inline(__always)
 private func depthwiseFour(_ o: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
-                           _ bias: UnsafePointer<Float>?, c: Int, w: Int, k: Int, s: Int, ky0: Int, ky1: Int) {
+                           _ bias: UnsafePointer<Float>?, c: Int, w: Int, k: Int, s: Int, ky0: Int, ky1: Int, act: Activation?) {
     let step = s * c
     var ch = 0
     while ch + 8 <= c {
@@ -125,17 +129,36 @@ private func depthwiseFour(_ o: UnsafeMutablePointer<Float>, _ src: UnsafePointe
                 a3.addProduct(load8(xk + 3 * step), wv)
             }
         }
-        store8(o + ch, a0); store8(o + c + ch, a1); store8(o + 2 * c + ch, a2); store8(o + 3 * c + ch, a3)
+        store8(o + ch, activated8(a0, act)); store8(o + c + ch, activated8(a1, act))
+        store8(o + 2 * c + ch, activated8(a2, act)); store8(o + 3 * c + ch, activated8(a3, act))
         ch += 8
     }
     while ch < c {
         for j in 0..<4 {
             var acc = bias?[ch] ?? 0
             for ky in ky0..<ky1 { for kx in 0..<k { acc += src[(ky * w + kx) * c + j * step + ch] * weight[(ky * k + kx) * c + ch] } }
-            o[j * c + ch] = acc
+            o[j * c + ch] = activated1(acc, act)
         }
         ch += 1
     }
+}
+
+/// act(v) for 8 lanes (v itself without an activation), as `activationForward` computes it.
+@inline(__always)
+func activated8(_ v: SIMD8<Float>, _ act: Activation?) -> SIMD8<Float> {
+    switch act {
+    case nil: v
+    case .gelu: gelu8(v)
+    case .quickGelu: quickGelu8(v)
+    }
+}
+
+/// act(v) for one value, through lane 0 of the 8-lane form (as `activationForward`'s tail).
+@inline(__always)
+func activated1(_ v: Float, _ act: Activation?) -> Float {
+    guard act != nil else { return v }
+    var x = SIMD8<Float>(repeating: 0); x[0] = v
+    return activated8(x, act)[0]
 }
 
 /// Backward of depthwiseConv2dForward for its input, accumulating dinp (B,H,W,C) += ∂/∂inp from
@@ -219,18 +242,35 @@ public func channelAffineBackward(dinp: UnsafeMutablePointer<Float>?, dscale: Un
                                   dshift: UnsafeMutablePointer<Float>?, _ dout: UnsafePointer<Float>,
                                   _ inp: UnsafePointer<Float>, _ scale: UnsafePointer<Float>, n: Int, c: Int) {
     profiled(.layerNorm, .backward) {
+        // the per-channel sums run over the rows in order, 8 channels at a time (the same bits whatever the threads)
         if dscale != nil || dshift != nil {
-            for r in 0..<n {
-                let x = inp + r * c, dy = dout + r * c
-                for i in 0..<c {
-                    dscale?[i] += dy[i] * x[i]
-                    dshift?[i] += dy[i]
+            parallelFor((c + 7) / 8, grain: 4) { groups in
+                for g in groups {
+                    let i0 = g * 8, lanes = min(8, c - i0)
+                    var s = SIMD8<Float>(repeating: 0), t = SIMD8<Float>(repeating: 0)
+                    if lanes == 8 {
+                        for r in 0..<n {
+                            let dy = load8(dout + r * c + i0)
+                            s.addProduct(dy, load8(inp + r * c + i0)); t += dy
+                        }
+                    } else {
+                        for r in 0..<n { for l in 0..<lanes {
+                            let dy = dout[r * c + i0 + l]
+                            s[l] = s[l].addingProduct(dy, inp[r * c + i0 + l]); t[l] += dy
+                        } }
+                    }
+                    for l in 0..<lanes { dscale?[i0 + l] += s[l]; dshift?[i0 + l] += t[l] }
                 }
             }
         }
         guard let dinp else { return }
         parallelFor(n, grain: 64) { rows in
-            for r in rows { for i in 0..<c { dinp[r * c + i] += dout[r * c + i] * scale[i] } }
+            for r in rows {
+                let d = dinp + r * c, dy = dout + r * c
+                var i = 0
+                while i + 8 <= c { store8(d + i, load8(d + i) + load8(dy + i) * load8(scale + i)); i += 8 }
+                while i < c { d[i] += dy[i] * scale[i]; i += 1 }
+            }
         }
     }
 }
@@ -264,7 +304,9 @@ public func channelGateForward(_ out: UnsafeMutablePointer<Float>, _ inp: Unsafe
         parallelFor(b * n, grain: 64) { rows in
             for r in rows {
                 let g = gate + (r / n) * c, x = inp + r * c, y = out + r * c
-                for i in 0..<c { y[i] = x[i] * g[i] }
+                var i = 0
+                while i + 8 <= c { store8(y + i, load8(x + i) * load8(g + i)); i += 8 }
+                while i < c { y[i] = x[i] * g[i]; i += 1 }
             }
         }
     }
@@ -310,4 +352,62 @@ public func referenceConv2d(_ inp: [Double], _ weight: [Double], _ bias: [Double
         out[((bi * oh + oy) * ow + ox) * oc + o] = acc
     } } } }
     return out
+}
+
+/// Rows per tile of `pointwiseMLPForward`: a tile's hidden activations (rows × hidden floats) stay near
+/// 512 KiB, inside a core's L2 cache, between the two GEMMs. A multiple of 16, at least 32; it depends on
+/// the widths only (never on the thread count), so neither do the bits of the result.
+public func pointwiseMLPTileRows(hidden: Int) -> Int {
+    max(32, min(512, (1 << 17) / max(hidden, 1)) / 16 * 16)
+}
+
+/// The pointwise half of a ConvMlp (two 1×1 convolutions on channels-last rows) in row tiles:
+/// out (N,OUT) = [residual (N,OUT) +] act(inp (N,C) · w1ᵀ + b1) · w2ᵀ [+ b2], w1 (HIDDEN,C), w2 (OUT,HIDDEN).
+/// Each tile runs fc1's GEMM, the bias and activation in place, and fc2's GEMM onto the residual and b2 while
+/// its hidden activations are still in cache, so the (N,HIDDEN) map never makes a pass through memory.
+/// With at least as many tiles as threads the tiles are shared out over the threads (one each at a time);
+/// with fewer, the tiles run in turn with every thread on each GEMM (`sgemm` splits only products whose
+/// blocks give the bits of one call), so the result has the same bits whatever the thread count.
+/// With `preActivation` (N,HIDDEN), inp · w1ᵀ + b1 is kept there for a backward pass. out may alias
+/// residual, not inp.
+public func pointwiseMLPForward(_ out: UnsafeMutablePointer<Float>, adding residual: UnsafePointer<Float>?,
+                                _ inp: UnsafePointer<Float>, fc1 w1: UnsafePointer<Float>, _ b1: UnsafePointer<Float>,
+                                fc2 w2: UnsafePointer<Float>, _ b2: UnsafePointer<Float>?,
+                                n: Int, c: Int, hidden: Int, outFeatures oc: Int, _ act: Activation,
+                                preActivation: UnsafeMutablePointer<Float>? = nil) {
+    let tile = pointwiseMLPTileRows(hidden: hidden), tiles = (n + tile - 1) / tile
+    func run(_ range: Range<Int>) {
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: 2 * tile * hidden)
+        defer { scratch.deallocate() }
+        for t in range {
+            let r0 = t * tile, rows = min(tile, n - r0)
+            pointwiseMLPRows(out + r0 * oc, adding: residual.map { $0 + r0 * oc }, inp + r0 * c, fc1: w1, b1, fc2: w2, b2,
+                             rows: rows, c: c, hidden: hidden, outFeatures: oc, act,
+                             pre: preActivation.map { $0 + r0 * hidden } ?? scratch, activated: scratch + tile * hidden,
+                             keep: preActivation != nil)
+        }
+    }
+    if tiles >= KernelThreads.current { parallelFor(tiles, grain: 1, run) } else { run(0..<tiles) }
+}
+
+/// One block of rows of the pointwise MLP: pre = inp · w1ᵀ; pre += b1 and activated = act(pre) (in place
+/// unless `keep`); out = [residual +] b2, then out += activated · w2ᵀ.
+@inline(__always)
+private func pointwiseMLPRows(_ out: UnsafeMutablePointer<Float>, adding residual: UnsafePointer<Float>?,
+                              _ inp: UnsafePointer<Float>, fc1 w1: UnsafePointer<Float>, _ b1: UnsafePointer<Float>,
+                              fc2 w2: UnsafePointer<Float>, _ b2: UnsafePointer<Float>?,
+                              rows: Int, c: Int, hidden: Int, outFeatures oc: Int, _ act: Activation,
+                              pre: UnsafeMutablePointer<Float>, activated: UnsafeMutablePointer<Float>, keep: Bool) {
+    sgemm(transB: true, m: rows, n: hidden, k: c, a: inp, lda: c, b: w1, ldb: c, beta: 0, c: pre, ldc: hidden)
+    let g = keep ? activated : pre
+    biasActivationForward(g, pre, b1, n: rows, c: hidden, act)
+    var beta: Float = 1
+    if let residual {
+        biasResidualForward(out, residual, b2, n: rows, c: oc)
+    } else if let b2 {
+        profiled(.bias, .forward) { for r in 0..<rows { (out + r * oc).update(from: b2, count: oc) } }
+    } else {
+        beta = 0
+    }
+    sgemm(transB: true, m: rows, n: oc, k: hidden, a: g, lda: hidden, b: w2, ldb: hidden, beta: beta, c: out, ldc: oc)
 }

@@ -35,7 +35,8 @@ func sgemmSplit(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float
                        b: b, ldb: ldb, beta: beta, c: c, ldc: ldc)
         return
     }
-    DispatchQueue.concurrentPerform(iterations: grid.rows * grid.columns) { block in
+    let flushed = Denormals.flushed
+    DispatchQueue.concurrentPerform(iterations: grid.rows * grid.columns) { block in Denormals.inMode(flushed) {
         let i = block / grid.columns, j = block % grid.columns
         let r0 = GEMMGrid.start(i, of: grid.rows, size: m), r1 = GEMMGrid.start(i + 1, of: grid.rows, size: m)
         let c0 = GEMMGrid.start(j, of: grid.columns, size: n), c1 = GEMMGrid.start(j + 1, of: grid.columns, size: n)
@@ -44,7 +45,7 @@ func sgemmSplit(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float
         let bBlock = transB ? b + c0 * ldb : b + c0
         sgemmOneThread(transA: transA, transB: transB, m: r1 - r0, n: c1 - c0, k: k, alpha: alpha, a: aBlock, lda: lda,
                        b: bBlock, ldb: ldb, beta: beta, c: c + r0 * ldc + c0, ldc: ldc)
-    }
+    } }
 }
 
 /// One OpenBLAS call, on the calling thread (OpenBLAS is kept at one thread, `blasSingleThreaded`).

@@ -97,4 +97,66 @@ final class ConvolutionTests: XCTestCase {
         check("channel gate dinp", gx, numericGradient(x, r) { gated($0, self.d(gate)) }, relTol: 1e-5)
         check("channel gate dgate", dg, numericGradient(gate, r) { gated(self.d(x), $0) }, relTol: 1e-5)
     }
+
+    /// The depthwise convolution with GELU applied as it stores: the reference convolution then exact GELU,
+    /// and the same bits as the convolution followed by `activationForward`.
+    func testDepthwiseConv_fusedActivation_matchesReferenceAndUnfused() {
+        var rng = Rng(state: 15)
+        for (h, w, k, s, p) in [(9, 8, 7, 2, 3), (6, 13, 3, 1, 1), (4, 4, 3, 2, 1)] {
+            let b = 2, c = 19
+            let x = rng.floats(b * h * w * c, scale: 3), wt = rng.floats(c * k * k), bias = rng.floats(c)
+            let oh = convOutputSize(h, kernel: k, stride: s, padding: p), ow = convOutputSize(w, kernel: k, stride: s, padding: p)
+            let taps = tapsMajor(wt, c: c, k: k)
+            for act in [Activation.gelu, .quickGelu] {
+                var fused = [Float](repeating: .nan, count: b * oh * ow * c), apart = fused
+                depthwiseConv2dForward(&fused, x, taps, bias, b: b, h: h, w: w, c: c, kernel: k, stride: s, padding: p, activation: act)
+                let ref = referenceActivation(referenceConv2d(d(x), d(wt), d(bias), b: b, h: h, w: w, c: c, outChannels: c, groups: c,
+                                                              kernel: k, stride: s, padding: p), act)
+                check("depthwise \(k)×\(k) stride \(s) + \(act)", fused, ref, relTol: 1e-5)
+                depthwiseConv2dForward(&apart, x, taps, bias, b: b, h: h, w: w, c: c, kernel: k, stride: s, padding: p)
+                activationForward(&apart, apart, count: apart.count, act)
+                XCTAssertEqual(fused, apart, "fused \(act): the bits of the convolution then activationForward")
+            }
+        }
+    }
+
+    /// The tiled pointwise MLP against the Double reference residual + fc2(gelu(fc1(x))), with and without
+    /// residual and fc2 bias, keeping the pre-activation; the same bits with 1, 2 and 8 threads (tiles shared
+    /// out, or fewer tiles than threads: each GEMM split).
+    func testPointwiseMLP_matchesReference_sameBitsWithOneTwoAndEightThreads() {
+        var rng = Rng(state: 16)
+        let c = 19, hidden = 1000, oc = 13
+        let tile = pointwiseMLPTileRows(hidden: hidden)
+        XCTAssertEqual(tile, 128)
+        let w1 = rng.floats(hidden * c, scale: 0.5), b1 = rng.floats(hidden), w2 = rng.floats(oc * hidden, scale: 0.1), b2 = rng.floats(oc)
+        for n in [3 * tile + 5, 70] {   // 4 tiles; one tile
+            let x = rng.floats(n * c, scale: 2), res = rng.floats(n * oc)
+            let pre = referenceLinear(d(x), d(w1), d(b1), n: n, inFeatures: c, outFeatures: hidden)
+            let mlp = referenceLinear(referenceActivation(pre, .gelu), d(w2), nil, n: n, inFeatures: hidden, outFeatures: oc)
+            for (residual, bias) in [(true, true), (false, true), (false, false)] {
+                let want = (0..<(n * oc)).map { mlp[$0] + (residual ? Double(res[$0]) : 0) + (bias ? Double(b2[$0 % oc]) : 0) }
+                func run(threads: Int, keep: Bool) -> (out: [Float], kept: [Float]) {
+                    var out = residual ? res : [Float](repeating: .nan, count: n * oc)   // out aliases the residual
+                    var kept = [Float](repeating: .nan, count: n * hidden)
+                    withThreads(threads) {
+                        out.withUnsafeMutableBufferPointer { o in kept.withUnsafeMutableBufferPointer { k in
+                            pointwiseMLPForward(o.baseAddress!, adding: residual ? UnsafePointer(o.baseAddress!) : nil, x, fc1: w1, b1, fc2: w2,
+                                                bias ? b2 : nil, n: n, c: c, hidden: hidden, outFeatures: oc, .gelu,
+                                                preActivation: keep ? k.baseAddress! : nil)
+                        } }
+                    }
+                    return (out, kept)
+                }
+                let two = run(threads: 2, keep: true)
+                check("pointwise MLP n=\(n) residual \(residual) bias \(bias)", two.out, want, relTol: 1e-5)
+                check("pointwise MLP n=\(n) pre-activation", two.kept, pre, relTol: 1e-5)
+                XCTAssertEqual(run(threads: 2, keep: false).out, two.out, "without keeping the pre-activation: the same bits")
+                for threads in [1, 8] {
+                    let other = run(threads: threads, keep: true)
+                    XCTAssertEqual(other.out, two.out, "n=\(n): \(threads) threads, the bits of 2")
+                    XCTAssertEqual(other.kept, two.kept, "n=\(n): \(threads) threads, the pre-activation of 2")
+                }
+            }
+        }
+    }
 }

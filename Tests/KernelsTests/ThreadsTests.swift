@@ -159,6 +159,45 @@ final class ThreadsTests: XCTestCase {
         XCTAssertEqual(GEMMGrid(m: 50, n: 50, k: 64, threads: 4), GEMMGrid(rows: 1, columns: 1), "too small to split")
         XCTAssertEqual(GEMMGrid(m: 1056, n: 768, k: 768, threads: 2), GEMMGrid(rows: 2, columns: 1))
     }
+
+    /// withDenormalsFlushed: a subnormal result is 0 and a subnormal input reads as 0 on the caller, in
+    /// parallelFor's chunks and in a split sgemm; afterwards subnormals are back on the caller and on the
+    /// workers, also on GCD workers first started from a flushing thread (they inherit its mode).
+    func testDenormalsFlushed_onTheCallerAndItsWorkers_restoredAfterwards() {
+        let count = 64
+        let tiny = [Float](repeating: 1e-30, count: count), small = [Float](repeating: 1e-10, count: count)
+        let subnormal = [Float](repeating: Float(bitPattern: 1), count: count), one = [Float](repeating: 1, count: count)
+        /// (x·y, s·1) for every item, in parallelFor's chunks, and an sgemm of subnormals times ones
+        func run() -> (products: [Float], inputs: [Float], gemm: [Float]) {
+            var products = [Float](repeating: -1, count: count), inputs = products
+            products.withUnsafeMutableBufferPointer { p in inputs.withUnsafeMutableBufferPointer { q in
+                let p = p.baseAddress!, q = q.baseAddress!
+                parallelFor(count, grain: 1) { r in for i in r { p[i] = tiny[i] * small[i]; q[i] = subnormal[i] * one[i] } }
+            } }
+            let m = 256
+            let a = [Float](repeating: Float(bitPattern: 1), count: m * m), b = [Float](repeating: 1, count: m * m)
+            var c = [Float](repeating: -1, count: m * m)
+            sgemm(m: m, n: m, k: m, a: a, lda: m, b: b, ldb: m, c: &c, ldc: m)
+            return (products, inputs, c)
+        }
+        withThreads(2) {
+            XCTAssertFalse(denormalsFlushed)
+            let before = run()
+            XCTAssertTrue(before.products.allSatisfy { $0 > 0 && $0.isSubnormal }, "IEEE subnormals before the scope")
+            let flushed = withDenormalsFlushed { () -> (products: [Float], inputs: [Float], gemm: [Float]) in
+                XCTAssertTrue(denormalsFlushed)
+                return run()
+            }
+            XCTAssertFalse(denormalsFlushed)
+            XCTAssertEqual(flushed.products, [Float](repeating: 0, count: count), "subnormal results flushed to 0")
+            XCTAssertEqual(flushed.inputs, [Float](repeating: 0, count: count), "subnormal inputs read as 0")
+            XCTAssertTrue(flushed.gemm.allSatisfy { $0 == 0 }, "sgemm's blocks on the workers read subnormals as 0")
+            let after = run()
+            XCTAssertTrue(after.products.allSatisfy { $0 > 0 && $0.isSubnormal }, "subnormals again after the scope")
+            XCTAssertEqual(after.inputs, subnormal)
+            XCTAssertTrue(after.gemm.allSatisfy { $0 > 0 && $0.isSubnormal })
+        }
+    }
 }
 
 /// A value shared by threads, behind a lock.

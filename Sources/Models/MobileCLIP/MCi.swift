@@ -95,21 +95,30 @@ struct Conv2d: @unchecked Sendable {
         (convOutputSize(h, kernel: kernel, stride: stride, padding: padding), convOutputSize(w, kernel: kernel, stride: stride, padding: padding))
     }
 
-    /// out (B,OH,OW,OC) = conv(inp (B,H,W,C)).
-    func forward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, b: Int, h: Int, w: Int) {
+    /// out (B,OH,OW,OC) = conv(inp (B,H,W,C)), or act(conv(inp)) with `activation`: a depthwise convolution
+    /// applies it as it stores each output, a dense one with its bias in one pass after the GEMM.
+    func forward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, b: Int, h: Int, w: Int, activation: Activation? = nil) {
         switch kind {
-        case .dense where kernel == 1 && stride == 1:
-            linearForward(out, inp, weight.data, bias.data, n: b * h * w, inFeatures: inChannels, outFeatures: outChannels)
         case .dense:
-            conv2dForward(out, inp, weight.data, bias.data, b: b, h: h, w: w, c: inChannels, outChannels: outChannels,
-                          kernel: kernel, stride: stride, padding: padding)
+            if kernel == 1 && stride == 1 {
+                linearForward(out, inp, weight.data, activation == nil ? bias.data : nil, n: b * h * w, inFeatures: inChannels, outFeatures: outChannels)
+            } else {
+                conv2dForward(out, inp, weight.data, activation == nil ? bias.data : nil, b: b, h: h, w: w, c: inChannels, outChannels: outChannels,
+                              kernel: kernel, stride: stride, padding: padding)
+            }
+            if let activation {
+                let (oh, ow) = outputSize(h, w)
+                biasActivationForward(out, out, bias.data, n: b * oh * ow, c: outChannels, activation)
+            }
         case .depthwise(let m):
             if m == 1 {
-                depthwiseConv2dForward(out, inp, weight.data, bias.data, b: b, h: h, w: w, c: outChannels, kernel: kernel, stride: stride, padding: padding)
+                depthwiseConv2dForward(out, inp, weight.data, bias.data, b: b, h: h, w: w, c: outChannels, kernel: kernel, stride: stride,
+                                       padding: padding, activation: activation)
             } else {
-                let wide = Buffer(count: b * h * w * outChannels)
+                let wide = Buffer(uninitializedCount: b * h * w * outChannels)
                 repeatChannelsForward(wide.data, inp, n: b * h * w, c: inChannels, multiplier: m)
-                depthwiseConv2dForward(out, wide.data, weight.data, bias.data, b: b, h: h, w: w, c: outChannels, kernel: kernel, stride: stride, padding: padding)
+                depthwiseConv2dForward(out, wide.data, weight.data, bias.data, b: b, h: h, w: w, c: outChannels, kernel: kernel, stride: stride,
+                                       padding: padding, activation: activation)
             }
         }
     }
@@ -200,20 +209,23 @@ struct ConvUnit: @unchecked Sendable {
     let se: SqueezeExcite?
     let gelu: Bool
 
+    /// Without SE the GELU is fused into the convolution; SE's gate reads the convolution's output first.
     func forward(_ x: FeatureMap) -> FeatureMap {
         let (oh, ow) = conv.outputSize(x.h, x.w)
         let y = FeatureMap(b: x.b, h: oh, w: ow, c: conv.outChannels)
-        conv.forward(y.data, x.data, b: x.b, h: x.h, w: x.w)
-        if let se {
-            let g = se.gate(y.data, b: y.b, n: oh * ow)
-            channelGateForward(y.data, y.data, g.data, b: y.b, n: oh * ow, c: y.c)
+        guard let se else {
+            conv.forward(y.data, x.data, b: x.b, h: x.h, w: x.w, activation: gelu ? .gelu : nil)
+            return y
         }
+        conv.forward(y.data, x.data, b: x.b, h: x.h, w: x.w)
+        let g = se.gate(y.data, b: y.b, n: oh * ow)
+        channelGateForward(y.data, y.data, g.data, b: y.b, n: oh * ow, c: y.c)
         if gelu { activationForward(y.data, y.data, count: y.count, .gelu) }
         return y
     }
 }
 
-/// Activations (B,H,W,C), channels-last.
+/// Activations (B,H,W,C), channels-last. Left uninitialised: every producer writes the whole map.
 final class FeatureMap: @unchecked Sendable {
     let b: Int, h: Int, w: Int, c: Int
     let buffer: Buffer
@@ -222,7 +234,7 @@ final class FeatureMap: @unchecked Sendable {
     var rows: Int { b * h * w }
     init(b: Int, h: Int, w: Int, c: Int) {
         self.b = b; self.h = h; self.w = w; self.c = c
-        buffer = Buffer(count: b * h * w * c)
+        buffer = Buffer(uninitializedCount: b * h * w * c)
     }
 }
 
@@ -230,6 +242,19 @@ final class FeatureMap: @unchecked Sendable {
 struct ConvMlp: @unchecked Sendable {
     let conv: Conv2d
     let fc1: Linear, fc2: Linear
+
+    /// fc2 with a layer scale folded in: weight rows and bias times scale[o], so that
+    /// x + scale ⊙ fc2(g) = x + fc2′(g) (the RepMixer blocks' frozen layer_scale).
+    func scaledFC2(_ scale: Buffer) -> Linear {
+        let o = fc2.outFeatures, i = fc2.inFeatures
+        let w = Buffer(uninitializedCount: o * i), b = Buffer(uninitializedCount: o)
+        for r in 0..<o {
+            let g = scale.data[r]
+            for j in 0..<i { w.data[r * i + j] = fc2.weight.data[r * i + j] * g }
+            b.data[r] = (fc2.bias?.data[r] ?? 0) * g
+        }
+        return Linear(weight: w, bias: b, inFeatures: i, outFeatures: o)
+    }
 }
 
 /// A BatchNorm2d in eval mode as a per-channel affine: scale = γ/√(var+ε), shift = β − mean·scale.
@@ -250,8 +275,9 @@ struct BatchNorm: @unchecked Sendable {
 }
 
 enum MCiBlock: @unchecked Sendable {
-    /// x = reparam_conv(x) (the token mixer: x + layer_scale·(mixer(x) − norm(x)) folded); x = x + layer_scale·mlp(x)
-    case repmixer(tokenMixer: Conv2d, mlp: ConvMlp, layerScale: Buffer)
+    /// x = reparam_conv(x) (the token mixer: x + layer_scale·(mixer(x) − norm(x)) folded); x = x + layer_scale·mlp(x),
+    /// run as x + fc2′(gelu(fc1(conv(x)))) with `scaledFC2` = layer_scale·fc2 (folded at load).
+    case repmixer(tokenMixer: Conv2d, mlp: ConvMlp, layerScale: Buffer, scaledFC2: Linear)
     /// x = x + layer_scale_1·proj(attention(qkv(norm(x)))); x = x + layer_scale_2·mlp(x)
     case attention(norm: BatchNorm, qkv: Linear, proj: Linear, layerScale1: Buffer, mlp: ConvMlp, layerScale2: Buffer)
 }
@@ -307,8 +333,9 @@ public final class MCiModel: @unchecked Sendable {
                 let mlp = try loader.convMlp(bn + ".mlp", d, hidden: c.mlpHidden(i))
                 switch c.tokenMixers[i] {
                 case .repmixer:
+                    let scale = try loader.layerScale(bn + ".layer_scale", d)
                     return .repmixer(tokenMixer: try loader.repMixer(bn + ".token_mixer", d, kernel: c.repmixerKernelSize), mlp: mlp,
-                                     layerScale: try loader.layerScale(bn + ".layer_scale", d))
+                                     layerScale: scale, scaledFC2: mlp.scaledFC2(scale))
                 case .attention:
                     guard d % c.headDim == 0 else { throw CheckpointError.badConfig(file: "MCi config", reason: "width \(d) is not a multiple of head_dim \(c.headDim)") }
                     return .attention(norm: try loader.batchNorm(bn + ".norm", d),
@@ -348,10 +375,12 @@ public final class MCiModel: @unchecked Sendable {
         var out = [Float](repeating: 0, count: b * e)
         out.withUnsafeMutableBufferPointer { o in
             let o = o.baseAddress!
-            batchParallel(b) { r in
-                let x = trunkInput(pixels: pixels + r.lowerBound * image, batch: r.count, stages: stages.count, blocksOfLast: stages.last!.blocks.count)
-                let f = finalFeatures(x)
-                copyFloats(o + r.lowerBound * e, f.data, count: f.count)
+            withDenormalsFlushed {
+                batchParallel(b) { r in
+                    let x = trunkInput(pixels: pixels + r.lowerBound * image, batch: r.count, stages: stages.count, blocksOfLast: stages.last!.blocks.count)
+                    let f = finalFeatures(x)
+                    copyFloats(o + r.lowerBound * e, f.data, count: f.count)
+                }
             }
         }
         return out
@@ -362,9 +391,18 @@ public final class MCiModel: @unchecked Sendable {
     func trunkInput(pixels: UnsafePointer<Float>, batch b: Int, stages count: Int, blocksOfLast: Int) -> FeatureMap {
         let s = config.imageSize
         var x = FeatureMap(b: b, h: s, w: s, c: 3)
-        // (B,3,H,W) → (B,H,W,3)
+        // (B,3,H,W) → (B,H,W,3), a row of pixels at a time
         profiled(.copy) {
-            for bi in 0..<b { for ch in 0..<3 { for p in 0..<(s * s) { x.data[(bi * s * s + p) * 3 + ch] = pixels[(bi * 3 + ch) * s * s + p] } } }
+            let d = x.data
+            parallelFor(b * s, grain: 16) { rows in
+                for row in rows {
+                    let bi = row / s, y = row % s
+                    for ch in 0..<3 {
+                        let src = pixels + ((bi * 3 + ch) * s + y) * s, dst = d + row * s * 3 + ch
+                        for p in 0..<s { dst[p * 3] = src[p] }
+                    }
+                }
+            }
         }
         for unit in stem { x = unit.forward(x) }
         for (i, stage) in stages.prefix(count).enumerated() {
@@ -374,7 +412,7 @@ public final class MCiModel: @unchecked Sendable {
                 pos.forward(y.data, x.data, b: x.b, h: x.h, w: x.w)
                 x = y
             }
-            for block in stage.blocks.prefix(i == count - 1 ? blocksOfLast : stage.blocks.count) { blockForward(block, x) }
+            for block in stage.blocks.prefix(i == count - 1 ? blocksOfLast : stage.blocks.count) { x = blockForward(block, x) }
         }
         return x
     }
@@ -388,33 +426,35 @@ public final class MCiModel: @unchecked Sendable {
         return f
     }
 
-    /// x ← block(x), in place.
-    func blockForward(_ block: MCiBlock, _ x: FeatureMap) {
+    /// block(x): a RepMixer block into a new map (its token mixer is a convolution), an attention block in place.
+    func blockForward(_ block: MCiBlock, _ x: FeatureMap) -> FeatureMap {
         let n = x.rows, d = x.c
         switch block {
-        case .repmixer(let mixer, let mlp, let scale):
+        case .repmixer(let mixer, let mlp, _, let fc2):
             let y = FeatureMap(b: x.b, h: x.h, w: x.w, c: d)
             mixer.forward(y.data, x.data, b: x.b, h: x.h, w: x.w)
-            copyFloats(x.data, y.data, count: x.count)
-            let m = mlpForward(mlp, x, tape: nil)
-            channelScaleForward(m.data, m.data, scale.data, n: n, c: d)
-            residualForward(x.data, x.data, m.data, count: x.count)
+            // y += layer_scale · fc2(gelu(fc1(conv(y)))), the layer scale folded into fc2
+            let c0 = Buffer(uninitializedCount: n * d)
+            mlp.conv.forward(c0.data, y.data, b: y.b, h: y.h, w: y.w)
+            pointwiseMLPForward(y.data, adding: y.data, c0.data, fc1: mlp.fc1.weight.data, mlp.fc1.bias!.data, fc2: fc2.weight.data, fc2.bias?.data,
+                                n: n, c: d, hidden: mlp.fc1.outFeatures, outFeatures: d, .gelu)
+            withExtendedLifetime(c0) {}
+            return y
         case .attention(let norm, let qkv, let proj, let scale1, let mlp, let scale2):
             let (nScale, nShift) = norm.affine(weight: norm.weight.data, bias: norm.bias.data)
             let t = attentionForward(x, norm: (nScale, nShift), qkv: qkv, proj: proj, tape: nil)
-            channelScaleForward(t.data, t.data, scale1.data, n: n, c: d)
-            residualForward(x.data, x.data, t.data, count: x.count)
+            scaledResidualForward(x.data, x.data, t.data, scale1.data, n: n, c: d)
             let m = mlpForward(mlp, x, tape: nil)
-            channelScaleForward(m.data, m.data, scale2.data, n: n, c: d)
-            residualForward(x.data, x.data, m.data, count: x.count)
+            scaledResidualForward(x.data, x.data, m.data, scale2.data, n: n, c: d)
+            return x
         }
     }
 
     /// proj(attention(qkv(norm(x)))) of x (B,N,C), N = H·W tokens; with a tape, keeps qkv and the probabilities.
     func attentionForward(_ x: FeatureMap, norm: (Buffer, Buffer), qkv: Linear, proj: Linear, tape: AttentionTape?) -> Buffer {
         let n = x.rows, d = x.c, t = x.h * x.w, heads = d / config.headDim
-        let normed = Buffer(count: n * d), q = tape?.qkv ?? Buffer(count: n * 3 * d)
-        let probs = tape?.probs ?? Buffer(count: x.b * heads * t * t), att = Buffer(count: n * d), out = Buffer(count: n * d)
+        let normed = Buffer(uninitializedCount: n * d), q = tape?.qkv ?? Buffer(uninitializedCount: n * 3 * d)
+        let probs = tape?.probs ?? Buffer(count: x.b * heads * t * t), att = Buffer(uninitializedCount: n * d), out = Buffer(uninitializedCount: n * d)
         channelAffineForward(normed.data, x.data, norm.0.data, norm.1.data, n: n, c: d)
         qkv.forward(q.data, normed.data, n: n)
         Kernels.attentionForward(att.data, probs: probs.data, q.data, b: x.b, t: t, d: d, heads: heads, causal: false)
@@ -425,13 +465,12 @@ public final class MCiModel: @unchecked Sendable {
 
     /// fc2(gelu(fc1(conv(x)))) of x (B,H,W,C); with a tape, keeps fc1's output (before GELU).
     func mlpForward(_ mlp: ConvMlp, _ x: FeatureMap, tape: MlpTape?) -> Buffer {
-        let n = x.rows, d = x.c, hidden = mlp.fc1.outFeatures
-        let c0 = Buffer(count: n * d), h = tape?.hidden ?? Buffer(count: n * hidden), g = Buffer(count: n * hidden), out = Buffer(count: n * d)
+        let n = x.rows, d = x.c
+        let c0 = Buffer(uninitializedCount: n * d), out = Buffer(uninitializedCount: n * d)
         mlp.conv.forward(c0.data, x.data, b: x.b, h: x.h, w: x.w)
-        mlp.fc1.forward(h.data, c0.data, n: n)
-        activationForward(g.data, h.data, count: n * hidden, .gelu)
-        mlp.fc2.forward(out.data, g.data, n: n)
-        withExtendedLifetime((c0, h, g)) {}
+        pointwiseMLPForward(out.data, adding: nil, c0.data, fc1: mlp.fc1.weight.data, mlp.fc1.bias!.data, fc2: mlp.fc2.weight.data, mlp.fc2.bias?.data,
+                            n: n, c: d, hidden: mlp.fc1.outFeatures, outFeatures: d, .gelu, preActivation: tape?.hidden.data)
+        withExtendedLifetime(c0) {}
         return out
     }
 }

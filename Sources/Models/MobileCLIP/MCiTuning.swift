@@ -81,10 +81,12 @@ extension MCiModel {
         var out = [Float](repeating: 0, count: b * e)
         out.withUnsafeMutableBufferPointer { o in
             let o = o.baseAddress!
-            batchParallel(b) { r in
-                let x = trunkInput(pixels: pixels + r.lowerBound * image, batch: r.count, stages: stages.count, blocksOfLast: 0)
-                let f = tunedForward(x, tuned: tuned, tape: nil)
-                copyFloats(o + r.lowerBound * e, f.data, count: f.count)
+            withDenormalsFlushed {
+                batchParallel(b) { r in
+                    let x = trunkInput(pixels: pixels + r.lowerBound * image, batch: r.count, stages: stages.count, blocksOfLast: 0)
+                    let f = tunedForward(x, tuned: tuned, tape: nil)
+                    copyFloats(o + r.lowerBound * e, f.data, count: f.count)
+                }
             }
         }
         return out
@@ -93,10 +95,21 @@ extension MCiModel {
     /// One micro-batch of the tuned variant: features (B, embed_dim) with the tuned tensors, then
     /// `lossGradient(features)` returns dFeatures (B, embed_dim), back-propagated into `gradients`
     /// (ADDED, `tunedTensorNames` order). Frozen weights get no gradients; the backward stops at the last
-    /// stage's first block.
+    /// stage's first block. The tower's kernels run with denormals flushed (`withDenormalsFlushed`), not
+    /// `lossGradient`.
     public func tuningStep(pixels: UnsafePointer<Float>, batch b: Int, tuned: [[Float]],
                            lossGradient: ([Float]) -> [Float], gradients: inout [[Float]]) {
         precondition(tuned.count == tunedTensorNames.count && gradients.count == tuned.count)
+        let (features, tape) = withDenormalsFlushed { tuningForward(pixels: pixels, batch: b, tuned: tuned) }
+        let dFeatures = lossGradient(features.array)
+        precondition(dFeatures.count == features.count)
+        withDenormalsFlushed {
+            withProfilePhase(.backward) { tunedBackward(dFeatures, tape: tape, tuned: tuned, gradients: &gradients) }
+        }
+    }
+
+    /// The forward of `tuningStep`: features and the tape of the last stage and final_conv.
+    func tuningForward(pixels: UnsafePointer<Float>, batch b: Int, tuned: [[Float]]) -> (Buffer, MCiTuningTape) {
         // the frozen part, sub-batches side by side
         let s = config.imageSize, image = 3 * s * s
         let last = stages.count - 1, d = config.embedDims[last]
@@ -110,10 +123,7 @@ extension MCiModel {
         let se = finalConv.se!
         let tape = MCiTuningTape(x, blocks: stages[last].blocks.count, hidden: config.mlpHidden(last), heads: d / config.headDim,
                                  finalChannels: config.finalFeatures, reduced: se.fc1.outFeatures)
-        let features = tunedForward(FeatureMap(copying: x), tuned: tuned, tape: tape)
-        let dFeatures = lossGradient(features.array)
-        precondition(dFeatures.count == features.count)
-        withProfilePhase(.backward) { tunedBackward(dFeatures, tape: tape, tuned: tuned, gradients: &gradients) }
+        return (tunedForward(FeatureMap(copying: x), tuned: tuned, tape: tape), tape)
     }
 
     /// The side of the last stage's maps for image_size input.
@@ -138,12 +148,10 @@ extension MCiModel {
             }
             let o = attentionForward(x, norm: (scale, shift), qkv: qkv, proj: proj, tape: tape?.attention[j])
             if let tape { copyFloats(tape.mixerOut[j].data, o.data, count: n * d) }
-            channelScaleForward(o.data, o.data, s1, n: n, c: d)
-            residualForward(x.data, x.data, o.data, count: n * d)
+            scaledResidualForward(x.data, x.data, o.data, s1, n: n, c: d)
             let m = mlpForward(mlp, x, tape: tape?.mlp[j])
             if let tape { copyFloats(tape.mlpOut[j].data, m.data, count: n * d) }
-            channelScaleForward(m.data, m.data, s2, n: n, c: d)
-            residualForward(x.data, x.data, m.data, count: n * d)
+            scaledResidualForward(x.data, x.data, m.data, s2, n: n, c: d)
         }
         guard let tape else { return finalFeatures(x) }
         // final_conv with its intermediates kept: y1 = conv(x); y2 = y1 ⊙ gate(y1); y3 = gelu(y2)
