@@ -30,7 +30,10 @@ struct Bench: ParsableCommand {
     @Flag(help: "One JSON object on stdout instead of the text report.") var json = false
     @Option(help: "Attention kernel: tiled (the default for head size 64), per-head (an OpenBLAS call per head and product), or ab: CLIP image, CLIP text, prompt step and DINO timed with both, interleaved, instead of their usual figures.") var attention: String?
 
-    static let figureNames = ["clip-image", "clip-text", "prompt-step", "strong-views", "dino"] + mobileCLIPFigureNames
+    static let figureNames = ["clip-image", "clip-text", "prompt-step", "strong-views", "dino"] + mobileCLIPFigureNames + attentionFigureNames
+    /// The attention op alone on each network's shapes (12 layers' worth; the prompt step's forward and backward),
+    /// only when named in --only: with --attention ab, an A/B of the two kernels with less else in the time.
+    static let attentionFigureNames = ["attention-clip-image", "attention-prompt-step", "attention-dino"]
     static let mobileCLIPFigureNames = ["mobileclip-b-image", "mobileclip-s2-image", "mobileclip-s1-image", "mobileclip-s0-image",
                                         "mobileclip-text", "mobileclip-s-text", "mobileclip-b-prompt-step", "mobileclip-s2-tune-step"]
 
@@ -54,7 +57,8 @@ struct Bench: ParsableCommand {
 
     /// A figure named in --only; without --only every CLIP/DINO figure, and the MobileCLIP ones with --mobileclip.
     func wanted(_ name: String) -> Bool {
-        only.map { $0.split(separator: ",").contains(Substring(name)) } ?? (mobileclip || !Self.mobileCLIPFigureNames.contains(name))
+        only.map { $0.split(separator: ",").contains(Substring(name)) }
+            ?? (!Self.attentionFigureNames.contains(name) && (mobileclip || !Self.mobileCLIPFigureNames.contains(name)))
     }
 
     /// Every kernel of the command runs with `--threads` threads (docs/threading.md).
@@ -121,6 +125,22 @@ struct Bench: ParsableCommand {
             }
             if wanted("dino") {
                 add("DINO ViT-B/16 image", key: "dino", items: batch, unit: "img") { _ = dino.clsFeatures(pixels: p, batch: batch, height: 224, width: 224) }
+            }
+            // ViT-B: D 768, 12 heads of 64; CLIP B/32 50 tokens (66 with the prompts), DINO B/16 197
+            for (key, t, backward, name) in [("attention-clip-image", 50, false, "attention alone, CLIP B/32 image (T 50)"),
+                                             ("attention-prompt-step", 50 + prompts, true, "attention alone, prompt step fwd + bwd (T \(50 + prompts))"),
+                                             ("attention-dino", 197, false, "attention alone, DINO B/16 image (T 197)")] where wanted(key) {
+                let d = 768, heads = 12
+                let qkv = Buffer((0..<(batch * t * 3 * d)).map { _ in Float.random(in: -2...2, using: &rng) })
+                let out = Buffer(count: batch * t * d), probs = Buffer(count: batch * heads * t * t), dqkv = Buffer(count: batch * t * 3 * d)
+                add(name, key: key, items: batch, unit: "img") {
+                    for _ in 0..<12 {
+                        attentionForward(out.data, probs: backward ? probs.data : nil, qkv.data, b: batch, t: t, d: d, heads: heads, causal: false)
+                        if backward {
+                            attentionBackward(dqkv: dqkv.data, out.data, qkv.data, probs: probs.data, b: batch, t: t, d: d, heads: heads, accumulate: false)
+                        }
+                    }
+                }
             }
             if wanted("mobileclip-text") || wanted("mobileclip-s-text") {
                 // open_clip pads to 77 with 0; MobileCLIP-B's causal tower runs up to the end token, S0/S1/S2's all 77

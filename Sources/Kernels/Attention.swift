@@ -15,6 +15,69 @@ func softmaxRow(_ row: UnsafeMutablePointer<Float>, n: Int, valid: Int) {
     for k in valid..<n { row[k] = 0 }
 }
 
+/// The largest of 8 lanes (SIMD's generic `max()` is a call, not inlined).
+@inline(__always)
+func laneMax(_ v: SIMD8<Float>) -> Float {
+    let a = SIMD4<Float>(v[0], v[1], v[2], v[3]), b = SIMD4<Float>(v[4], v[5], v[6], v[7])
+    let m = a.replacing(with: b, where: b .> a)
+    return max(max(m[0], m[1]), max(m[2], m[3]))
+}
+
+/// `softmaxRow` for a row padded to `ld` (a multiple of 8, ≥ valid): every pass 8 lanes at a time, the
+/// lanes at and past `valid` masked (−∞ for the maximum, 0 after the exponential), so there is no scalar
+/// loop and no exponential per leftover entry. Entries valid..<ld end 0.
+@inline(__always)
+func softmaxRowPadded(_ row: UnsafeMutablePointer<Float>, ld: Int, valid: Int) {
+    let lane = SIMD8<Int32>(0, 1, 2, 3, 4, 5, 6, 7)
+    var m8 = SIMD8<Float>(repeating: -.infinity)
+    var j = 0
+    while j + 8 <= valid { let x = load8(row + j); m8.replace(with: x, where: x .> m8); j += 8 }
+    if j < valid {
+        let x = load8(row + j).replacing(with: -.infinity, where: lane .>= Int32(valid - j))
+        m8.replace(with: x, where: x .> m8)
+    }
+    let mx = SIMD8<Float>(repeating: laneMax(m8))
+    var s8 = SIMD8<Float>()
+    j = 0
+    while j + 8 <= valid { let e = exp8(load8(row + j) - mx); store8(row + j, e); s8 += e; j += 8 }
+    if j < valid {
+        let e = exp8(load8(row + j) - mx).replacing(with: 0, where: lane .>= Int32(valid - j))
+        store8(row + j, e); s8 += e; j += 8
+    }
+    while j < ld { store8(row + j, SIMD8<Float>()); j += 8 }
+    let inv = SIMD8<Float>(repeating: 1 / s8.sum())
+    j = 0
+    while j < valid { store8(row + j, load8(row + j) * inv); j += 8 }
+}
+
+/// `softmaxRow` with its passes 8 lanes at a time and the leftover entries (< 8) in one exponential of
+/// their own, for rows that may not be read past their end (the per-head kernel's probs, stride T).
+@inline(__always)
+func softmaxRowVector(_ row: UnsafeMutablePointer<Float>, n: Int, valid: Int) {
+    let full = valid / 8 * 8, rest = valid - full
+    var m8 = SIMD8<Float>(repeating: -.infinity)
+    var j = 0
+    while j < full { let x = load8(row + j); m8.replace(with: x, where: x .> m8); j += 8 }
+    var mx = laneMax(m8)
+    for i in full..<valid { mx = max(mx, row[i]) }
+    let mx8 = SIMD8<Float>(repeating: mx)
+    var s8 = SIMD8<Float>()
+    j = 0
+    while j < full { let e = exp8(load8(row + j) - mx8); store8(row + j, e); s8 += e; j += 8 }
+    var s = s8.sum()
+    if rest > 0 {
+        var x = SIMD8<Float>(repeating: -.infinity)
+        for i in 0..<rest { x[i] = row[full + i] }
+        let e = exp8(x - mx8)
+        for i in 0..<rest { row[full + i] = e[i]; s += e[i] }
+    }
+    let inv = 1 / s, inv8 = SIMD8<Float>(repeating: inv)
+    j = 0
+    while j < full { store8(row + j, load8(row + j) * inv8); j += 8 }
+    for i in full..<valid { row[i] *= inv }
+    for i in valid..<n { row[i] = 0 }
+}
+
 /// out = softmax(inp) per row; out, inp are (N,C). out may alias inp.
 public func softmaxForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, n: Int, c: Int) {
     profiled(.softmax, .forward) {
@@ -27,22 +90,21 @@ public func softmaxForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePoin
 
 /// The two implementations of `attentionForward` / `attentionBackward` (docs/benchmarks.md, "Attention").
 public enum AttentionKernel: Sendable, Equatable {
-    /// Per (image, head): the products in 6 × 16 register tiles of our own (`smallGEMM`), the scores of a
+    /// Per (image, head): the products in 4 × 16 register tiles of our own (`smallGEMM`), the scores of a
     /// block of query rows kept in a cache-sized tile between q·kᵀ, the softmax and p·v. Head sizes that
-    /// are a multiple of 16 (64 in every model here).
+    /// are a multiple of 16 (64 in every model here). Only when bound (`nolad bench --attention tiled|ab`).
     case tiled
-    /// Per (image, head): two (forward) or four (backward) OpenBLAS calls and a softmax pass. Any head size.
+    /// Per (image, head): two (forward) or four (backward) OpenBLAS calls and a SIMD softmax pass between
+    /// them. Any head size; the default.
     case perHeadGEMM
 
     /// The kernel `attentionForward` / `attentionBackward` use for head size `hd`: the bound choice
-    /// (`withAttentionKernel`, benchmarks and tests) where it can run, else the tiled one where it can.
+    /// (`withAttentionKernel`: benchmarks, tests) where it can run, else the per-head one. The per-head
+    /// kernel is the default because it measured faster here (docs/benchmarks.md, "Attention"): its
+    /// products run in OpenBLAS's AVX-512 kernels, the tiled ones in our AVX2 (x86-64-v3) code at half
+    /// the width.
     static func resolved(hd: Int) -> AttentionKernel {
-        let fits = hd % 16 == 0
-        switch bound {
-        case .tiled?: return fits ? .tiled : .perHeadGEMM
-        case .perHeadGEMM?: return .perHeadGEMM
-        case nil: return fits ? .tiled : .perHeadGEMM
-        }
+        bound == .tiled && hd % 16 == 0 ? .tiled : .perHeadGEMM
     }
 
     /// Bound on the calling thread by `withAttentionKernel` (nil: the default choice); carried to the
@@ -74,49 +136,56 @@ func fma8(_ acc: SIMD8<Float>, _ x: SIMD8<Float>, _ y: SIMD8<Float>) -> SIMD8<Fl
     #endif
 }
 
-/// C (6 × 16) = alpha · A · B (+ C when `accumulate`), A (6 × k) element (r, e) at a[r·ars + e·acs]
+/// C (4 × 16) = alpha · A · B (+ C when `accumulate`), A (4 × k) element (r, e) at a[r·ars + e·acs]
 /// (either layout, so a transposed operand needs no copy), B (k × 16) rows at ldb, C rows at ldc.
+/// 8 accumulators, 2 loads of B and 4 broadcasts of A per step: every value stays in a register
+/// (a 6 × 16 tile spilled three accumulators to the stack in every step).
 @inline(__always)
-func tile6x16(k: Int, a: UnsafePointer<Float>, ars: Int, acs: Int, b: UnsafePointer<Float>, ldb: Int,
+func tile4x16(k: Int, a: UnsafePointer<Float>, ars: Int, acs: Int, b: UnsafePointer<Float>, ldb: Int,
               c: UnsafeMutablePointer<Float>, ldc: Int, alpha: Float, accumulate: Bool) {
     var c00 = SIMD8<Float>(), c01 = SIMD8<Float>(), c10 = SIMD8<Float>(), c11 = SIMD8<Float>()
     var c20 = SIMD8<Float>(), c21 = SIMD8<Float>(), c30 = SIMD8<Float>(), c31 = SIMD8<Float>()
-    var c40 = SIMD8<Float>(), c41 = SIMD8<Float>(), c50 = SIMD8<Float>(), c51 = SIMD8<Float>()
-    let a0 = a, a1 = a + ars, a2 = a + 2 * ars, a3 = a + 3 * ars, a4 = a + 4 * ars, a5 = a + 5 * ars
-    var ao = 0, bp = b
-    for _ in 0..<k {
+    var a0 = a, a1 = a + ars, a2 = a + 2 &* ars, a3 = a + 3 &* ars
+    var bp = b
+    var e = 0
+    while e < k {
         let b0 = load8(bp), b1 = load8(bp + 8)
-        var x = SIMD8<Float>(repeating: a0[ao]); c00 = fma8(c00, x, b0); c01 = fma8(c01, x, b1)
-        x = SIMD8<Float>(repeating: a1[ao]); c10 = fma8(c10, x, b0); c11 = fma8(c11, x, b1)
-        x = SIMD8<Float>(repeating: a2[ao]); c20 = fma8(c20, x, b0); c21 = fma8(c21, x, b1)
-        x = SIMD8<Float>(repeating: a3[ao]); c30 = fma8(c30, x, b0); c31 = fma8(c31, x, b1)
-        x = SIMD8<Float>(repeating: a4[ao]); c40 = fma8(c40, x, b0); c41 = fma8(c41, x, b1)
-        x = SIMD8<Float>(repeating: a5[ao]); c50 = fma8(c50, x, b0); c51 = fma8(c51, x, b1)
-        ao += acs; bp += ldb
+        var x = SIMD8<Float>(repeating: a0.pointee); c00 = fma8(c00, x, b0); c01 = fma8(c01, x, b1)
+        x = SIMD8<Float>(repeating: a1.pointee); c10 = fma8(c10, x, b0); c11 = fma8(c11, x, b1)
+        x = SIMD8<Float>(repeating: a2.pointee); c20 = fma8(c20, x, b0); c21 = fma8(c21, x, b1)
+        x = SIMD8<Float>(repeating: a3.pointee); c30 = fma8(c30, x, b0); c31 = fma8(c31, x, b1)
+        a0 += acs; a1 += acs; a2 += acs; a3 += acs; bp += ldb
+        e &+= 1
     }
     let al = SIMD8<Float>(repeating: alpha)
-    @inline(__always) func put(_ r: Int, _ v0: SIMD8<Float>, _ v1: SIMD8<Float>) {
-        let p = c + r * ldc
-        if accumulate { store8(p, fma8(load8(p), al, v0)); store8(p + 8, fma8(load8(p + 8), al, v1)) }
-        else { store8(p, al * v0); store8(p + 8, al * v1) }
+    var p = c
+    if accumulate {
+        store8(p, fma8(load8(p), al, c00)); store8(p + 8, fma8(load8(p + 8), al, c01)); p += ldc
+        store8(p, fma8(load8(p), al, c10)); store8(p + 8, fma8(load8(p + 8), al, c11)); p += ldc
+        store8(p, fma8(load8(p), al, c20)); store8(p + 8, fma8(load8(p + 8), al, c21)); p += ldc
+        store8(p, fma8(load8(p), al, c30)); store8(p + 8, fma8(load8(p + 8), al, c31))
+    } else {
+        store8(p, al * c00); store8(p + 8, al * c01); p += ldc
+        store8(p, al * c10); store8(p + 8, al * c11); p += ldc
+        store8(p, al * c20); store8(p + 8, al * c21); p += ldc
+        store8(p, al * c30); store8(p + 8, al * c31)
     }
-    put(0, c00, c01); put(1, c10, c11); put(2, c20, c21); put(3, c30, c31); put(4, c40, c41); put(5, c50, c51)
 }
 
-/// One row of `tile6x16`: C (1 × 16) = alpha · a (1 × k) · B (+ C); k unrolled by two for four chains.
+/// One row of `tile4x16`: C (1 × 16) = alpha · a (1 × k) · B (+ C); k unrolled by two for four chains.
 @inline(__always)
 func tile1x16(k: Int, a: UnsafePointer<Float>, acs: Int, b: UnsafePointer<Float>, ldb: Int,
               c: UnsafeMutablePointer<Float>, alpha: Float, accumulate: Bool) {
     var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), t0 = SIMD8<Float>(), t1 = SIMD8<Float>()
-    var e = 0, ao = 0, bp = b
-    while e + 2 <= k {
-        let x = SIMD8<Float>(repeating: a[ao]), y = SIMD8<Float>(repeating: a[ao + acs])
+    var e = 0, ap = a, bp = b
+    while e &+ 2 <= k {
+        let x = SIMD8<Float>(repeating: ap.pointee), y = SIMD8<Float>(repeating: (ap + acs).pointee)
         s0 = fma8(s0, x, load8(bp)); s1 = fma8(s1, x, load8(bp + 8))
         t0 = fma8(t0, y, load8(bp + ldb)); t1 = fma8(t1, y, load8(bp + ldb + 8))
-        e += 2; ao += 2 * acs; bp += 2 * ldb
+        e &+= 2; ap += 2 &* acs; bp += 2 &* ldb
     }
     if e < k {
-        let x = SIMD8<Float>(repeating: a[ao])
+        let x = SIMD8<Float>(repeating: ap.pointee)
         s0 = fma8(s0, x, load8(bp)); s1 = fma8(s1, x, load8(bp + 8))
     }
     let al = SIMD8<Float>(repeating: alpha), v0 = s0 + t0, v1 = s1 + t1
@@ -126,7 +195,7 @@ func tile1x16(k: Int, a: UnsafePointer<Float>, acs: Int, b: UnsafePointer<Float>
 
 /// C (m × n) = alpha · A · B (+ C when `accumulate`) on this thread, n a multiple of 16: A (m × k) element
 /// (r, e) at a[r·ars + e·acs], B (k × n) rows at ldb, C rows at ldc. Columns in chunks of 64, so that
-/// a chunk of B (k × 64) stays in the L1/L2 cache while every block of 6 rows of A passes over it.
+/// a chunk of B (k × 64) stays in the L1/L2 cache while every block of 4 rows of A passes over it.
 /// The FLOPs are counted by the caller (`countAttentionFlops`).
 func smallGEMM(m: Int, n: Int, k: Int, alpha: Float = 1, a: UnsafePointer<Float>, ars: Int, acs: Int,
                b: UnsafePointer<Float>, ldb: Int, accumulate: Bool, c: UnsafeMutablePointer<Float>, ldc: Int) {
@@ -135,14 +204,14 @@ func smallGEMM(m: Int, n: Int, k: Int, alpha: Float = 1, a: UnsafePointer<Float>
     while jc < n {
         let je = min(n, jc + 64)
         var i = 0
-        while i + 6 <= m {
+        while i + 4 <= m {
             var j = jc
             while j < je {
-                tile6x16(k: k, a: a + i * ars, ars: ars, acs: acs, b: b + j, ldb: ldb, c: c + i * ldc + j, ldc: ldc,
+                tile4x16(k: k, a: a + i * ars, ars: ars, acs: acs, b: b + j, ldb: ldb, c: c + i * ldc + j, ldc: ldc,
                          alpha: alpha, accumulate: accumulate)
                 j += 16
             }
-            i += 6
+            i += 4
         }
         while i < m {
             var j = jc
@@ -254,7 +323,7 @@ func tiledAttentionForward(_ out: UnsafeMutablePointer<Float>, probs: UnsafeMuta
                     attentionPart(.softmax) {
                         for i in 0..<nr {
                             let row = tile + i * ld
-                            softmaxRow(row, n: ld, valid: causal ? first + r0 + i + 1 : t)
+                            softmaxRowPadded(row, ld: ld, valid: causal ? first + r0 + i + 1 : t)
                             if let probs { (probs + (item * rows + r0 + i) * t).update(from: row, count: t) }
                         }
                     }
@@ -354,7 +423,7 @@ func perHeadAttentionForward(_ out: UnsafeMutablePointer<Float>, probs: UnsafeMu
                           c: p, ldc: t)
                 }
                 attentionPart(.softmax) {
-                    for i in 0..<rows { softmaxRow(p + i * t, n: t, valid: causal ? first + i + 1 : t) }
+                    for i in 0..<rows { softmaxRowVector(p + i * t, n: t, valid: causal ? first + i + 1 : t) }
                 }
                 // out (rows,hd) = p · v
                 attentionPart(.valueGEMM) {

@@ -13,13 +13,13 @@ final class AttentionTests: XCTestCase {
         return (rng.floats(b * t * 3 * d, scale: 1.5), rng.floats(b * t * d), d)
     }
 
-    func testHeadSize64_runsTheTiledKernel_otherSizesThePerHeadOne() {
-        XCTAssertEqual(AttentionKernel.resolved(hd: 64), .tiled)
-        XCTAssertEqual(AttentionKernel.resolved(hd: 4), .perHeadGEMM)
-        XCTAssertEqual(withAttentionKernel(.perHeadGEMM) { AttentionKernel.resolved(hd: 64) }, .perHeadGEMM)
+    func testDefaultIsPerHead_tiledWhenBoundAndTheHeadSizeFits() {
+        XCTAssertEqual(AttentionKernel.resolved(hd: 64), .perHeadGEMM)
+        XCTAssertEqual(withAttentionKernel(.tiled) { AttentionKernel.resolved(hd: 64) }, .tiled)
+        XCTAssertEqual(withAttentionKernel(.tiled) { AttentionKernel.resolved(hd: 4) }, .perHeadGEMM)
         // the choice reaches the threads of batchParallel (where the models call attention from)
         let seen = withThreads(2) {
-            withAttentionKernel(.perHeadGEMM) {
+            withAttentionKernel(.tiled) {
                 let lock = NSLock()
                 var kernels: [AttentionKernel] = []
                 batchParallel(2 * batchPiece) { _ in
@@ -29,7 +29,7 @@ final class AttentionTests: XCTestCase {
                 return kernels
             }
         }
-        XCTAssertEqual(seen, [.perHeadGEMM, .perHeadGEMM])
+        XCTAssertEqual(seen, [.tiled, .tiled])
     }
 
     func testTiledForward_matchesReference_atTheModelsTokenCounts_withAndWithoutCausalMask() {
@@ -135,6 +135,23 @@ final class AttentionTests: XCTestCase {
         }
         let one = run(1)
         for threads in [2, 5] { XCTAssertEqual(run(threads), one, "\(threads) threads") }
+    }
+
+    func testSIMDSoftmaxRows_matchReference_forEveryLengthAndMask() {
+        var rng = Rng(state: 44)
+        for n in [1, 7, 8, 9, 16, 50, 66, 197] {
+            let x = rng.floats(n, scale: 8)
+            for valid in Set([1, n / 2 + 1, n]) where valid <= n {
+                let want = referenceSoftmax(x.prefix(valid).map(Double.init), n: 1, c: valid) + [Double](repeating: 0, count: n - valid)
+                var row = x
+                softmaxRowVector(&row, n: n, valid: valid)
+                check("softmaxRowVector n=\(n) valid=\(valid)", row, want, relTol: 1e-6)
+                let ld = (n + 15) / 16 * 16
+                var padded = x + [Float](repeating: .nan, count: ld - n)
+                softmaxRowPadded(&padded, ld: ld, valid: valid)
+                check("softmaxRowPadded n=\(n) valid=\(valid)", padded, want + [Double](repeating: 0, count: ld - n), relTol: 1e-6)
+            }
+        }
     }
 
     func testSmallGEMM_matchesReference_forBothLayoutsOfA_andRowTails() {
