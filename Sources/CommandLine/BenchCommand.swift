@@ -11,7 +11,7 @@ import Models
 /// (docs/benchmarks.md). reference/bench_torch.py is its PyTorch counterpart.
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Speed of CLIP ViT-B/32 (image, text, prompt-tuning step) and DINO ViT-B/16 with random full-size weights.",
+        abstract: "Speed of CLIP ViT-B/32 (image, text, prompt-tuning step) and DINO ViT-B/16 with random full-size weights (with --mobileclip: MobileCLIP and CLIP ViT-B/16 too).",
         discussion: """
         Each figure is timed first as it runs in a job, then once more with the kernel timers on for its \
         breakdown and FLOP count. The sgemm rate is measured at the end, through nolad's own sgemm (the one \
@@ -24,17 +24,18 @@ struct Bench: ParsableCommand {
     @Option(help: "Timed repetitions after one warm-up.") var iterations = 3
     @Option(help: "Tokens per text, BOS and EOS included.") var textTokens = 20
     @Option(help: "Prompt tokens for the prompt-tuning step.") var prompts = 16
-    @Option(help: "Comma-separated subset of: clip-image, clip-text, prompt-step, strong-views, dino, and the MobileCLIP rows (mobileclip-b-image, mobileclip-s2-image, mobileclip-s1-image, mobileclip-s0-image, mobileclip-text, mobileclip-s-text, mobileclip-b-prompt-step, mobileclip-s2-tune-step).") var only: String?
-    @Flag(help: "Also the MobileCLIP rows (full-size random MobileCLIP-B, S2, S1, S0; reference/bench_mobileclip_torch.py is their PyTorch side).") var mobileclip = false
+    @Option(help: "Comma-separated subset of: clip-image, clip-text, prompt-step, strong-views, dino, and the MobileCLIP rows with their CLIP ViT-B/16 reference (clip-b16-image, clip-b16-prompt-step, mobileclip-b-image, mobileclip-s2-image, mobileclip-s1-image, mobileclip-s0-image, mobileclip-text, mobileclip-s-text, mobileclip-b-prompt-step, mobileclip-s2-tune-step).") var only: String?
+    @Flag(help: "Also the MobileCLIP rows (full-size random MobileCLIP-B, S2, S1, S0; reference/bench_mobileclip_torch.py is their PyTorch side) and CLIP ViT-B/16's image and prompt-tuning step beside them (reference/bench_torch.py).") var mobileclip = false
     @Option(help: "Seconds of sgemm timing per GEMM shape (5 rounds, the best one counts).") var sgemmSeconds = 0.2
     @Flag(help: "One JSON object on stdout instead of the text report.") var json = false
-    @Option(help: "Attention kernel: tiled (the default for head size 64), per-head (an OpenBLAS call per head and product), or ab: CLIP image, CLIP text, prompt step and DINO timed with both, interleaved, instead of their usual figures.") var attention: String?
+    @Option(help: "Attention kernel: per-head (the default: OpenBLAS calls per head and product), tiled (our register tiles, head sizes that are multiples of 16), or ab: CLIP image, CLIP text, prompt step, DINO and the attention-* figures timed with both, interleaved, instead of their usual figures.") var attention: String?
 
     static let figureNames = ["clip-image", "clip-text", "prompt-step", "strong-views", "dino"] + mobileCLIPFigureNames + attentionFigureNames
     /// The attention op alone on each network's shapes (12 layers' worth; the prompt step's forward and backward),
     /// only when named in --only: with --attention ab, an A/B of the two kernels with less else in the time.
     static let attentionFigureNames = ["attention-clip-image", "attention-prompt-step", "attention-dino"]
-    static let mobileCLIPFigureNames = ["mobileclip-b-image", "mobileclip-s2-image", "mobileclip-s1-image", "mobileclip-s0-image",
+    /// The rows `--mobileclip` adds: CLIP ViT-B/16 (the tower MobileCLIP is compared with) and MobileCLIP's.
+    static let mobileCLIPFigureNames = ["clip-b16-image", "clip-b16-prompt-step", "mobileclip-b-image", "mobileclip-s2-image", "mobileclip-s1-image", "mobileclip-s0-image",
                                         "mobileclip-text", "mobileclip-s-text", "mobileclip-b-prompt-step", "mobileclip-s2-tune-step"]
 
     func validate() throws {
@@ -94,16 +95,9 @@ struct Bench: ParsableCommand {
             if wanted("clip-text") {
                 add("CLIP text (\(textTokens) tokens)", key: "clip-text", items: texts.count, unit: "text") { _ = clip.getTextFeatures(texts) }
             }
-            let d = clip.config.visionConfig.hiddenSize, classes = 10
-            let state = CLIPPromptTuning(model: clip, prompts: (0..<(prompts * d)).map { _ in Float.random(in: -0.1...0.1, using: &rng) }, promptCount: prompts,
-                                         head: (0..<(classes * clip.projectionDim)).map { _ in Float.random(in: -0.1...0.1, using: &rng) }, classCount: classes)
-            let labels = (0..<batch).map { $0 % classes }
             if wanted("prompt-step") {
-                add("CLIP prompt-tuning step (P=\(prompts))", key: "prompt-step", items: batch, unit: "img") {
-                    _ = clip.promptTuningStep(state, pixels: p, batch: batch) { logits, dlogits in
-                        crossEntropyForwardBackward(dlogits: dlogits, logits, labels: labels, n: batch, c: classes, smoothing: 0.1)
-                    }
-                }
+                add("CLIP prompt-tuning step (P=\(prompts))", key: "prompt-step", items: batch, unit: "img",
+                    clipPromptStepBody(clip, pixels: p, rng: &rng))
             }
             if wanted("strong-views") {
                 // NoLA's strong views of one micro-batch, as prompt tuning makes them (photo-sized synthetic images, decoded already).
@@ -152,6 +146,7 @@ struct Bench: ParsableCommand {
                 }
             }
         }
+        try clipB16Figures(add)
         try mobileCLIPImageFigures(add)
         let peak = peakResidentMegabytes()
         say(String(format: "peak memory (both models, batch %d): %.0f MB", batch, peak))
@@ -180,6 +175,47 @@ struct Bench: ParsableCommand {
                 "attention_ab": comparisons.map(\.json),
             ]
             print(jsonLine(object))
+        }
+    }
+
+    /// The prompt-tuning step on `clip` as a job runs it: --prompts prompt tokens, a head of 10 classes on the
+    /// L2-normalised features, label-smoothing cross-entropy, the backward to the prompts, LayerNorms and head.
+    func clipPromptStep(_ clip: CLIPModel, name: String, key: String, pixels p: UnsafePointer<Float>, rng: inout SplitMix64) -> BenchFigure {
+        return measure(name, key: key, items: batch, unit: "img", clipPromptStepBody(clip, pixels: p, rng: &rng))
+    }
+
+    /// One prompt-tuning step of `clipPromptStep`, to time.
+    func clipPromptStepBody(_ clip: CLIPModel, pixels p: UnsafePointer<Float>, rng: inout SplitMix64) -> () -> Void {
+        let d = clip.config.visionConfig.hiddenSize, classes = 10, batch = batch
+        let state = CLIPPromptTuning(model: clip, prompts: (0..<(prompts * d)).map { _ in Float.random(in: -0.1...0.1, using: &rng) }, promptCount: prompts,
+                                     head: (0..<(classes * clip.projectionDim)).map { _ in Float.random(in: -0.1...0.1, using: &rng) }, classCount: classes)
+        let labels = (0..<batch).map { $0 % classes }
+        return {
+            _ = clip.promptTuningStep(state, pixels: p, batch: batch) { logits, dlogits in
+                crossEntropyForwardBackward(dlogits: dlogits, logits, labels: labels, n: batch, c: classes, smoothing: 0.1)
+            }
+        }
+    }
+
+    /// CLIP ViT-B/16 (OpenAI's sizes, 14×14 patches of 16 px at 224 px; MobileCLIP's paper measures against
+    /// it) with exact GELU as open_clip's `ViT-B-16`: image features and the prompt-tuning step, on its own
+    /// full-size random model, released after its rows.
+    func clipB16Figures(_ add: (BenchFigure) -> Void) throws {
+        guard wanted("clip-b16-image") || wanted("clip-b16-prompt-step") else { return }
+        var config = CLIPConfig()
+        config.visionConfig.patchSize = 16
+        config.visionConfig.hiddenAct = .gelu
+        let clip = try CLIPModel(config: config, weights: nil)
+        var rng = SplitMix64(seed: 3)
+        let pixels = (0..<(batch * 3 * 224 * 224)).map { _ in Float.random(in: -2...2, using: &rng) }
+        pixels.withUnsafeBufferPointer { px in
+            let p = px.baseAddress!
+            if wanted("clip-b16-image") {
+                add(measure("CLIP ViT-B/16 image", key: "clip-b16-image", items: batch, unit: "img") { _ = clip.getImageFeatures(pixels: p, batch: batch) })
+            }
+            if wanted("clip-b16-prompt-step") {
+                add(clipPromptStep(clip, name: "CLIP ViT-B/16 prompt step (P=\(prompts))", key: "clip-b16-prompt-step", pixels: p, rng: &rng))
+            }
         }
     }
 

@@ -62,9 +62,14 @@ struct BenchScale: ParsableCommand {
             all.append(f)
             let stages = f.stageSeconds.map { "\($0.0) \(String(format: "%.1f", $0.1))" }.joined(separator: ", ")
             print(String(format: "%d worker(s): %.1f s wall-clock; stages (s): %@", n, f.wall, stages))
-            print(String(format: "    tune: %d steps, units here %d, by helpers %d; owner: units %.1f s, database %.2f s, waiting %.1f s, optimizer steps %.2f s",
+            print(String(format: "    tune: %d steps, units here %d, by helpers %d; owner: units %.1f s (strong views %.1f s), database %.2f s, waiting %.1f s, optimizer steps %.2f s",
                          Int(f.number("steps_this_attempt")), Int(f.number("units_here")), Int(f.number("units_helped")),
-                         f.number("unit_seconds"), f.number("coordination_seconds"), f.number("wait_seconds"), f.number("step_seconds")))
+                         f.number("unit_seconds"), f.number("unit_view_seconds"), f.number("coordination_seconds"), f.number("wait_seconds"),
+                         f.number("step_seconds")))
+            let here = max(1, f.number("units_here"))
+            print(String(format: "    per unit on the owner: %.1f ms, of which strong views (decode + augment) %.1f ms and gradient %.1f ms",
+                         1000 * f.number("unit_seconds") / here, 1000 * f.number("unit_view_seconds") / here,
+                         1000 * (f.number("unit_seconds") - f.number("unit_view_seconds")) / here))
         }
         guard let one = all.first(where: { $0.workers == 1 }) ?? all.first else { return }
         // The serial part S: what no helper shares — discover, describe, pseudo-labels, and the owner's

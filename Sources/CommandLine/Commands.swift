@@ -250,7 +250,8 @@ public struct StatusCommand: ParsableCommand {
                 print("")
                 printTable(try c.query("""
                     SELECT id AS worker, host, pid, version, to_char(heartbeat_at, 'YYYY-MM-DD HH24:MI:SS') AS heartbeat,
-                           CASE WHEN stopped_at IS NULL THEN 'running' ELSE 'stopped' END AS state, current_jobs::text AS jobs
+                           CASE WHEN stopped_at IS NULL THEN 'running' ELSE 'stopped' END AS state, current_jobs::text AS jobs,
+                           helping_jobs::text AS helping
                     FROM nola.workers WHERE stopped_at IS NULL OR stopped_at > now() - interval '1 day' ORDER BY started_at
                     """))
             }

@@ -21,10 +21,16 @@ public final class Worker: @unchecked Sendable {
     let wake = WakePipe()
     let lock = NSLock()
     private var shutdownRequested = false
+    /// `shutdownRequested`, read while `lock` is held.
+    var isShuttingDownLocked: Bool { shutdownRequested }
+    /// Connections of help units that ended, for the next units (WorkerHelp.swift).
+    var idleHelpConnections: [Database] = []
     var running: [Int64: RunningJob] = [:]
     var helping: [ObjectIdentifier: RunningHelp] = [:]
     /// Jobs whose units this worker could not do, and when it gave up (skipped for a while).
     var cannotHelp: [Int64: Date] = [:]
+    /// Jobs of which this worker held a help unit since the last heartbeat (nola.workers.helping_jobs).
+    var helped: Set<Int64> = []
 
     public init(config: NoladConfig, stages: [JobStage], help: [HelpWork] = [], logger: Logger, observer: WorkerObserver = NoWorkerObserver()) {
         self.config = config
@@ -82,25 +88,6 @@ public final class Worker: @unchecked Sendable {
         Systemd.ready(status: "idle, waiting for jobs")
         logger.info("ready", metadata: ["worker": "\(id)"])
 
-        // Data-parallel prompt tuning: while a job slot is free, compute units of other jobs' optimizer steps
-        // (on its own thread for now, beside the HelpWork kinds of WorkerHelp.swift; `help_other_jobs` off
-        // turns it off too).
-        var helperThread: Thread?
-        let helperDone = DispatchSemaphore(value: 0)
-        if config.pipeline == "nola" && config.helpOtherJobs {
-            let helper = TuningHelper(conninfo: config.conninfo, limits: config.controlConnectionLimits, settings: config.stageSettings,
-                                      worker: id, logger: logger)
-            let slots = config.concurrency
-            let thread = Thread { [self] in
-                helper.run(mayHelp: { self.snapshot().count < slots }, shouldStop: { self.isShuttingDown })
-                helperDone.signal()
-            }
-            thread.name = "tuning-helper"
-            thread.start()
-            helperThread = thread
-        }
-        defer { if helperThread != nil { helperDone.wait() } }
-
         var loop = WorkerLoop(settings: .init(
             heartbeatSeconds: config.heartbeatSeconds, pollSeconds: config.pollSeconds,
             watchdogSeconds: Systemd.watchdogInterval, concurrency: config.concurrency,
@@ -144,6 +131,7 @@ public final class Worker: @unchecked Sendable {
                            metadata: ["worker": "\(id)", "error": "\(error)"])
         }
         control.close()
+        closeHelpConnections()
         Systemd.status("stopped")
         logger.info("stopped", metadata: ["worker": "\(id)"])
     }
@@ -250,7 +238,7 @@ public final class Worker: @unchecked Sendable {
             let elapsed = Date().timeIntervalSince(job.started)
             interrupt(job) { $0.elapsed(elapsed, timeout: job.claimed.timeoutSeconds) }
         }
-        try control.run { try JobStore.workerHeartbeat($0, id: id, currentJobs: jobs.map(\.claimed.ref.id)) }
+        try control.run { try JobStore.workerHeartbeat($0, id: id, currentJobs: jobs.map(\.claimed.ref.id), helpingJobs: helpedSinceHeartbeat()) }
     }
 
     /// The rescuer: requeues (or fails, or cancels) running jobs of any worker whose lease expired.

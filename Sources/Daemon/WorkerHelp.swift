@@ -33,14 +33,27 @@ extension Worker {
         }
     }
 
+    /// The jobs helped since the last call (the heartbeat's), with those still helped now.
+    func helpedSinceHeartbeat() -> [Int64] {
+        lock.withLock {
+            let jobs = helped.union(helping.values.filter { !$0.ended }.map(\.unit.jobID))
+            helped = []
+            return Array(jobs)
+        }
+    }
+
     private func startHelp(_ unit: any HelpUnit, roots: [String]) {
         let help = RunningHelp(unit)
         let key = ObjectIdentifier(help)
-        lock.withLock { helping[key] = help }
+        lock.withLock {
+            helping[key] = help
+            helped.insert(unit.jobID)
+        }
+        observer.helpUnitStarted(kind: unit.kind)
         var unitLogger = logger
         unitLogger[metadataKey: "job"] = "\(unit.jobID)"
         unitLogger[metadataKey: "unit"] = "\(unit)"
-        unitLogger.info("helping: claimed a unit of another worker's job")
+        unitLogger.log(level: unit.quiet ? .debug : .info, "helping: claimed a unit of another worker's job")
         let threadLogger = unitLogger
         let thread = Thread { [self] in
             runHelp(help, roots: roots, logger: threadLogger)
@@ -52,25 +65,59 @@ extension Worker {
         thread.start()
     }
 
+    /// A connection for a help unit: one an earlier unit gave back, or a new one. Tuning units come by the
+    /// hundred and take a fraction of a second each, so connecting for each would cost a good part of it.
+    private func takeHelpConnection() -> Database {
+        lock.withLock { idleHelpConnections.popLast() }
+            ?? Database(conninfo: config.conninfo, logger: logger, limits: config.jobConnectionLimits)
+    }
+
+    private func giveBackHelpConnection(_ database: Database) {
+        let keep = lock.withLock { () -> Bool in
+            guard !isShuttingDownLocked, idleHelpConnections.count < max(1, config.concurrency) else { return false }
+            idleHelpConnections.append(database)
+            return true
+        }
+        if !keep { database.close() }
+    }
+
+    /// Closes the connections kept for help units (the service is stopping).
+    func closeHelpConnections() {
+        for database in lock.withLock({ () -> [Database] in defer { idleHelpConnections = [] }; return idleHelpConnections }) {
+            database.close()
+        }
+    }
+
     private func runHelp(_ help: RunningHelp, roots: [String], logger: Logger) {
-        let database = Database(conninfo: config.conninfo, logger: logger, limits: config.jobConnectionLimits)
-        defer { database.close() }
+        let database = takeHelpConnection()
+        defer { giveBackHelpConnection(database) }
         let context = HelpContext(unit: help.unit, settings: config.stageSettings, logger: logger, collectionRoots: config.collectionRoots, database: database)
         lock.withLock { help.context = context }
         // After the context is visible: a shutdown from now on reaches it through stopHelping().
         if isShuttingDown { context.requestStop(.shutdown) }
         let start = Date()
+        var outcome = "failed"
+        defer { observer.helpUnitEnded(kind: help.unit.kind, outcome: outcome) }
         do {
             try help.unit.run(context)
-            logger.info("helping: unit done", metadata: ["seconds": "\(formatSeconds(Date().timeIntervalSince(start)))"])
+            outcome = "done"
+            logger.log(level: help.unit.quiet ? .debug : .info, "helping: unit done",
+                       metadata: ["seconds": "\(formatSeconds(Date().timeIntervalSince(start)))"])
             return
         } catch let stop as HelpStop {
             if case .cannotHelp = stop { lock.withLock { cannotHelp[help.unit.jobID] = Date() } }
             if stop == .leaseLost {
+                outcome = "lease_lost"
                 logger.warning("helping: lease lost; the unit is another worker's now, nothing more is written")
                 return
             }
-            logger.info("helping: unit given back", metadata: ["reason": "\(stop)"])
+            if case .cannotHelp(let why) = stop {
+                logger.warning("helping: unit given back; this worker cannot help with the job and leaves it to others for ten minutes",
+                               metadata: ["reason": "\(why)"])
+            } else {
+                outcome = "given_back"
+                logger.log(level: help.unit.quiet && stop == .unwanted ? .debug : .info, "helping: unit given back", metadata: ["reason": "\(stop)"])
+            }
             release(help.unit, database: database, error: stop == .shutdown ? nil : "\(stop)", logger: logger)
         } catch {
             // Anything else (an unreadable image, a database error): give the unit back with the reason, and

@@ -22,6 +22,11 @@ public protocol WorkerObserver: AnyObject, Sendable {
     func leaseRenewalFailed(_ job: JobRef)
     /// The main loop turned (for a liveness check).
     func loopTurned()
+    /// A help unit (a shard or tuning unit of another worker's job) was claimed; `kind`: encode, label, tune.
+    func helpUnitStarted(kind: String)
+    /// A help unit's thread ended: `outcome` is done, given_back (shutdown, cancel, the owner moved on),
+    /// lease_lost or failed (an error, or this worker cannot serve the job).
+    func helpUnitEnded(kind: String, outcome: String)
 }
 
 public extension WorkerObserver {
@@ -33,6 +38,8 @@ public extension WorkerObserver {
     func databaseReconnected(tries: Int, seconds: Double) {}
     func leaseRenewalFailed(_ job: JobRef) {}
     func loopTurned() {}
+    func helpUnitStarted(kind: String) {}
+    func helpUnitEnded(kind: String, outcome: String) {}
 }
 
 /// The default observer: does nothing.

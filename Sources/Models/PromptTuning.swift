@@ -1,42 +1,48 @@
 import Kernels
 
-/// The trainable state of CLIP prompt tuning (NoLA step 3): P prompt tokens inserted after CLS after
-/// pre_layrnorm, every LayerNorm of the vision tower (copies; the model stays frozen), and a linear head
-/// (C, projection_dim) without bias on the (optionally L2-normalised) image features.
-/// Gradients accumulate across `CLIPModel.promptTuningStep` calls until `zeroGrads()`.
-public final class CLIPPromptTuning: @unchecked Sendable {
+/// The trainable state of NoLA's prompt tuning on a ViT tower (step 3): P prompt tokens after CLS, every
+/// LayerNorm of the tower (copies, `Norms`; the model stays frozen), and a linear head (C, projection_dim)
+/// without bias on the (optionally L2-normalised) image features. Gradients accumulate across the tower's
+/// `promptTuningStep` calls until `zeroGrads()`.
+/// `CLIPPromptTuning` (CLIP's vision tower) and `MobileCLIPViTPromptTuning` (MobileCLIP-B's trunk) are it.
+public final class ViTPromptTuning<Norms>: @unchecked Sendable {
     public let promptCount: Int
     public let classCount: Int
     public let normalizesFeatures: Bool
     public let prompts: Buffer          // (P,D)
     public let head: Buffer             // (C,projection_dim)
-    let norms: CLIPVisionNorms
+    let norms: Norms
+    /// (checkpoint name, LayerNorm) of every norm in `norms`, in checkpoint order.
+    let namedNorms: [(String, LayerNorm)]
     let promptsGrad: Buffer
     let headGrad: Buffer
-    let normGrads: [(LayerNormGrads)]   // in CLIPVisionNorms.named order
-    /// Activations and scratch of the last step, reused while the batch size stays the same.
-    var workspace: (batch: Int, tape: CLIPVisionTape, scratch: LayerGradScratch)?
+    let normGrads: [LayerNormGrads]     // in `namedNorms` order
+    /// Activations (the tower's own tape type) and scratch of the last step, reused while the batch size stays the same.
+    var workspace: (batch: Int, tape: Any, scratch: LayerGradScratch)?
 
-    /// Starts from the model's LayerNorms and the given prompts (P·D values) and head (C·projection_dim values).
-    public init(model: CLIPModel, prompts: [Float], promptCount: Int, head: [Float], classCount: Int, normalizesFeatures: Bool = true) {
-        let d = model.config.visionConfig.hiddenSize
-        precondition(prompts.count == promptCount * d && head.count == classCount * model.projectionDim)
+    /// Starts from `norms` (the state's own copies, listed by `named`) and the given prompts (P·width values)
+    /// and head (C·projectionDim values).
+    init(norms: Norms, named: [(String, LayerNorm)], width: Int, projectionDim: Int, prompts: [Float], promptCount: Int,
+         head: [Float], classCount: Int, normalizesFeatures: Bool) {
+        precondition(prompts.count == promptCount * width && head.count == classCount * projectionDim)
         self.promptCount = promptCount
         self.classCount = classCount
         self.normalizesFeatures = normalizesFeatures
         self.prompts = Buffer(prompts)
         self.head = Buffer(head)
-        norms = CLIPVisionNorms(model.visionModel).copy()
+        self.norms = norms
+        namedNorms = named
         promptsGrad = Buffer(count: prompts.count)
         headGrad = Buffer(count: head.count)
-        normGrads = norms.named.map { LayerNormGrads(weight: Buffer(count: $0.1.c), bias: Buffer(count: $0.1.c)) }
+        normGrads = named.map { LayerNormGrads(weight: Buffer(count: $0.1.c), bias: Buffer(count: $0.1.c)) }
     }
 
-    /// Every trained tensor with its gradient: "prompts", "head.weight", and each vision LayerNorm's
-    /// Hugging Face name ("vision_model.encoder.layers.0.layer_norm1.weight", …). `isBias` marks biases.
+    /// Every trained tensor with its gradient: "prompts", "head.weight", and each LayerNorm by its name
+    /// ("vision_model.encoder.layers.0.layer_norm1.weight" on CLIP, "visual.trunk.blocks.0.norm1.weight" on
+    /// MobileCLIP-B, …). `isBias` marks biases.
     public var parameters: [(name: String, value: Buffer, grad: Buffer, isBias: Bool)] {
         var list: [(name: String, value: Buffer, grad: Buffer, isBias: Bool)] = [("prompts", prompts, promptsGrad, false), ("head.weight", head, headGrad, false)]
-        for ((name, norm), g) in zip(norms.named, normGrads) {
+        for ((name, norm), g) in zip(namedNorms, normGrads) {
             list.append((name + ".weight", norm.weight, g.weight, false))
             list.append((name + ".bias", norm.bias, g.bias, true))
         }
@@ -44,18 +50,38 @@ public final class CLIPPromptTuning: @unchecked Sendable {
     }
 
     public func zeroGrads() { for p in parameters { p.grad.zero() } }
+
+    /// The head's logits (B,C) on image features (B, projection_dim): L2-normalised first when
+    /// `normalizesFeatures`, then the linear head.
+    func headLogits(_ features: [Float], batch b: Int) -> [Float] {
+        let e = head.count / classCount
+        let inp = Buffer(features)
+        if normalizesFeatures { l2NormalizeForward(inp.data, norms: nil, inp.data, n: b, c: e) }
+        var logits = [Float](repeating: 0, count: b * classCount)
+        linearForward(&logits, inp.data, head.data, nil, n: b, inFeatures: e, outFeatures: classCount)
+        withExtendedLifetime(inp) {}
+        return logits
+    }
+}
+
+/// CLIP prompt tuning: the prompts go after CLS after pre_layrnorm; the norms are every vision LayerNorm under
+/// its Hugging Face name.
+public typealias CLIPPromptTuning = ViTPromptTuning<CLIPVisionNorms>
+
+extension ViTPromptTuning where Norms == CLIPVisionNorms {
+    /// Starts from the model's LayerNorms and the given prompts (P·D values) and head (C·projection_dim values).
+    public convenience init(model: CLIPModel, prompts: [Float], promptCount: Int, head: [Float], classCount: Int, normalizesFeatures: Bool = true) {
+        let norms = CLIPVisionNorms(model.visionModel).copy()
+        self.init(norms: norms, named: norms.named, width: model.config.visionConfig.hiddenSize, projectionDim: model.projectionDim,
+                  prompts: prompts, promptCount: promptCount, head: head, classCount: classCount, normalizesFeatures: normalizesFeatures)
+    }
 }
 
 extension CLIPModel {
     /// Image features (B, projection_dim) with the tuned prompts and LayerNorms, and the head's logits (B,C).
     public func promptTunedLogits(_ s: CLIPPromptTuning, pixels: UnsafePointer<Float>, batch b: Int) -> (features: [Float], logits: [Float]) {
         let features = imageFeatures(pixels: pixels, batch: b, prompts: s.prompts.data, promptCount: s.promptCount, norms: s.norms)
-        let inp = Buffer(features)
-        if s.normalizesFeatures { l2NormalizeForward(inp.data, norms: nil, inp.data, n: b, c: projectionDim) }
-        var logits = [Float](repeating: 0, count: b * s.classCount)
-        linearForward(&logits, inp.data, s.head.data, nil, n: b, inFeatures: projectionDim, outFeatures: s.classCount)
-        withExtendedLifetime(inp) {}
-        return (features, logits)
+        return (features, s.headLogits(features, batch: b))
     }
 
     /// One micro-batch of prompt tuning (one at a time per state: the state holds the step's activations): forward with prompts, head logits (B,C), `loss` turns them into a
@@ -69,7 +95,7 @@ extension CLIPModel {
             s.workspace = nil
             s.workspace = (b, CLIPVisionTape(b: b, seq: seq, t: t, c: c), LayerGradScratch(n: b * t, d: d, intermediate: c.intermediateSize))
         }
-        let (_, tape, scratch) = s.workspace!
+        let tape = s.workspace!.tape as! CLIPVisionTape, scratch = s.workspace!.scratch
         // layers 0..<L−1 in full, the last one for the CLS row only
         let last = c.numHiddenLayers - 1
         let x = visionHiddenStates(pixels: pixels, batch: b, prompts: s.prompts.data, promptCount: p, norms: s.norms,

@@ -2,8 +2,9 @@ import Foundation
 import Logging
 import Queue
 
-/// A kind of work any worker can do for a running job, whoever owns it: a shard of the encode or label
-/// stage, a gradient unit of prompt tuning, ... The main loop's help step asks each kind in turn for one
+/// A kind of work any worker can do for a running job, whoever owns it: a gradient unit of prompt tuning
+/// (TuningUnitsWork.swift), a shard of the encode or label stage (ShardWork.swift). The main loop's help
+/// step asks each kind in turn (in the order given to the worker) for one
 /// unit (`claim`), runs it on its own thread (`HelpUnit.run`), and gives it back unfinished (`release`)
 /// when it stops early (the service's side: Sources/Daemon/WorkerHelp.swift). A job's owner runs its own
 /// units through the same code.
@@ -18,6 +19,11 @@ public protocol HelpWork: Sendable {
 /// One claimed unit of work.
 public protocol HelpUnit: Sendable, CustomStringConvertible {
     var jobID: Int64 { get }
+    /// What kind of unit it is, for metrics and nola.workers: "encode", "label" (shards), "tune".
+    var kind: String { get }
+    /// Units that take well under a second and come by the hundred (tuning units): their claimed / done
+    /// lines are logged at debug level.
+    var quiet: Bool { get }
     /// Does the work and writes its result, every write guarded by the unit's claim. Calls
     /// `context.keepAlive()` at every checkpoint (at least once per batch): it renews the lease and
     /// throws `HelpStop` once the unit must stop.
@@ -27,6 +33,10 @@ public protocol HelpUnit: Sendable, CustomStringConvertible {
     func renew(_ c: PostgresConnection, leaseSeconds: Double) throws -> LeaseRenewal
     /// Gives the unit back unfinished (guarded: nothing when it is no longer ours); `error` says why.
     func release(_ c: PostgresConnection, error: String?) throws
+}
+
+public extension HelpUnit {
+    var quiet: Bool { false }
 }
 
 /// Why a unit stopped before its end.

@@ -65,9 +65,11 @@ public enum JobStages {
         return settings.pipeline == "discover" ? [discover] : NolaPipeline.stages(discover: discover)
     }
 
-    /// The work this daemon does for running jobs when a slot has none of its own (`help_other_jobs`).
+    /// The work this daemon does for running jobs when a slot has none of its own (`help_other_jobs`), in
+    /// the order the help step asks for it: prompt-tuning units first (the owner waits on each step's last
+    /// unit), then the encode / label shards.
     public static func help(settings: StageSettings) -> [HelpWork] {
-        settings.pipeline == "discover" ? [] : [ShardHelpWork()]
+        settings.pipeline == "discover" ? [] : [TuningHelpWork(), ShardHelpWork()]
     }
 }
 

@@ -1,6 +1,7 @@
 import Foundation
 import Imaging
 import Kernels
+import Logging
 import Method
 import Models
 import Queue
@@ -22,6 +23,7 @@ protocol ShardRunner {
     var threads: Int { get }
     /// Testing aid (`image_delay_seconds`): a pause per image.
     var imageDelaySeconds: Double { get }
+    var logger: Logger { get }
 }
 
 enum ShardComputation {
@@ -129,12 +131,18 @@ enum ShardComputation {
     /// The tuned model's class probabilities for the shard's (readable) images, on the shard's row.
     private static func label(_ shard: ClaimedShard, files: [ImageFile], clip: ModelCache.CLIPEntry, runner: ShardRunner) throws {
         guard let blob = shard.inputs.blob else { throw JobError.transient("\(shard.ref): no tuned prompts stored for the shards") }
-        let (state, encoder) = try withSafeTensors(blob, what: "tuned prompts of job \(shard.ref.jobID) (label shards)") { file in
-            guard let shape = file.shape(of: PromptTuningState.promptsName), shape.count == 2 else {
-                throw JobError.badInput("tuned prompts of job \(shard.ref.jobID): no 2-D \(PromptTuningState.promptsName)")
+        // Decoded once per (job, shard inputs, model) on this worker, and reused by its later label shards
+        // (the inputs' key is a SHA-256 over the blob and the model identities).
+        let (state, encoder) = try TunedParametersCache.shared.decoded(key: "\(shard.ref.jobID)/\(shard.inputs.key)/\(clip.identity.key)") {
+            runner.logger.info("label shards: decoding the job's tuned parameters (kept for its later label shards here)",
+                               metadata: ["job": "\(shard.ref.jobID)"])
+            return try withSafeTensors(blob, what: "tuned prompts of job \(shard.ref.jobID) (label shards)") { file in
+                guard let shape = file.shape(of: PromptTuningState.promptsName), shape.count == 2 else {
+                    throw JobError.badInput("tuned prompts of job \(shard.ref.jobID): no 2-D \(PromptTuningState.promptsName)")
+                }
+                let encoder = promptTunableEncoder(clip.model, promptCount: shape[0]).encoder
+                return (try PromptTuningState(resultsSafeTensors: file, encoder: encoder), encoder)
             }
-            let encoder = promptTunableEncoder(clip.model, promptCount: shape[0]).encoder
-            return (try PromptTuningState(resultsSafeTensors: file, encoder: encoder), encoder)
         }
         let config = Described.weakConfig(clip.model)
         let c = state.head.shape[0]
@@ -255,6 +263,30 @@ struct OwnerShardRunner: ShardRunner {
     func shardLost() -> Error { Lost.lost }
     var threads: Int { context.threads }
     var imageDelaySeconds: Double { context.settings.imageDelaySeconds }
+    var logger: Logger { context.logger }
+}
+
+/// The tuned parameters of label shards, decoded from the blob once per key and kept for the worker's later
+/// shards of the same job (the last few keys).
+final class TunedParametersCache: @unchecked Sendable {
+    static let shared = TunedParametersCache()
+    static let capacity = 4
+    private let lock = NSLock()
+    private var entries: [(key: String, state: PromptTuningState, encoder: PromptTunableEncoder)] = []
+    /// Blobs decoded so far (tests read it).
+    private(set) var decodes = 0
+
+    func decoded(key: String, _ make: () throws -> (PromptTuningState, PromptTunableEncoder)) throws -> (PromptTuningState, PromptTunableEncoder) {
+        if let hit = lock.withLock({ entries.first { $0.key == key } }) { return (hit.state, hit.encoder) }
+        let (state, encoder) = try make()
+        lock.withLock {
+            decodes += 1
+            entries.removeAll { $0.key == key }
+            entries.insert((key, state, encoder), at: 0)
+            if entries.count > Self.capacity { entries.removeLast() }
+        }
+        return (state, encoder)
+    }
 }
 
 final class LockedDate: @unchecked Sendable {
@@ -280,6 +312,7 @@ public struct ShardHelpWork: HelpWork {
 struct ShardUnit: HelpUnit {
     let shard: ClaimedShard
     var jobID: Int64 { shard.ref.jobID }
+    var kind: String { shard.ref.stage }
     var description: String { "\(shard.ref)" }
 
     func run(_ context: HelpContext) throws {
@@ -313,4 +346,5 @@ struct HelperShardRunner: ShardRunner {
     func onDatabase<T>(_ body: (PostgresConnection) throws -> T) throws -> T { try context.withDatabase(body) }
     func shardLost() -> Error { HelpStop.leaseLost }
     var imageDelaySeconds: Double { context.settings.imageDelaySeconds }
+    var logger: Logger { context.logger }
 }

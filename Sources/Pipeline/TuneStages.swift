@@ -285,7 +285,8 @@ struct TuneStage: NolaStage {
             "units_rescued": number(owner.unitsRescued),
             "helpers": .array(owner.helpers.sorted().map(JSONValue.string)),
             "coordination_seconds": number(owner.coordinationSeconds), "wait_seconds": number(owner.waitSeconds),
-            "unit_seconds": number(owner.computeSeconds), "step_seconds": number(owner.stepSeconds),
+            "unit_seconds": number(owner.computeSeconds), "unit_view_seconds": number(owner.viewSeconds),
+            "step_seconds": number(owner.stepSeconds),
             "steps_this_attempt": number(owner.steps),
         ])
         return Tuned(taught: taught, prompts: .tuned(state: state, encoder: encoder, teacherLabels: teacher))

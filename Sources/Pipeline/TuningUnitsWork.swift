@@ -8,10 +8,11 @@ import Queue
 
 // Data-parallel prompt tuning (docs/scale-out-tuning.md). Each optimizer step's logical batch is cut into
 // units of the job's `prompt_micro_batch_size`; the owner publishes the step's parameters and units in
-// nola.tuning_units, computes units itself, and any idle worker with the job's CLIP computes others
-// (`TuningHelper`). A unit's result depends only on (parameters at the step, its images, their strong
-// views seeded by (seed, epoch, image)), and the owner sums results in unit order, so one worker and N
-// workers give the same bits.
+// nola.tuning_units, computes units itself, and any idle worker with the job's CLIP computes others. A
+// unit's result depends only on (parameters at the step, its images, their strong views seeded by (seed,
+// epoch, image)), and the owner sums results in unit order, so one worker and N workers give the same
+// bits. Helpers compute units through the helping loop (`TuningHelpWork`), in the
+// same slots as shards.
 
 
 /// The owner's side: `computeUnits` of `runPromptTuning` through the database.
@@ -28,6 +29,8 @@ final class TuningOwner {
     /// Units this owner took over from a worker whose lease had expired.
     private(set) var unitsRescued = 0
     private(set) var waitSeconds = 0.0, coordinationSeconds = 0.0, computeSeconds = 0.0
+    /// The part of `computeSeconds` spent making the units' strong views (decoding images not kept yet, augmenting).
+    private(set) var viewSeconds = 0.0
     /// Seconds from the units' results to the step's end (sum in unit order + AdamW): the serial step.
     private(set) var stepSeconds = 0.0
     private var returned: Date?
@@ -76,8 +79,9 @@ final class TuningOwner {
                 lap(&coordinationSeconds)
                 if claim.rescued { unitsRescued += 1 }
                 let started = Date()
-                let result = try promptUnitGradient(encoder: encoder, state: state, targets: claim.targets,
-                                                    pixels: try strongViews(claim.images, claim.epoch),
+                let pixels = try strongViews(claim.images, claim.epoch)
+                viewSeconds += Date().timeIntervalSince(started)
+                let result = try promptUnitGradient(encoder: encoder, state: state, targets: claim.targets, pixels: pixels,
                                                     logicalBatch: claim.logicalBatch, labelSmoothing: labelSmoothing)
                 lap(&computeSeconds)
                 results[claim.unit] = result
@@ -121,143 +125,162 @@ final class TuningOwner {
     }
 }
 
-/// A helper's side: claims units of any job's prompt tuning, computes them with the job's CLIP (loaded
-/// through the model cache) and writes the results. Runs on its own thread with its own connection
-/// while the daemon has a free job slot.
-public final class TuningHelper: @unchecked Sendable {
-    let config: StageSettings
-    let worker: String
-    let logger: Logger
-    private let database: Database
-    /// The job whose encoder and decoded images are kept (one at a time).
-    private var current: (jobID: Int64, attempt: Int, encoder: PromptTunableEncoder, decoded: DecodedImages,
-                          strong: StrongViewConfig, mean: [Float], std: [Float], parameters: NolaParameters, threads: Int)?
-    /// The parameters of the step last read: (job, attempt, step) and the state.
-    private var version: (key: String, state: PromptTuningState)?
-    /// Jobs this worker cannot help (their CLIP does not load here), until the time given.
-    private var refused: [Int64: Date] = [:]
-    private(set) var unitsDone = 0
+// MARK: helping
 
-    public init(conninfo: String, limits: ConnectionLimits, settings: StageSettings, worker: String, logger: Logger) {
-        self.config = settings
-        self.worker = worker
-        self.logger = logger
-        database = Database(conninfo: conninfo, logger: logger, limits: limits)
+/// The prompt-tuning units of running jobs, for the helping loop (Sources/Daemon/WorkerHelp.swift), asked
+/// before the shards: the owner waits for every unit of a step before it can take the next. What a unit
+/// needs besides its claim — the job's encoder (its CLIP through the model cache), the images decoded so
+/// far and the parameters of the step last read — is kept here across units, per job attempt, so only a
+/// job's first unit on this worker loads anything. This worker computes one unit of a job at a time (a
+/// job whose unit is in hand here is left out of the claims), so the kept encoder is never shared.
+public final class TuningHelpWork: HelpWork, @unchecked Sendable {
+    public let name = "tuning units"
+    /// Jobs whose state is kept; older ones are dropped (their decoded images may hold up to 1 GiB).
+    static let keptJobs = 2
+
+    final class JobEntry: @unchecked Sendable {
+        let attempt: Int
+        let encoder: PromptTunableEncoder
+        let decoded: DecodedImages
+        let strong: StrongViewConfig
+        let mean: [Float], std: [Float]
+        let parameters: NolaParameters
+        let threads: Int
+        /// The parameters of the step last read (only the one unit of the job in hand here touches it).
+        var version: (step: Int, state: PromptTuningState)?
+        /// When a unit last used it (read and written under TuningHelpWork's lock).
+        var used = Date()
+
+        init(attempt: Int, encoder: PromptTunableEncoder, decoded: DecodedImages, strong: StrongViewConfig, mean: [Float], std: [Float],
+             parameters: NolaParameters, threads: Int) {
+            self.attempt = attempt
+            self.encoder = encoder
+            self.decoded = decoded
+            self.strong = strong
+            self.mean = mean
+            self.std = std
+            self.parameters = parameters
+            self.threads = threads
+        }
     }
 
-    /// Claims and computes one unit; false when there was none to claim.
-    func helpOnce(shouldStop: () -> Bool) throws -> Bool {
-        let now = Date()
-        refused = refused.filter { $0.value > now }
-        let lease = config.leaseSeconds
-        guard let claim = try database.run(retryFor: 5, { c in
-            try TuningUnits.claim(c, worker: worker, leaseSeconds: lease, excludingJobs: Array(refused.keys))
-        }) else { return false }
-        if shouldStop() {
-            try database.run(retryFor: 5) { try TuningUnits.release($0, claim, worker: worker) }
-            return false
+    private let lock = NSLock()
+    private var entries: [Int64: JobEntry] = [:]
+    /// Jobs with a unit in hand on this worker.
+    private var busy: Set<Int64> = []
+
+    public init() {}
+
+    public func claim(_ c: PostgresConnection, worker: String, settings: StageSettings, skipJobs: [Int64]) throws -> (any HelpUnit)? {
+        let excluded = lock.withLock { Array(busy) } + skipJobs
+        guard let claim = try TuningUnits.claim(c, worker: worker, leaseSeconds: settings.leaseSeconds, excludingJobs: excluded) else {
+            return nil
         }
+        lock.withLock { _ = busy.insert(claim.jobID) }
+        return TuningUnit(claim: claim, worker: worker, work: self)
+    }
+
+    func ended(_ jobID: Int64) {
+        lock.withLock { _ = busy.remove(jobID) }
+    }
+
+    /// The job attempt's kept state, made on its first unit here (loading its CLIP).
+    func entry(for claim: TuningUnits.Claim, _ context: HelpContext) throws -> JobEntry {
+        let kept = lock.withLock { () -> JobEntry? in
+            guard let e = entries[claim.jobID], e.attempt == claim.attempt else { return nil }
+            e.used = Date()
+            return e
+        }
+        if let kept { return kept }
+        let rows = try context.withDatabase { c in
+            try c.query("SELECT parameters::text AS p FROM nola.jobs WHERE id = $1 AND attempt = $2", [claim.jobID, claim.attempt])
+        }
+        guard let row = rows.rows.first else { throw HelpStop.unwanted }
+        let config = context.settings
+        let job = try JobParameters(json: Data(try row.string("p").utf8))
+        var p = job.method
+        let clip: ModelCache.CLIPEntry
         do {
-            let started = Date()
-            let state = try parameters(for: claim)
-            guard let job = current else { return false }
-            let pixels = try job.decoded.strongViews(claim.images, epoch: claim.epoch, seed: job.parameters.seed, config: job.strong,
-                                                     mean: job.mean, std: job.std, files: claim.files.map { ImageFile(pathBytes: $0) })
-            // The job's threads, as its owner computes with (the kernels' sums depend on the count).
-            let result = try withThreads(job.threads) {
-                try promptUnitGradient(encoder: job.encoder, state: state, targets: claim.targets, pixels: pixels,
-                                       logicalBatch: claim.logicalBatch, labelSmoothing: job.parameters.labelSmoothing)
-            }
-            if shouldStop() {
-                try database.run(retryFor: 5) { try TuningUnits.release($0, claim, worker: worker) }
-                return false
-            }
-            let written = try database.run(retryFor: 5) {
-                try TuningUnits.complete($0, claim, worker: worker, result: result.bytes, seconds: Date().timeIntervalSince(started))
-            }
-            if written { unitsDone += 1 }
-            return true
-        } catch {
-            // This worker cannot compute the job's units (its CLIP or images do not load here, or the
-            // owner moved on): give the unit back and leave the job to others for a while.
-            logger.warning("cannot help with prompt tuning of this job; its unit is given back",
-                           metadata: ["job": "\(claim.jobID)", "step": "\(claim.step)", "unit": "\(claim.unit)", "error": "\(error)"])
-            try? database.run(retryFor: 5) { try TuningUnits.release($0, claim, worker: worker) }
-            refused[claim.jobID] = Date().addingTimeInterval(30)
-            current = nil
-            version = nil
-            return false
-        }
-    }
-
-    /// The job's encoder and images (loaded once per job attempt) and the parameters of the claim's step.
-    private func parameters(for claim: TuningUnits.Claim) throws -> PromptTuningState {
-        if current?.jobID != claim.jobID || current?.attempt != claim.attempt {
-            current = nil
-            version = nil
-            let row = try database.run(retryFor: 5) { c in
-                try c.query("SELECT parameters::text AS p FROM nola.jobs WHERE id = $1", [claim.jobID])
-            }
-            guard !row.isEmpty else { throw JobError.transient("job \(claim.jobID) is gone") }
-            let job = try JobParameters(json: Data(try row[0].string("p").utf8))
-            var p = job.method
             let given = job.given.contains("clip_model") ? p.clipModel : nil
             let folder = try ValidateStage().modelFolder(config, configured: config.clipModel, parameter: given,
                                                          fallback: p.clipModel, what: "CLIP")
             p.clipModel = folder.lastPathComponent
-            let clip = try ModelCache.shared.clip(folder)
-            var strong = StrongViewConfig()
-            strong.size = clip.model.imageSize
-            if !p.colourJitter {
-                strong.jitterProbability = 0
-                strong.secondJitter = nil
-            }
-            let threads = min(job.threads ?? config.threads, config.threads)
-            // The same encoder the owner builds (prompt tokens on ViT towers, none on MCi).
-            let encoder = promptTunableEncoder(clip.model, promptCount: p.promptCount).encoder
-            current = (claim.jobID, claim.attempt, encoder, DecodedImages(files: [], threads: threads), strong,
-                       clip.model.imageMean, clip.model.imageStd, p, threads)
+            clip = try ModelCache.shared.clip(folder)
+        } catch {
+            throw HelpStop.cannotHelp("its CLIP does not load here: \(error)")
         }
-        let key = "\(claim.jobID)/\(claim.attempt)/\(claim.step)"
-        if let version, version.key == key { return version.state }
-        guard let blob = try database.run(retryFor: 5, { try TuningUnits.parameters($0, jobID: claim.jobID, attempt: claim.attempt, step: claim.step) }),
-              let encoder = current?.encoder else {
-            throw JobError.transient("the parameters of step \(claim.step) of job \(claim.jobID) are no longer published")
+        var strong = StrongViewConfig()
+        strong.size = clip.model.imageSize
+        if !p.colourJitter {
+            strong.jitterProbability = 0
+            strong.secondJitter = nil
+        }
+        let threads = min(job.threads ?? config.threads, config.threads)
+        // The same encoder the owner builds (prompt tokens on ViT towers, none on MCi).
+        let encoder = promptTunableEncoder(clip.model, promptCount: p.promptCount).encoder
+        let e = JobEntry(attempt: claim.attempt, encoder: encoder, decoded: DecodedImages(files: [], threads: threads), strong: strong,
+                         mean: clip.model.imageMean, std: clip.model.imageStd, parameters: p, threads: threads)
+        lock.withLock {
+            entries[claim.jobID] = e
+            while entries.count > Self.keptJobs, let oldest = entries.min(by: { $0.value.used < $1.value.used })?.key {
+                entries[oldest] = nil
+            }
+        }
+        return e
+    }
+
+    /// The parameters of the claim's step (read once per step).
+    func state(for claim: TuningUnits.Claim, _ e: JobEntry, _ context: HelpContext) throws -> PromptTuningState {
+        if let v = e.version, v.step == claim.step { return v.state }
+        guard let blob = try context.withDatabase({ try TuningUnits.parameters($0, jobID: claim.jobID, attempt: claim.attempt, step: claim.step) }) else {
+            // The owner moved on (or a new attempt began): the unit is no longer wanted.
+            throw HelpStop.unwanted
         }
         let state = try withSafeTensors(blob, what: "published parameters of job \(claim.jobID)") {
-            try PromptTuningState(resultsSafeTensors: $0, encoder: encoder)
+            try PromptTuningState(resultsSafeTensors: $0, encoder: e.encoder)
         }
-        version = (key, state)
+        e.version = (claim.step, state)
         return state
     }
+}
 
-    /// Gives back whatever this worker still holds (shutdown).
-    func releaseAll() {
-        try? database.run(retryFor: 1) { try TuningUnits.releaseAll($0, worker: worker) }
-        database.close()
+/// One claimed prompt-tuning unit: the gradient of its micro-batch at its step's parameters.
+struct TuningUnit: HelpUnit {
+    let claim: TuningUnits.Claim
+    let worker: String
+    let work: TuningHelpWork
+    var jobID: Int64 { claim.jobID }
+    var kind: String { "tune" }
+    var quiet: Bool { true }
+    var description: String { "job \(claim.jobID) tune step \(claim.step) unit \(claim.unit)" }
+
+    func run(_ context: HelpContext) throws {
+        defer { work.ended(claim.jobID) }
+        try context.keepAlive()
+        let started = Date()
+        let job = try work.entry(for: claim, context)
+        let state = try work.state(for: claim, job, context)
+        // A job's first unit here loads its CLIP: renew the lease if that took a heartbeat or more.
+        try context.keepAlive()
+        let pixels = try job.decoded.strongViews(claim.images, epoch: claim.epoch, seed: job.parameters.seed, config: job.strong,
+                                                 mean: job.mean, std: job.std, files: claim.files.map { ImageFile(pathBytes: $0) })
+        // The job's threads, as its owner computes with (the kernels' sums depend on the count).
+        let result = try withThreads(job.threads) {
+            try promptUnitGradient(encoder: job.encoder, state: state, targets: claim.targets, pixels: pixels,
+                                   logicalBatch: claim.logicalBatch, labelSmoothing: job.parameters.labelSmoothing)
+        }
+        // SIGTERM or cancel during the arithmetic: give the unit back unwritten (another worker takes it at once).
+        if let stop = context.stopReason { throw stop }
+        try context.write {
+            try TuningUnits.complete($0, claim, worker: worker, result: result.bytes, seconds: Date().timeIntervalSince(started))
+        }
     }
 
-    /// Helps until `shouldStop`; `mayHelp` says whether a job slot is free now. With nothing to claim it
-    /// looks again after `poll` seconds, doubling up to `idlePoll` while nothing turns up (a worker that
-    /// just helped looks again soon: the owner publishes the next step within milliseconds).
-    public func run(poll: Double = 0.02, idlePoll: Double = 0.5, mayHelp: () -> Bool, shouldStop: () -> Bool) {
-        defer { releaseAll() }
-        var wait = poll
-        while !shouldStop() {
-            var worked = false
-            if mayHelp() {
-                do {
-                    worked = try helpOnce(shouldStop: shouldStop)
-                } catch {
-                    if !shouldStop() { logger.debug("prompt-tuning help failed", metadata: ["error": "\(error)"]) }
-                }
-            }
-            if worked {
-                wait = poll
-            } else {
-                usleep(UInt32(wait * 1e6))
-                wait = min(idlePoll, wait * 2)
-            }
-        }
+    func renew(_ c: PostgresConnection, leaseSeconds: Double) throws -> LeaseRenewal {
+        try TuningUnits.renewLease(c, claim, worker: worker, leaseSeconds: leaseSeconds)
+    }
+
+    func release(_ c: PostgresConnection, error: String?) throws {
+        try TuningUnits.release(c, claim, worker: worker)
     }
 }

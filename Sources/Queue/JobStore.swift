@@ -98,13 +98,15 @@ public enum JobStore {
             """, [id, name, host, pid, version])
     }
 
-    public static func workerHeartbeat(_ c: PostgresConnection, id: String, currentJobs: [Int64]) throws {
-        try c.query("UPDATE nola.workers SET heartbeat_at = now(), current_jobs = $2::bigint[] WHERE id = $1",
-                    [id, currentJobs.map(String.init)])
+    /// `currentJobs`: the jobs this worker owns and runs; `helpingJobs`: other workers' jobs it held a help
+    /// unit of (shard, tuning unit) since its previous heartbeat.
+    public static func workerHeartbeat(_ c: PostgresConnection, id: String, currentJobs: [Int64], helpingJobs: [Int64] = []) throws {
+        try c.query("UPDATE nola.workers SET heartbeat_at = now(), current_jobs = $2::bigint[], helping_jobs = $3::bigint[] WHERE id = $1",
+                    [id, currentJobs.map(String.init), helpingJobs.sorted().map(String.init)])
     }
 
     public static func workerStopped(_ c: PostgresConnection, id: String) throws {
-        try c.query("UPDATE nola.workers SET stopped_at = now(), heartbeat_at = now(), current_jobs = '{}' WHERE id = $1", [id])
+        try c.query("UPDATE nola.workers SET stopped_at = now(), heartbeat_at = now(), current_jobs = '{}', helping_jobs = '{}' WHERE id = $1", [id])
     }
 
     // MARK: claiming and leases

@@ -12,7 +12,7 @@ public struct Migration: Sendable {
 /// Applies Migrations/*.sql in order, each in one transaction, under an advisory lock, recorded in
 /// `nola.schema_migrations`. The schema version this build of nolad expects is `Migrator.expectedVersion`.
 public enum Migrator {
-    public static let expectedVersion = 11
+    public static let expectedVersion = 12
     /// Arbitrary constant key for pg_advisory_lock, shared by every nolad.
     static let lockKey: Int64 = 0x6e6f_6c61_6d69_6772 // "nolamigr"
 
@@ -153,7 +153,8 @@ public enum SchemaCatalog {
         "events": ["id bigint", "job_id bigint", "attempt integer", "worker text", "at timestamp with time zone",
                    "stage text", "kind text", "metrics jsonb"],
         "workers": ["id text", "name text", "host text", "pid integer", "version text", "started_at timestamp with time zone",
-                    "heartbeat_at timestamp with time zone", "stopped_at timestamp with time zone", "current_jobs bigint[]"],
+                    "heartbeat_at timestamp with time zone", "stopped_at timestamp with time zone", "current_jobs bigint[]",
+                    "helping_jobs bigint[]"],
         "images": ["job_id bigint", "path text", "size_bytes bigint", "sha256 text", "format text", "path_bytes bytea"],
         "labels": ["job_id bigint", "path text", "label text", "confidence real", "zero_shot_label text",
                    "zero_shot_confidence real", "unreadable text", "top_labels text[]", "top_probabilities real[]",
@@ -181,7 +182,10 @@ public enum SchemaCatalog {
                        "max_attempts integer", "cancel_requested boolean", "error text",
                        "submitted_at timestamp with time zone", "started_at timestamp with time zone",
                        "finished_at timestamp with time zone", "shards_done bigint", "shards_total bigint",
-                       "workers_contributing bigint", "worker_rates jsonb"],
+                       "workers_contributing bigint", "worker_rates jsonb", "tuning_step integer", "tuning_units_done bigint",
+                       "tuning_units_total bigint"],
+        "tuning_workers": ["job_id bigint", "attempt integer", "worker text", "units bigint", "views bigint",
+                           "seconds double precision", "last_at timestamp with time zone"],
         "shard_inputs": ["job_id bigint", "stage text", "key text", "clip_model text", "dino_model text", "model_keys text[]",
                          "blob bytea", "created_at timestamp with time zone"],
         "shards": ["job_id bigint", "stage text", "index integer", "paths text[]", "state text", "worker text", "claims integer",

@@ -1,6 +1,6 @@
 import Foundation
 
-/// Data-parallel prompt tuning through PostgreSQL (migration 0011): the owner of a job publishes the
+/// Data-parallel prompt tuning through PostgreSQL (migrations 0011, 0012): the owner of a job publishes the
 /// parameters of optimizer step t and the step's units; any worker with the job's CLIP claims a unit
 /// (`FOR UPDATE SKIP LOCKED`, under a lease), computes its gradient and writes it once while its lease
 /// holds; the owner reads the results back in unit order.
@@ -51,6 +51,7 @@ public enum TuningUnits {
             guard try JobStore.isOwned(c, job) else { return false }
             try c.query("DELETE FROM nola.tuning_units WHERE job_id = $1", [job.id])
             try c.query("DELETE FROM nola.tuning_parameters WHERE job_id = $1", [job.id])
+            try c.query("DELETE FROM nola.tuning_workers WHERE job_id = $1", [job.id])
             return true
         }
     }
@@ -90,6 +91,8 @@ public enum TuningUnits {
                     ON CONFLICT (job_id, step, unit) DO NOTHING
                     """, parameters)
             }
+            // Idle workers look for units now rather than at their next poll (sent at commit).
+            try c.query("SELECT pg_notify('nola_work', '')")
             return true
         }
     }
@@ -149,18 +152,40 @@ public enum TuningUnits {
             """, [claim.jobID, claim.attempt, claim.step, claim.unit, leaseSeconds, worker]).affected == 1
     }
 
+    /// Renews the lease of a claimed unit, reading whether its job still wants it: `.renewed(cancelRequested:
+    /// true)` when the job is being cancelled or no longer runs this attempt, `.lost` when the unit is no
+    /// longer this worker's.
+    public static func renewLease(_ c: PostgresConnection, _ claim: Claim, worker: String, leaseSeconds: Double) throws -> LeaseRenewal {
+        let rows = try c.query("""
+            UPDATE nola.tuning_units SET lease_expires_at = now() + make_interval(secs => $5)
+            WHERE job_id = $1 AND attempt = $2 AND step = $3 AND unit = $4 AND state = 'running' AND worker = $6
+            RETURNING (SELECT j.state <> 'running' OR j.cancel_requested OR j.attempt <> $2 FROM nola.jobs j WHERE j.id = $1) AS unwanted
+            """, [claim.jobID, claim.attempt, claim.step, claim.unit, leaseSeconds, worker])
+        guard let row = rows.rows.first else { return .lost }
+        return .renewed(cancelRequested: (try? row.bool("unwanted")) ?? true)
+    }
+
     /// The guarded write: the result lands only while this worker holds the unit's lease, and only once
-    /// (a unit already done keeps its first result; the same unit gives the same bytes anyway). False
-    /// when nothing was written.
+    /// (a unit already done keeps its first result; the same unit gives the same bytes anyway), and the
+    /// worker's tally in nola.tuning_workers (job_status) grows with it. False when nothing was written.
     @discardableResult
     public static func complete(_ c: PostgresConnection, _ claim: Claim, worker: String, result: [UInt8], seconds: Double) throws -> Bool {
-        let rows = try c.query("""
-            UPDATE nola.tuning_units SET state = 'done', result = $5, seconds = $6, finished_at = now(), lease_expires_at = NULL
-            WHERE job_id = $1 AND attempt = $2 AND step = $3 AND unit = $4 AND state = 'running' AND worker = $7
-              AND lease_expires_at > now()
-            """, [claim.jobID, claim.attempt, claim.step, claim.unit, PostgresValue.bytes(result), seconds, worker])
-        if rows.affected == 1 { try c.query("SELECT pg_notify('nola_units', $1)", [String(claim.jobID)]) }
-        return rows.affected == 1
+        try c.transaction {
+            let rows = try c.query("""
+                UPDATE nola.tuning_units SET state = 'done', result = $5, seconds = $6, finished_at = now(), lease_expires_at = NULL
+                WHERE job_id = $1 AND attempt = $2 AND step = $3 AND unit = $4 AND state = 'running' AND worker = $7
+                  AND lease_expires_at > now()
+                """, [claim.jobID, claim.attempt, claim.step, claim.unit, PostgresValue.bytes(result), seconds, worker])
+            guard rows.affected == 1 else { return false }
+            try c.query("""
+                INSERT INTO nola.tuning_workers (job_id, attempt, worker, units, views, seconds) VALUES ($1, $2, $3, 1, $4, $5)
+                ON CONFLICT (job_id, attempt, worker) DO UPDATE SET units = nola.tuning_workers.units + 1,
+                    views = nola.tuning_workers.views + EXCLUDED.views, seconds = nola.tuning_workers.seconds + EXCLUDED.seconds,
+                    last_at = now()
+                """, [claim.jobID, claim.attempt, worker, claim.images.count, seconds])
+            try c.query("SELECT pg_notify('nola_units', $1)", [String(claim.jobID)])
+            return true
+        }
     }
 
     /// Gives a claimed unit back (a stopping helper): pending again at once, for anyone.

@@ -80,26 +80,132 @@ final class DataParallelTuningJobTests: DatabaseTestCase {
         let m = try tuneMetrics(id)
         XCTAssertEqual(m["units_helped"] as? Int, 0)
         XCTAssertEqual(m["units_here"] as? Int, epochs * 3 * 3)
+        let views = (m["unit_view_seconds"] as? NSNumber)?.doubleValue ?? -1, units = (m["unit_seconds"] as? NSNumber)?.doubleValue ?? -1
+        XCTAssertTrue(views > 0 && views <= units, "the strong views' part of the units' seconds: \(views) of \(units)")
         a.signal(SIGTERM)
         XCTAssertEqual(a.waitExit(timeout: 20), 0)
         return id
     }
 
+    /// Also: while the job tunes, nola.job_status shows both workers with their rates and the current
+    /// step's units, nola.workers shows the helper helping the job, and the helper's Prometheus metrics
+    /// count its tuning units (as many as the owner read from it).
     func testTwoDaemons_giveTheSamePromptsAndLabelsAsOne() throws {
         let collection = try copyCollection()
         let reference = try alone(collection, epochs: 12)
-        _ = try startPipelineDaemon("one", extra: Self.settings)
-        _ = try startPipelineDaemon("two", extra: Self.settings)
+        let ports = [try freeLoopbackPort(), try freeLoopbackPort()]
+        let one = try startPipelineDaemon("one", extra: Self.settings.merging(["metrics_listen": "127.0.0.1:\(ports[0])"]) { $1 })
+        let two = try startPipelineDaemon("two", extra: Self.settings.merging(["metrics_listen": "127.0.0.1:\(ports[1])"]) { $1 })
         let id = try submit(collection, parameters: Self.parameters(epochs: 12))
+
+        // Status during tuning: both workers contributing, each with units done and a rate; and the
+        // workers whose nola.workers.helping_jobs showed the job at some heartbeat.
+        var status: [String: Any] = [:]
+        var seenHelping: Set<String> = []
+        try waitUntil("job_status shows two workers contributing to the tuning, and nola.workers a helper", timeout: 240, poll: 0.02) {
+            for w in try db.query("SELECT id FROM nola.workers WHERE stopped_at IS NULL AND $1 = ANY (helping_jobs)", [id]).rows {
+                seenHelping.insert(try w.string("id"))
+            }
+            let r = try db.query("""
+                SELECT stage, state, workers_contributing::int AS n, worker_rates::text AS rates, tuning_step, tuning_units_done::int AS done,
+                       tuning_units_total::int AS total FROM nola.job_status WHERE id = $1
+                """, [id])[0]
+            if try !["queued", "running"].contains(r.string("state")) {
+                XCTFail("the job ended before job_status and nola.workers showed its helper (status \(status), helping \(seenHelping))")
+                return true
+            }
+            if status.isEmpty, try r.optionalString("stage") == "tune", try r.int("n") == 2 {
+                let rates = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(try r.string("rates").utf8)) as? [String: [String: Any]])
+                if rates.values.allSatisfy({ ($0["units_done"] as? Int ?? 0) > 0 }) {
+                    status = ["rates": rates, "step": try r.int("tuning_step"), "done": try r.int("done"), "total": try r.int("total")]
+                }
+            }
+            return !status.isEmpty && !seenHelping.isEmpty
+        }
+        print("data-parallel test: job_status during tuning \(status); workers showing the job in helping_jobs \(seenHelping)")
+        let rates = try XCTUnwrap(status["rates"] as? [String: [String: Any]])
+        XCTAssertEqual(Set(rates.keys), Set([try workerID(one), try workerID(two)]))
+        for (worker, rate) in rates {
+            XCTAssertEqual(rate["views"] as? Int, 2 * (rate["units_done"] as? Int ?? -1), "units of 2 images: \(worker) \(rate)")
+            XCTAssertGreaterThan((rate["units_per_second"] as? NSNumber)?.doubleValue ?? 0, 0, "\(worker) \(rate)")
+            XCTAssertGreaterThan((rate["views_per_second"] as? NSNumber)?.doubleValue ?? 0, 0, "\(worker) \(rate)")
+            XCTAssertNotNil(rate["running"] as? Int)
+        }
+        XCTAssertEqual(status["total"] as? Int, 3, "3 units per step")
+        XCTAssertLessThanOrEqual(status["done"] as? Int ?? 99, 3)
+        XCTAssertGreaterThanOrEqual(status["step"] as? Int ?? 0, 1)
+
         try waitSucceeded(id, timeout: 300)
         let m = try tuneMetrics(id)
         let helped = m["units_helped"] as? Int ?? 0
         print("data-parallel test: \(helped) of \(12 * 9) units computed by the helper; metrics \(m)")
         XCTAssertGreaterThan(helped, 0, "the idle daemon computed some units")
         XCTAssertEqual((m["units_here"] as? Int ?? 0) + helped, 12 * 9)
-        XCTAssertEqual((m["helpers"] as? [String])?.count, 1)
+        let helpers = try XCTUnwrap(m["helpers"] as? [String])
+        XCTAssertEqual(helpers.count, 1)
         try assertSameResult(reference, id)
         XCTAssertEqual(try db.query("SELECT 1 FROM nola.tuning_units WHERE job_id = $1", [id]).count, 0, "rows removed after tuning")
+        let owner = try job(id).string("worker")
+        let helper = try XCTUnwrap(helpers.first)
+        XCTAssertNotEqual(owner, helper)
+        XCTAssertEqual(seenHelping, [helper], "the helper, and only it, showed the job in nola.workers.helping_jobs")
+        XCTAssertEqual(try db.query("SELECT helping_jobs::text AS h FROM nola.workers WHERE id = $1", [owner])[0].string("h"), "{}")
+        let (code, listing) = try runProgram(try noladExecutable(), ["status", "--database", conninfo])
+        XCTAssertEqual(code, 0, listing)
+        XCTAssertTrue(listing.split(separator: "\n").contains { $0.hasPrefix("worker ") && $0.contains(" jobs ") && $0.contains(" helping") },
+                      "`nolad status` lists the workers with the jobs they help: \(listing)")
+
+        // The helper's metrics: its tuning units, all written, are the units the owner read from it.
+        let helperPort = try workerID(one) == helper ? ports[0] : ports[1]
+        let exposition = try httpGet("http://127.0.0.1:\(helperPort)/metrics").body
+        XCTAssertEqual(sample("nolad_help_units_total{kind=\"tune\",outcome=\"done\"}", in: exposition), Double(helped), exposition)
+        XCTAssertNotNil(sample("nolad_help_units_running{kind=\"tune\"}", in: exposition), exposition)
+        let ownerPort = helperPort == ports[0] ? ports[1] : ports[0]
+        XCTAssertNil(sample("nolad_help_units_total{kind=\"tune\",outcome=\"done\"}", in: try httpGet("http://127.0.0.1:\(ownerPort)/metrics").body))
+    }
+
+    /// One helping loop: a helper with `concurrency: 1` that helps one job's prompt tuning and another job's
+    /// shards never holds a tuning unit and a shard at the same time (both share its one slot), yet helps
+    /// with both kinds.
+    func testOneSlot_helpsWithTuningAndShards_butNeverBothAtOnce() throws {
+        let collection = try copyCollection()
+        let second = root + "/shapes-2"
+        try FileManager.default.copyItem(atPath: collection, toPath: second)
+        let shards = ["shard_size": "8", "image_delay_seconds": "0.05"]
+        let a = try startPipelineDaemon("a", extra: Self.settings.merging(shards) { $1 })
+        let tuning = try submit(collection, parameters: Self.parameters(epochs: 400))
+        try waitUntil("job \(tuning) tunes on a", timeout: 240, poll: 0.02) {
+            try db.query("SELECT stage FROM nola.jobs WHERE id = $1", [tuning])[0].optionalString("stage") == "tune"
+        }
+        XCTAssertEqual(try job(tuning).string("worker"), try workerID(a))
+        let b = try startPipelineDaemon("b", extra: Self.settings.merging(shards) { $1 })
+        let sharded = try submit(second, parameters: Self.parameters(epochs: 2))
+        try waitUntil("job \(sharded) runs on b", timeout: 60, poll: 0.02) { try job(sharded).optionalString("worker") == (try workerID(b)) }
+        let c = try startPipelineDaemon("c", extra: Self.settings.merging(shards) { $1 })
+        let helper = try workerID(c)
+        var sawUnit = false, sawShard = false, both = 0, looks = 0
+        try waitUntil("job \(sharded) has finished", timeout: 240, poll: 0.002) {
+            let r = try db.query("""
+                SELECT (SELECT count(*) FROM nola.shards WHERE state = 'running' AND worker = $1)::int AS shards,
+                       (SELECT count(*) FROM nola.tuning_units WHERE state = 'running' AND worker = $1)::int AS units,
+                       (SELECT state::text FROM nola.jobs WHERE id = $2) AS state
+                """, [helper, sharded])[0]
+            let (s, u) = (try r.int("shards"), try r.int("units"))
+            looks += 1
+            if s > 0 { sawShard = true }
+            if u > 0 { sawUnit = true }
+            if s + u > 1 { both += 1 }
+            return try r.string("state") != "running" && r.string("state") != "queued"
+        }
+        try db.query("SELECT nola.cancel($1)", [tuning])
+        print("data-parallel test: one-slot helper: tuning unit seen \(sawUnit), shard seen \(sawShard), both at once \(both) of \(looks) looks")
+        XCTAssertEqual(try job(sharded).string("state"), "succeeded")
+        XCTAssertTrue(sawUnit, "the helper computed tuning units")
+        XCTAssertTrue(sawShard, "the helper computed shards")
+        XCTAssertEqual(both, 0, "never more help units at once than its one slot")
+        let sharedShards = try db.query("SELECT count(*)::int AS n FROM nola.shards WHERE job_id = $1 AND worker = $2 AND state = 'done'",
+                                        [sharded, helper])[0].int("n")
+        XCTAssertGreaterThan(sharedShards, 0)
     }
 
     func testHelperKilledMidTuning_theOwnerRescuesItsUnit_andTheResultIsTheSame() throws {

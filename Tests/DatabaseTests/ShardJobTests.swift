@@ -11,6 +11,8 @@ import XCTest
 final class ShardJobTests: DatabaseTestCase {
     static let classes = ["red ball", "green leaf", "blue sky"]
     static let parameters = #"{"prompt_epochs": 2, "prompt_batch_size": 6, "alignment_epochs": 2, "min_k": 2}"#
+    /// Logged when a worker decodes a job's tuned parameters for its label shards.
+    static let decodeLine = "label shards: decoding the job's tuned parameters"
 
     func copyCollection(_ name: String = "shapes") throws -> String {
         let path = root + "/" + name
@@ -67,6 +69,9 @@ final class ShardJobTests: DatabaseTestCase {
         XCTAssertEqual(labels.count, 19)
         let workers = try shardWorkers(id)
         XCTAssertEqual(workers["encode"]?.count, 1)
+        // Its three label shards decoded the tuned blob once (kept for the later shards).
+        XCTAssertEqual(try db.query("SELECT 1 FROM nola.shards WHERE job_id = $1 AND stage = 'label'", [id]).count, 3)
+        XCTAssertEqual(solo.log.components(separatedBy: Self.decodeLine).count - 1, 1, solo.log)
         let result = (labels, try promptTensors(id))
         try db.query("DELETE FROM nola.feature_cache")
         return result
@@ -122,10 +127,13 @@ final class ShardJobTests: DatabaseTestCase {
 
     func testSameJob_byOneDaemonAndByTwo_givesByteEqualLabelsAndPrompts() throws {
         let ref = try reference()
-        _ = try startShardDaemon("shard-a")
-        _ = try startShardDaemon("shard-b")
+        let a = try startShardDaemon("shard-a")
+        let b = try startShardDaemon("shard-b")
         let id = try submitJob(try copyCollection())
         try waitSucceeded(id, timeout: 240)
+        for d in [a, b] {
+            XCTAssertLessThanOrEqual(d.log.components(separatedBy: Self.decodeLine).count - 1, 1, "\(d.name) decodes the tuned blob at most once")
+        }
         XCTAssertEqual(try labelRows(id), ref.labels, "labels, confidences and signals byte-equal to one daemon's")
         XCTAssertEqual(try promptTensors(id), ref.prompts, "prompts blob tensors bit-equal to one daemon's")
         try assertNoLostOrDoubledShard(id)

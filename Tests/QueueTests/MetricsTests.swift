@@ -132,6 +132,27 @@ final class DaemonMetricsTests: XCTestCase {
         XCTAssertEqual(value("nolad_queue_jobs{state=\"queued\"}", t), 2, t)
         XCTAssertEqual(value("nolad_queue_not_yet_due_jobs", t), 1, t)
         XCTAssertEqual(value("nolad_queue_oldest_due_age_seconds", t), 12.5, t)
+        XCTAssertEqual(value("nolad_help_units_running{kind=\"tune\"}", t), 0, t)
+
+        // Help units: running now by kind, and ended by kind and outcome.
+        m.helpUnitStarted(kind: "tune")
+        m.helpUnitStarted(kind: "tune")
+        m.helpUnitStarted(kind: "label")
+        t = text(m)
+        XCTAssertEqual(value("nolad_help_units_running{kind=\"tune\"}", t), 2, t)
+        XCTAssertEqual(value("nolad_help_units_running{kind=\"label\"}", t), 1, t)
+        XCTAssertEqual(value("nolad_help_units_running{kind=\"encode\"}", t), 0, t)
+        m.helpUnitEnded(kind: "tune", outcome: "done")
+        m.helpUnitEnded(kind: "tune", outcome: "given_back")
+        m.helpUnitEnded(kind: "label", outcome: "done")
+        m.helpUnitStarted(kind: "tune")
+        m.helpUnitEnded(kind: "tune", outcome: "done")
+        t = text(m)
+        XCTAssertEqual(value("nolad_help_units_running{kind=\"tune\"}", t), 0, t)
+        XCTAssertEqual(value("nolad_help_units_running{kind=\"label\"}", t), 0, t)
+        XCTAssertEqual(value("nolad_help_units_total{kind=\"tune\",outcome=\"done\"}", t), 2, t)
+        XCTAssertEqual(value("nolad_help_units_total{kind=\"tune\",outcome=\"given_back\"}", t), 1, t)
+        XCTAssertEqual(value("nolad_help_units_total{kind=\"label\",outcome=\"done\"}", t), 1, t)
         // Each family is declared once (two registries feed one exposition).
         let types = t.split(separator: "\n").filter { $0.hasPrefix("# TYPE ") }
         XCTAssertEqual(types.count, Set(types).count, t)

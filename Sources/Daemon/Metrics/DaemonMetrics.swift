@@ -34,6 +34,8 @@ public final class DaemonMetrics: WorkerObserver, @unchecked Sendable {
     private var schemaChecked = false
     private var databaseDown = false
     private var workerID = ""
+    /// Help units running now, by kind.
+    private var helpRunning: [String: Int] = [:]
 
     private let attempts: [String: Counter]
     private let reconnects: Counter
@@ -148,6 +150,21 @@ public final class DaemonMetrics: WorkerObserver, @unchecked Sendable {
         lock.withLock { lastTurn = now }
     }
 
+    /// The kinds of help unit (HelpUnit.kind) and the outcomes of `helpUnitEnded`.
+    public static let helpKinds = ["encode", "label", "tune"]
+    public static let helpOutcomes = ["done", "given_back", "lease_lost", "failed"]
+
+    public func helpUnitStarted(kind: String) {
+        lock.withLock { helpRunning[kind, default: 0] += 1 }
+    }
+
+    public func helpUnitEnded(kind: String, outcome: String) {
+        lock.withLock { helpRunning[kind] = max(0, (helpRunning[kind] ?? 1) - 1) }
+        registry.makeCounter(descriptor: Self.name("help_units", "total",
+            "Units of other workers' jobs this daemon worked on (shards of encode / label, prompt-tuning units), by kind and by how they ended."),
+            labels: [("kind", kind), ("outcome", outcome)]).increment()
+    }
+
     public func databaseReady() {
         lock.withLock { schemaChecked = true; databaseDown = false }
     }
@@ -193,7 +210,9 @@ public final class DaemonMetrics: WorkerObserver, @unchecked Sendable {
         var buffer: [UInt8] = []
         registry.emit(into: &buffer)
 
-        let (running, turn, checked, down, worker) = lock.withLock { (Array(jobs.values), lastTurn, schemaChecked, databaseDown, workerID) }
+        let (running, turn, checked, down, worker, helps) = lock.withLock {
+            (Array(jobs.values), lastTurn, schemaChecked, databaseDown, workerID, helpRunning)
+        }
         let r = PrometheusCollectorRegistry()
         if !worker.isEmpty {
             r.makeGauge(descriptor: Self.name("worker_info", "", "This daemon's worker id as in nola.jobs.worker (the value is always 1)."),
@@ -213,6 +232,10 @@ public final class DaemonMetrics: WorkerObserver, @unchecked Sendable {
                         labels: labels).set(j.total > 0 ? Double(j.done) / Double(j.total) : 0)
             r.makeGauge(descriptor: Self.name("job_stage_elapsed", "seconds", "Time since a running job's current stage began."),
                         labels: labels).set(now.timeIntervalSince(j.stageStarted))
+        }
+        for kind in Set(Self.helpKinds).union(helps.keys).sorted() {
+            r.makeGauge(descriptor: Self.name("help_units_running", "", "Units of other workers' jobs this daemon is working on now, by kind (they share the `concurrency` slots with its own jobs)."),
+                        labels: [("kind", kind)]).set(Double(helps[kind] ?? 0))
         }
         r.makeGauge(descriptor: Self.name("database_connected", "", "1 while the main loop has PostgreSQL and the schema was checked, else 0."))
             .set(to: checked && !down ? 1 : 0)

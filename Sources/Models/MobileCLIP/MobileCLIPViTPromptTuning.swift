@@ -1,60 +1,24 @@
 import Kernels
 
-/// The trainable state of prompt tuning on MobileCLIP-B's ViT tower (NoLA step 3, as on CLIP's ViT): P prompt
-/// tokens inserted after CLS before the first block (the trunk has no pre-norm: [CLS; prompts; patches +
-/// pos_embed]), every LayerNorm of the trunk (copies; the model stays frozen), and a linear head
-/// (C, embed_dim) without bias on the (optionally L2-normalised) image features.
-/// Gradients accumulate across `MobileCLIPViT.promptTuningStep` calls until `zeroGrads()`.
-public final class MobileCLIPViTPromptTuning: @unchecked Sendable {
-    public let promptCount: Int
-    public let classCount: Int
-    public let normalizesFeatures: Bool
-    public let prompts: Buffer          // (P,D)
-    public let head: Buffer             // (C,embed_dim)
-    let norms: MobileCLIPViTNorms
-    let promptsGrad: Buffer
-    let headGrad: Buffer
-    let normGrads: [LayerNormGrads]     // in MobileCLIPViTNorms.named order
-    /// Activations and scratch of the last step, reused while the batch size stays the same.
-    var workspace: (batch: Int, tape: [LayerActivations], scratch: LayerGradScratch)?
+/// Prompt tuning on MobileCLIP-B's ViT tower (NoLA step 3, as on CLIP's ViT): P prompt tokens inserted after
+/// CLS before the first block (the trunk has no pre-norm: [CLS; prompts; patches + pos_embed]), every
+/// LayerNorm of the trunk under its checkpoint name ("visual.trunk.blocks.0.norm1", …, "visual.trunk.norm"),
+/// and the linear head (C, embed_dim); the state is `ViTPromptTuning` (PromptTuning.swift).
+public typealias MobileCLIPViTPromptTuning = ViTPromptTuning<MobileCLIPViTNorms>
 
-    public init(tower: MobileCLIPViT, prompts: [Float], promptCount: Int, head: [Float], classCount: Int, normalizesFeatures: Bool = true) {
-        precondition(prompts.count == promptCount * tower.hiddenSize && head.count == classCount * tower.projectionDim)
-        self.promptCount = promptCount
-        self.classCount = classCount
-        self.normalizesFeatures = normalizesFeatures
-        self.prompts = Buffer(prompts)
-        self.head = Buffer(head)
-        norms = MobileCLIPViTNorms(tower).copy()
-        promptsGrad = Buffer(count: prompts.count)
-        headGrad = Buffer(count: head.count)
-        normGrads = norms.named.map { LayerNormGrads(weight: Buffer(count: $0.1.c), bias: Buffer(count: $0.1.c)) }
+extension ViTPromptTuning where Norms == MobileCLIPViTNorms {
+    public convenience init(tower: MobileCLIPViT, prompts: [Float], promptCount: Int, head: [Float], classCount: Int, normalizesFeatures: Bool = true) {
+        let norms = MobileCLIPViTNorms(tower).copy()
+        self.init(norms: norms, named: norms.named, width: tower.hiddenSize, projectionDim: tower.projectionDim,
+                  prompts: prompts, promptCount: promptCount, head: head, classCount: classCount, normalizesFeatures: normalizesFeatures)
     }
-
-    /// Every trained tensor with its gradient: "prompts", "head.weight", and each LayerNorm by its checkpoint
-    /// name ("visual.trunk.blocks.0.norm1.weight", …, "visual.trunk.norm.bias"). `isBias` marks biases.
-    public var parameters: [(name: String, value: Buffer, grad: Buffer, isBias: Bool)] {
-        var list: [(name: String, value: Buffer, grad: Buffer, isBias: Bool)] = [("prompts", prompts, promptsGrad, false), ("head.weight", head, headGrad, false)]
-        for ((name, norm), g) in zip(norms.named, normGrads) {
-            list.append((name + ".weight", norm.weight, g.weight, false))
-            list.append((name + ".bias", norm.bias, g.bias, true))
-        }
-        return list
-    }
-
-    public func zeroGrads() { for p in parameters { p.grad.zero() } }
 }
 
 extension MobileCLIPViT {
     /// Image features (B, embed_dim) with the tuned prompts and LayerNorms, and the head's logits (B,C).
     public func promptTunedLogits(_ s: MobileCLIPViTPromptTuning, pixels: UnsafePointer<Float>, batch b: Int) -> (features: [Float], logits: [Float]) {
         let features = imageFeatures(pixels: pixels, batch: b, prompts: s.prompts.data, promptCount: s.promptCount, norms: s.norms)
-        let inp = Buffer(features)
-        if s.normalizesFeatures { l2NormalizeForward(inp.data, norms: nil, inp.data, n: b, c: projectionDim) }
-        var logits = [Float](repeating: 0, count: b * s.classCount)
-        linearForward(&logits, inp.data, s.head.data, nil, n: b, inFeatures: projectionDim, outFeatures: s.classCount)
-        withExtendedLifetime(inp) {}
-        return (features, logits)
+        return (features, s.headLogits(features, batch: b))
     }
 
     /// One micro-batch of prompt tuning (one at a time per state): forward with prompts, head logits (B,C),
@@ -68,7 +32,7 @@ extension MobileCLIPViT {
             let tape = blocks.map { _ in LayerActivations(b: b, t: t, d: d, heads: numHeads, intermediate: intermediateSize, keepsInputs: true) }
             s.workspace = (b, tape, LayerGradScratch(n: b * t, d: d, intermediate: intermediateSize))
         }
-        let (_, tape, scratch) = s.workspace!
+        let tape = s.workspace!.tape as! [LayerActivations], scratch = s.workspace!.scratch
         // blocks 0..<L−1 in full, the last one for the CLS row only
         let last = blocks.count - 1
         let x = hiddenStates(pixels: pixels, batch: b, prompts: s.prompts.data, promptCount: p, norms: s.norms, layerCount: last, tape: tape)
