@@ -31,7 +31,8 @@ let numeric: [SwiftSetting] = [
 /// Kernels also compiles as one module in debug builds (as every release build does): its SIMD helpers
 /// (`load8`, `exp8`, …) live in one file and are used in others, and only whole-module optimisation inlines
 /// them there; without it each is a call per 8 floats and the debug build's breakdown misleads.
-let kernels: [SwiftSetting] = numeric + [.unsafeFlags(["-wmo", "-num-threads", "1"])]
+/// NOLAD_FMA: the CPU has fused multiply-add, so `addingProduct` is one instruction (Kernels/Attention.swift).
+let kernels: [SwiftSetting] = numeric + [.unsafeFlags(["-wmo", "-num-threads", "1"])] + (x86_64_v3 ? [.define("NOLAD_FMA")] : [])
 /// The executable's start-up check refuses a CPU without x86-64-v3 (Sources/Daemon/CPUCheck.swift) when
 /// the numeric code needs it. Pipeline, Daemon, NoladCLI and nolad are compiled for the baseline, so the check runs.
 let cpuCheck: [SwiftSetting] = x86_64_v3 ? [.define("NOLAD_X86_64_V3")] : []

@@ -28,8 +28,12 @@ struct Bench: ParsableCommand {
     @Flag(help: "Also the MobileCLIP rows (full-size random MobileCLIP-B, S2, S1, S0; reference/bench_mobileclip_torch.py is their PyTorch side) and CLIP ViT-B/16's image and prompt-tuning step beside them (reference/bench_torch.py).") var mobileclip = false
     @Option(help: "Seconds of sgemm timing per GEMM shape (5 rounds, the best one counts).") var sgemmSeconds = 0.2
     @Flag(help: "One JSON object on stdout instead of the text report.") var json = false
+    @Option(help: "Attention kernel: per-head (the default: OpenBLAS calls per head and product), tiled (our register tiles, head sizes that are multiples of 16), or ab: CLIP image, CLIP text, prompt step, DINO and the attention-* figures timed with both, interleaved, instead of their usual figures.") var attention: String?
 
-    static let figureNames = ["clip-image", "clip-text", "prompt-step", "strong-views", "dino"] + mobileCLIPFigureNames
+    static let figureNames = ["clip-image", "clip-text", "prompt-step", "strong-views", "dino"] + mobileCLIPFigureNames + attentionFigureNames
+    /// The attention op alone on each network's shapes (12 layers' worth; the prompt step's forward and backward),
+    /// only when named in --only: with --attention ab, an A/B of the two kernels with less else in the time.
+    static let attentionFigureNames = ["attention-clip-image", "attention-prompt-step", "attention-dino"]
     /// The rows `--mobileclip` adds: CLIP ViT-B/16 (the tower MobileCLIP is compared with) and MobileCLIP's.
     static let mobileCLIPFigureNames = ["clip-b16-image", "clip-b16-prompt-step", "mobileclip-b-image", "mobileclip-s2-image", "mobileclip-s1-image", "mobileclip-s0-image",
                                         "mobileclip-text", "mobileclip-s-text", "mobileclip-b-prompt-step", "mobileclip-s2-tune-step"]
@@ -41,6 +45,9 @@ struct Bench: ParsableCommand {
         guard textTokens >= 2 && textTokens <= 77 else { throw ValidationError("--text-tokens must be 2 to 77 (BOS and EOS included)") }
         guard prompts >= 0 else { throw ValidationError("--prompts must be 0 or more") }
         guard sgemmSeconds > 0 else { throw ValidationError("--sgemm-seconds must be positive") }
+        if let attention, !["tiled", "per-head", "ab"].contains(attention) {
+            throw ValidationError("--attention must be tiled, per-head or ab")
+        }
         if let only {
             let unknown = only.split(separator: ",").map(String.init).filter { !Self.figureNames.contains($0) }
             guard unknown.isEmpty else {
@@ -51,11 +58,15 @@ struct Bench: ParsableCommand {
 
     /// A figure named in --only; without --only every CLIP/DINO figure, and the MobileCLIP ones with --mobileclip.
     func wanted(_ name: String) -> Bool {
-        only.map { $0.split(separator: ",").contains(Substring(name)) } ?? (mobileclip || !Self.mobileCLIPFigureNames.contains(name))
+        only.map { $0.split(separator: ",").contains(Substring(name)) }
+            ?? (!Self.attentionFigureNames.contains(name) && (mobileclip || !Self.mobileCLIPFigureNames.contains(name)))
     }
 
     /// Every kernel of the command runs with `--threads` threads (docs/threading.md).
-    func run() throws { try withThreads(threads) { try runWithThreads() } }
+    func run() throws {
+        let kernel: AttentionKernel? = attention == "tiled" ? .tiled : (attention == "per-head" ? .perHeadGEMM : nil)
+        try withThreads(threads) { try withAttentionKernel(kernel) { try runWithThreads() } }
+    }
 
     func say(_ line: String) { if !json { print(line) } }
 
@@ -66,18 +77,27 @@ struct Bench: ParsableCommand {
         var rng = SplitMix64(seed: 1)
         let pixels = (0..<(batch * 3 * 224 * 224)).map { _ in Float.random(in: -2...2, using: &rng) }
         var figures: [BenchFigure] = []
+        var comparisons: [AttentionComparison] = []
         func add(_ figure: BenchFigure) { figures.append(figure); say(figure.timingLine) }
+        /// A figure as usual, or with `--attention ab` its time with each attention kernel.
+        func add(_ name: String, key: String, items: Int, unit: String, _ body: () -> Void) {
+            guard attention == "ab" else { add(measure(name, key: key, items: items, unit: unit, body)); return }
+            let comparison = compareAttention(name, key: key, items: items, unit: unit, body)
+            comparisons.append(comparison)
+            say(comparison.line)
+        }
         pixels.withUnsafeBufferPointer { px in
             let p = px.baseAddress!
             if wanted("clip-image") {
-                add(measure("CLIP ViT-B/32 image", key: "clip-image", items: batch, unit: "img") { _ = clip.getImageFeatures(pixels: p, batch: batch) })
+                add("CLIP ViT-B/32 image", key: "clip-image", items: batch, unit: "img") { _ = clip.getImageFeatures(pixels: p, batch: batch) }
             }
             let texts = (0..<(4 * batch)).map { _ in [49406] + (0..<(textTokens - 2)).map { _ in Int32.random(in: 1..<49406, using: &rng) } + [49407] }
             if wanted("clip-text") {
-                add(measure("CLIP text (\(textTokens) tokens)", key: "clip-text", items: texts.count, unit: "text") { _ = clip.getTextFeatures(texts) })
+                add("CLIP text (\(textTokens) tokens)", key: "clip-text", items: texts.count, unit: "text") { _ = clip.getTextFeatures(texts) }
             }
             if wanted("prompt-step") {
-                add(clipPromptStep(clip, name: "CLIP prompt-tuning step (P=\(prompts))", key: "prompt-step", pixels: p, rng: &rng))
+                add("CLIP prompt-tuning step (P=\(prompts))", key: "prompt-step", items: batch, unit: "img",
+                    clipPromptStepBody(clip, pixels: p, rng: &rng))
             }
             if wanted("strong-views") {
                 // NoLA's strong views of one micro-batch, as prompt tuning makes them (photo-sized synthetic images, decoded already).
@@ -98,7 +118,23 @@ struct Bench: ParsableCommand {
                 })
             }
             if wanted("dino") {
-                add(measure("DINO ViT-B/16 image", key: "dino", items: batch, unit: "img") { _ = dino.clsFeatures(pixels: p, batch: batch, height: 224, width: 224) })
+                add("DINO ViT-B/16 image", key: "dino", items: batch, unit: "img") { _ = dino.clsFeatures(pixels: p, batch: batch, height: 224, width: 224) }
+            }
+            // ViT-B: D 768, 12 heads of 64; CLIP B/32 50 tokens (66 with the prompts), DINO B/16 197
+            for (key, t, backward, name) in [("attention-clip-image", 50, false, "attention alone, CLIP B/32 image (T 50)"),
+                                             ("attention-prompt-step", 50 + prompts, true, "attention alone, prompt step fwd + bwd (T \(50 + prompts))"),
+                                             ("attention-dino", 197, false, "attention alone, DINO B/16 image (T 197)")] where wanted(key) {
+                let d = 768, heads = 12
+                let qkv = Buffer((0..<(batch * t * 3 * d)).map { _ in Float.random(in: -2...2, using: &rng) })
+                let out = Buffer(count: batch * t * d), probs = Buffer(count: batch * heads * t * t), dqkv = Buffer(count: batch * t * 3 * d)
+                add(name, key: key, items: batch, unit: "img") {
+                    for _ in 0..<12 {
+                        attentionForward(out.data, probs: backward ? probs.data : nil, qkv.data, b: batch, t: t, d: d, heads: heads, causal: false)
+                        if backward {
+                            attentionBackward(dqkv: dqkv.data, out.data, qkv.data, probs: probs.data, b: batch, t: t, d: d, heads: heads, accumulate: false)
+                        }
+                    }
+                }
             }
             if wanted("mobileclip-text") || wanted("mobileclip-s-text") {
                 // open_clip pads to 77 with 0; MobileCLIP-B's causal tower runs up to the end token, S0/S1/S2's all 77
@@ -136,6 +172,7 @@ struct Bench: ParsableCommand {
                 "sgemm_gflops": overall,
                 "sgemm": shapes.map { ["m": $0.m, "n": $0.n, "k": $0.k, "trans_a": $0.transA, "trans_b": $0.transB, "gflops": rates[$0]! / 1e9] },
                 "figures": figures.map { $0.json(rates: rates, threads: threads) },
+                "attention_ab": comparisons.map(\.json),
             ]
             print(jsonLine(object))
         }
@@ -144,11 +181,16 @@ struct Bench: ParsableCommand {
     /// The prompt-tuning step on `clip` as a job runs it: --prompts prompt tokens, a head of 10 classes on the
     /// L2-normalised features, label-smoothing cross-entropy, the backward to the prompts, LayerNorms and head.
     func clipPromptStep(_ clip: CLIPModel, name: String, key: String, pixels p: UnsafePointer<Float>, rng: inout SplitMix64) -> BenchFigure {
-        let d = clip.config.visionConfig.hiddenSize, classes = 10
+        return measure(name, key: key, items: batch, unit: "img", clipPromptStepBody(clip, pixels: p, rng: &rng))
+    }
+
+    /// One prompt-tuning step of `clipPromptStep`, to time.
+    func clipPromptStepBody(_ clip: CLIPModel, pixels p: UnsafePointer<Float>, rng: inout SplitMix64) -> () -> Void {
+        let d = clip.config.visionConfig.hiddenSize, classes = 10, batch = batch
         let state = CLIPPromptTuning(model: clip, prompts: (0..<(prompts * d)).map { _ in Float.random(in: -0.1...0.1, using: &rng) }, promptCount: prompts,
                                      head: (0..<(classes * clip.projectionDim)).map { _ in Float.random(in: -0.1...0.1, using: &rng) }, classCount: classes)
         let labels = (0..<batch).map { $0 % classes }
-        return measure(name, key: key, items: batch, unit: "img") {
+        return {
             _ = clip.promptTuningStep(state, pixels: p, batch: batch) { logits, dlogits in
                 crossEntropyForwardBackward(dlogits: dlogits, logits, labels: labels, n: batch, c: classes, smoothing: 0.1)
             }
@@ -225,6 +267,36 @@ struct Bench: ParsableCommand {
                 }
             }
         }
+    }
+
+    /// `--attention ab`: `body` with the per-head kernel and with the tiled one, one warm-up each, then
+    /// `iterations` rounds of one run of each in turn (so load elsewhere falls on both alike); the median
+    /// and the best round of each, and the breakdown's attention time per item of one profiled run each.
+    func compareAttention(_ name: String, key: String, items: Int, unit: String, _ body: () -> Void) -> AttentionComparison {
+        let kernels: [AttentionKernel] = [.perHeadGEMM, .tiled]
+        func timed(_ kernel: AttentionKernel) -> Double {
+            withAttentionKernel(kernel) {
+                let start = DispatchTime.now().uptimeNanoseconds
+                body()
+                return Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+            }
+        }
+        for kernel in kernels { _ = timed(kernel) }
+        var seconds: [[Double]] = [[], []]
+        for round in 0..<iterations {
+            // alternate which goes first, so neither always runs right after the other's cache state
+            for i in (round % 2 == 0 ? [0, 1] : [1, 0]) { seconds[i].append(timed(kernels[i])) }
+        }
+        let attentionMs: [Double] = kernels.map { kernel in
+            let profile = KernelProfile()
+            withAttentionKernel(kernel) { profile.collect { body() } }
+            let e = KernelPhase.allCases.reduce(0.0) { $0 + profile.entry(.attention, $1).threadSeconds }
+            return e / Double(threads) / Double(items) * 1000
+        }
+        func median(_ x: [Double]) -> Double { let s = x.sorted(); return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2 }
+        return AttentionComparison(name: name, key: key, unit: unit, rounds: iterations,
+                                   medianMs: seconds.map { median($0) / Double(items) * 1000 },
+                                   bestMs: seconds.map { $0.min()! / Double(items) * 1000 }, attentionMs: attentionMs)
     }
 
     /// Times `body` as a job runs it (one warm-up, `iterations` repetitions), then `iterations` more with a profile collecting.
@@ -389,5 +461,23 @@ struct BenchFigure {
         ]
         if let rate = sgemmRate(rates) { object["sgemm_gflops"] = rate / 1e9; object["share_of_sgemm"] = gflops * 1e9 / rate }
         return object
+    }
+}
+
+/// One figure of `nolad bench --attention ab`: index 0 the per-head kernel, 1 the tiled one.
+struct AttentionComparison {
+    let name: String, key: String, unit: String, rounds: Int
+    let medianMs: [Double], bestMs: [Double], attentionMs: [Double]
+
+    var line: String {
+        "\(name): " + String(format: "per-head attention %.1f ms/", medianMs[0]) + unit
+            + String(format: " (best %.1f; attention %.1f), tiled %.1f ms/", bestMs[0], attentionMs[0], medianMs[1]) + unit
+            + String(format: " (best %.1f; attention %.1f): %+.1f %% (median of %d interleaved rounds)", bestMs[1], attentionMs[1],
+                     (medianMs[1] / medianMs[0] - 1) * 100, rounds)
+    }
+    var json: [String: Any] {
+        ["key": key, "rounds": rounds, "per_head_ms_per_item": medianMs[0], "tiled_ms_per_item": medianMs[1],
+         "per_head_best_ms_per_item": bestMs[0], "tiled_best_ms_per_item": bestMs[1],
+         "per_head_attention_ms_per_item": attentionMs[0], "tiled_attention_ms_per_item": attentionMs[1]]
     }
 }

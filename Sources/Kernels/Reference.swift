@@ -61,6 +61,34 @@ public func referenceAttention(_ qkv: [Double], b: Int, t: Int, d: Int, heads: I
     return out
 }
 
+/// dqkv (B,T,3D), the gradient of Σ out·dout for out = referenceAttention(qkv): the backward written out
+/// per (image, head, query row) in Double, as attentionBackward (full rows).
+public func referenceAttentionBackward(_ qkv: [Double], dout: [Double], b: Int, t: Int, d: Int, heads: Int,
+                                       causal: Bool) -> [Double] {
+    let hd = d / heads, scale = 1 / Double(hd).squareRoot()
+    var g = [Double](repeating: 0, count: qkv.count)
+    func at(_ bi: Int, _ i: Int, _ part: Int, _ h: Int, _ e: Int) -> Int { (bi * t + i) * 3 * d + part * d + h * hd + e }
+    for bi in 0..<b { for h in 0..<heads { for i in 0..<t {
+        let valid = causal ? i + 1 : t
+        let s = (0..<valid).map { j -> Double in
+            (0..<hd).reduce(0.0) { $0 + qkv[at(bi, i, 0, h, $1)] * qkv[at(bi, j, 1, h, $1)] } * scale
+        }
+        let p = referenceSoftmax(s, n: 1, c: valid)
+        let dO = (0..<hd).map { dout[(bi * t + i) * d + h * hd + $0] }
+        let dp = (0..<valid).map { j in (0..<hd).reduce(0.0) { $0 + dO[$1] * qkv[at(bi, j, 2, h, $1)] } }
+        let dot = zip(p, dp).reduce(0.0) { $0 + $1.0 * $1.1 }
+        for j in 0..<valid {
+            let ds = p[j] * (dp[j] - dot)
+            for e in 0..<hd {
+                g[at(bi, j, 2, h, e)] += p[j] * dO[e]
+                g[at(bi, i, 0, h, e)] += scale * ds * qkv[at(bi, j, 1, h, e)]
+                g[at(bi, j, 1, h, e)] += scale * ds * qkv[at(bi, i, 0, h, e)]
+            }
+        }
+    } } }
+    return g
+}
+
 /// (N,OUT) = residual (N,OUT) + x (N,IN) · wᵀ (OUT,IN) + b (OUT), as linearForwardAdding.
 public func referenceLinearAdding(_ residual: [Double], _ x: [Double], _ w: [Double], _ b: [Double]?,
                                   n: Int, inFeatures: Int, outFeatures: Int) -> [Double] {

@@ -36,11 +36,13 @@ public func withThreads<R>(_ n: Int, _ body: () throws -> R) rethrows -> R {
 public func parallelFor(_ n: Int, grain: Int = 1, _ body: (Range<Int>) -> Void) {
     let chunks = min(KernelThreads.current, n / max(grain, 1))
     if chunks <= 1 { if n > 0 { body(0..<n) }; return }
-    let profile = Profiling.capture(), flushed = Denormals.flushed
+    let profile = Profiling.capture(), flushed = Denormals.flushed, attention = AttentionKernel.bound
     DispatchQueue.concurrentPerform(iterations: chunks) { c in
         Denormals.inMode(flushed) {
             Profiling.bind(profile) {
-                KernelThreads.$bound.withValue(1) { body((n * c / chunks)..<(n * (c + 1) / chunks)) }
+                AttentionKernel.bind(attention) {
+                    KernelThreads.$bound.withValue(1) { body((n * c / chunks)..<(n * (c + 1) / chunks)) }
+                }
             }
         }
     }
@@ -56,14 +58,16 @@ public func batchParallel(_ b: Int, _ body: (Range<Int>) -> Void) {
     let workers = min(threads, pieces)
     func piece(_ p: Int) -> Range<Int> { (p * batchPiece)..<min(b, (p + 1) * batchPiece) }
     if workers <= 1 { for p in 0..<pieces { body(piece(p)) }; return }
-    let profile = Profiling.capture(), flushed = Denormals.flushed
+    let profile = Profiling.capture(), flushed = Denormals.flushed, attention = AttentionKernel.bound
     DispatchQueue.concurrentPerform(iterations: workers) { w in
         // Worker w takes pieces w, w + workers, ...; the threads are shared out as evenly as they go.
         let share = threads / workers + (w < threads % workers ? 1 : 0)
         Denormals.inMode(flushed) {
             Profiling.bind(profile) {
-                KernelThreads.$bound.withValue(share) {
-                    for p in stride(from: w, to: pieces, by: workers) { body(piece(p)) }
+                AttentionKernel.bind(attention) {
+                    KernelThreads.$bound.withValue(share) {
+                        for p in stride(from: w, to: pieces, by: workers) { body(piece(p)) }
+                    }
                 }
             }
         }

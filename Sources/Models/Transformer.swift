@@ -56,9 +56,11 @@ final class LayerActivations {
     let input: Buffer   // (N,D) layer input (training only)
     let ln1: Buffer, mean1: Buffer, rstd1: Buffer
     let qkv: Buffer     // (N,3D)
-    let probs: Buffer   // (B,H,T,T)
+    let probs: Buffer   // (B,H,T,T) softmax of the scores (training only: the backward's; inference keeps none)
     let att: Buffer     // (N,D)
-    let proj: Buffer    // (N,D) attention output projection, then MLP output
+    /// (N,D) the projection before its layer scale (DINOv2): made on first use, so a layer without a layer
+    /// scale (CLIP, ViT) never allocates it — for training that is one (N,D) buffer less per layer.
+    lazy var scaleScratch = Buffer(count: b * t * d)
     let mid: Buffer     // (N,D) x after the attention residual (training only)
     let ln2: Buffer, mean2: Buffer, rstd2: Buffer
     let fc1: Buffer     // (N,I) before the activation
@@ -71,9 +73,8 @@ final class LayerActivations {
         input = Buffer(count: keepsInputs ? n * d : 0)
         ln1 = Buffer(count: n * d); mean1 = Buffer(count: n); rstd1 = Buffer(count: n)
         qkv = Buffer(count: n * 3 * d)
-        probs = Buffer(count: b * heads * t * t)
+        probs = Buffer(count: keepsInputs ? b * heads * t * t : 0)
         att = Buffer(count: n * d)
-        proj = Buffer(count: n * d)
         mid = Buffer(count: keepsInputs ? n * d : 0)
         ln2 = Buffer(count: n * d); mean2 = Buffer(count: n); rstd2 = Buffer(count: n)
         fc1 = Buffer(count: n * intermediate)
@@ -91,18 +92,20 @@ func encoderLayerForward(_ layer: EncoderLayer, _ x: UnsafeMutablePointer<Float>
     if a.keepsInputs { copyFloats(a.input.data, x, count: n * d) }
     (norm1 ?? layer.norm1).forward(a.ln1.data, mean: a.mean1.data, rstd: a.rstd1.data, x, n: n)
     layer.qkv.forward(a.qkv.data, a.ln1.data, n: n)
-    attentionForward(a.att.data, probs: a.probs.data, a.qkv.data, b: a.b, t: a.t, d: d, heads: heads, causal: causal)
+    attentionForward(a.att.data, probs: a.keepsInputs ? a.probs.data : nil, a.qkv.data, b: a.b, t: a.t, d: d, heads: heads,
+                     causal: causal)
     // mid = x + scale1 ⊙ out(att): kept for the backward when training, else x itself
     let mid = a.keepsInputs ? a.mid.data : x
-    residualProjection(layer.out, scale: layer.scale1, mid, residual: x, a.att.data, scratch: a.proj.data, n: n)
+    residualProjection(layer.out, scale: layer.scale1, mid, residual: x, a.att.data, a, n: n)
     mlpForward(layer, x, input: mid, a, n: n, activation: activation, norm2: norm2)
 }
 
-/// out (n,OUT) = residual + scale ⊙ linear(inp), out may alias residual; scratch (n,OUT) holds the
-/// projection when there is a layer scale.
+/// out (n,OUT) = residual + scale ⊙ linear(inp), out may alias residual; `a.scaleScratch` (n ≤ B·T rows of
+/// OUT = D) holds the projection when there is a layer scale.
 private func residualProjection(_ linear: Linear, scale: Buffer?, _ out: UnsafeMutablePointer<Float>, residual: UnsafePointer<Float>,
-                                _ inp: UnsafePointer<Float>, scratch: UnsafeMutablePointer<Float>, n: Int) {
+                                _ inp: UnsafePointer<Float>, _ a: LayerActivations, n: Int) {
     if let scale {
+        let scratch = a.scaleScratch.data
         linear.forward(scratch, inp, n: n)
         scaledResidualForward(out, residual, scratch, scale.data, n: n, c: linear.outFeatures)
     } else {
@@ -120,7 +123,7 @@ private func mlpForward(_ layer: EncoderLayer, _ out: UnsafeMutablePointer<Float
     let hidden = a.keepsInputs ? a.act.data : a.fc1.data
     linearForward(a.fc1.data, a.ln2.data, layer.fc1.weight.data, nil, n: n, inFeatures: d, outFeatures: inter)
     biasActivationForward(hidden, a.fc1.data, layer.fc1.bias!.data, n: n, c: inter, activation)
-    residualProjection(layer.fc2, scale: layer.scale2, out, residual: input, hidden, scratch: a.proj.data, n: n)
+    residualProjection(layer.fc2, scale: layer.scale2, out, residual: input, hidden, a, n: n)
 }
 
 /// The last layer when only one output row per sequence is used (CLS row 0, or a text's EOS row t−1):
@@ -135,10 +138,11 @@ func encoderLayerForwardRow(_ layer: EncoderLayer, _ x: UnsafePointer<Float>, ro
     if a.keepsInputs { copyFloats(a.input.data, x, count: n * d) }
     (norm1 ?? layer.norm1).forward(a.ln1.data, mean: a.mean1.data, rstd: a.rstd1.data, x, n: n)
     layer.qkv.forward(a.qkv.data, a.ln1.data, n: n)
-    attentionForward(a.att.data, probs: a.probs.data, a.qkv.data, b: b, t: t, d: d, heads: heads, causal: causal, onlyRow: row)
+    attentionForward(a.att.data, probs: a.keepsInputs ? a.probs.data : nil, a.qkv.data, b: b, t: t, d: d, heads: heads,
+                     causal: causal, onlyRow: row)
     // mid (B,D) = x[:, row] + scale1 ⊙ out(att)
     for bi in 0..<b { copyFloats(mid + bi * d, x + (bi * t + row) * d, count: d) }
-    residualProjection(layer.out, scale: layer.scale1, mid, residual: mid, a.att.data, scratch: a.proj.data, n: b)
+    residualProjection(layer.out, scale: layer.scale1, mid, residual: mid, a.att.data, a, n: b)
     mlpForward(layer, y.data, input: mid, a, n: b, activation: activation, norm2: norm2)
     withExtendedLifetime(midBuffer) {}
     return y
