@@ -222,7 +222,10 @@ final class ShardJobTests: DatabaseTestCase {
 
     func testHelperThatCannotSeeTheCollection_givesTheShardBackWithTheReason_andTheOwnerFinishes() throws {
         let ref = try reference()
-        _ = try startShardDaemon("shard-a", delay: 0.3)
+        // The encode stage must outlast shard-b's start: a helper that first meets the job in its tune stage
+        // refuses a tuning unit instead (whose reason only its log has) and then leaves the job alone, so no
+        // shard would carry the reason. 1 s per image makes the owner's first shard of 8 take 8 s.
+        _ = try startShardDaemon("shard-a", delay: 1.0)
         let id = try submitJob(try copyCollection())
         try waitUntil("job \(id) runs on shard-a", timeout: 60) { (try job(id).optionalString("worker") ?? "").hasPrefix("shard-a-") }
         var other = Array("/tmp/nolad-other-root-XXXXXX".utf8CString)
@@ -232,7 +235,7 @@ final class ShardJobTests: DatabaseTestCase {
         try waitUntil("shard-b gave a shard back", timeout: 60) { b.log.contains("helping: unit given back") }
         let reason = try db.query("SELECT error FROM nola.shards WHERE job_id = $1 AND error IS NOT NULL", [id])
         XCTAssertEqual(reason.count, 1, "one refusal: the job is then left alone")
-        let error = try reason[0].string("error")
+        let error = try XCTUnwrap(reason.rows.first, "the refused shard's reason").string("error")
         XCTAssertTrue(error.contains("outside the configured collection roots"), error)
         try waitSucceeded(id, timeout: 240)
         XCTAssertEqual(try shardWorkers(id).values.reduce(Set<String>()) { $0.union($1) }.count, 1, "only the owner computed shards")
