@@ -118,7 +118,8 @@ extension Worker {
                 outcome = "given_back"
                 logger.log(level: help.unit.quiet && stop == .unwanted ? .debug : .info, "helping: unit given back", metadata: ["reason": "\(stop)"])
             }
-            release(help.unit, database: database, error: stop == .shutdown ? nil : "\(stop)", logger: logger)
+            // A reason only where this worker could not do the unit: shutting down or an unwanted unit is none.
+            release(help.unit, database: database, error: stop == .shutdown || stop == .unwanted ? nil : "worker \(id): \(stop)", logger: logger)
         } catch {
             // Anything else (an unreadable image, a database error): give the unit back with the reason, and
             // leave the job alone for a while; its owner meets the same error on the same unit and reports it

@@ -281,6 +281,6 @@ struct TuningUnit: HelpUnit {
     }
 
     func release(_ c: PostgresConnection, error: String?) throws {
-        try TuningUnits.release(c, claim, worker: worker)
+        try TuningUnits.release(c, claim, worker: worker, error: error)
     }
 }

@@ -12,7 +12,7 @@ public struct Migration: Sendable {
 /// Applies Migrations/*.sql in order, each in one transaction, under an advisory lock, recorded in
 /// `nola.schema_migrations`. The schema version this build of nolad expects is `Migrator.expectedVersion`.
 public enum Migrator {
-    public static let expectedVersion = 12
+    public static let expectedVersion = 13
     /// Arbitrary constant key for pg_advisory_lock, shared by every nolad.
     static let lockKey: Int64 = 0x6e6f_6c61_6d69_6772 // "nolamigr"
 
@@ -185,7 +185,7 @@ public enum SchemaCatalog {
                        "workers_contributing bigint", "worker_rates jsonb", "tuning_step integer", "tuning_units_done bigint",
                        "tuning_units_total bigint"],
         "tuning_workers": ["job_id bigint", "attempt integer", "worker text", "units bigint", "views bigint",
-                           "seconds double precision", "last_at timestamp with time zone"],
+                           "seconds double precision", "last_at timestamp with time zone", "error text"],
         "shard_inputs": ["job_id bigint", "stage text", "key text", "clip_model text", "dino_model text", "model_keys text[]",
                          "blob bytea", "created_at timestamp with time zone"],
         "shards": ["job_id bigint", "stage text", "index integer", "paths text[]", "state text", "worker text", "claims integer",

@@ -188,12 +188,22 @@ public enum TuningUnits {
         }
     }
 
-    /// Gives a claimed unit back (a stopping helper): pending again at once, for anyone.
-    public static func release(_ c: PostgresConnection, _ claim: Claim, worker: String) throws {
-        try c.query("""
-            UPDATE nola.tuning_units SET state = 'pending', worker = NULL, lease_expires_at = NULL
-            WHERE job_id = $1 AND attempt = $2 AND step = $3 AND unit = $4 AND state = 'running' AND worker = $5
-            """, [claim.jobID, claim.attempt, claim.step, claim.unit, worker])
+    /// Gives a claimed unit back (a stopping helper, or one that cannot do it): pending again at once, for
+    /// anyone; guarded (nothing when it is no longer ours). `error` says why this worker could not do it: kept
+    /// as its last reason in nola.tuning_workers, shown in job_status's worker_rates.
+    public static func release(_ c: PostgresConnection, _ claim: Claim, worker: String, error: String? = nil) throws {
+        try c.transaction {
+            let rows = try c.query("""
+                UPDATE nola.tuning_units SET state = 'pending', worker = NULL, lease_expires_at = NULL
+                WHERE job_id = $1 AND attempt = $2 AND step = $3 AND unit = $4 AND state = 'running' AND worker = $5
+                RETURNING 1
+                """, [claim.jobID, claim.attempt, claim.step, claim.unit, worker])
+            guard !rows.isEmpty, let error else { return }
+            try c.query("""
+                INSERT INTO nola.tuning_workers (job_id, attempt, worker, error) VALUES ($1, $2, $3, $4)
+                ON CONFLICT (job_id, attempt, worker) DO UPDATE SET error = EXCLUDED.error, last_at = now()
+                """, [claim.jobID, claim.attempt, worker, error])
+        }
     }
 
     /// Gives back every unit this worker holds (shutdown).

@@ -50,6 +50,21 @@ final class TuningUnitsTests: DatabaseTestCase {
 
         // A helper that stops gives its unit back at once.
         try TuningUnits.release(db, c, worker: "owner")
+
+        // One that cannot do it gives it back with its reason: kept for the job's tuning, shown in job_status,
+        // and that worker does not count as contributing. A second give-back of a unit no longer held writes nothing.
+        let refused = try XCTUnwrap(try TuningUnits.claim(other, worker: "helper-c", leaseSeconds: 30))
+        XCTAssertEqual(refused.unit, 2)
+        try TuningUnits.release(other, refused, worker: "helper-c", error: "worker helper-c: its CLIP does not load here")
+        try TuningUnits.release(other, refused, worker: "helper-c", error: "not held any more")
+        try db.query("UPDATE nola.jobs SET stage = 'tune' WHERE id = $1", [id])
+        let status = try db.query("""
+            SELECT workers_contributing::int AS n, worker_rates -> 'helper-c' ->> 'gave_back' AS reason,
+                   worker_rates -> 'helper-a' ->> 'gave_back' AS none FROM nola.job_status WHERE id = $1
+            """, [id])[0]
+        XCTAssertEqual(try status.optionalString("reason"), "worker helper-c: its CLIP does not load here")
+        XCTAssertNil(try status.optionalString("none"))
+        XCTAssertEqual(try status.int("n"), 2, "helper-a and the owner computed units; helper-c only gave one back")
         let again = try XCTUnwrap(try TuningUnits.claim(other, worker: "helper-b", leaseSeconds: 30))
         XCTAssertEqual(again.unit, 2)
         XCTAssertFalse(again.rescued, "given back, not rescued")
