@@ -88,20 +88,20 @@ public final class QueueSampler: @unchecked Sendable {
                 try c.query("SET statement_timeout = '\(Self.timeoutSeconds)s'")
                 connection = c
             }
-            var byState: [String: Int] = [:]
-            for row in try c.query("""
-                SELECT s.state::text AS state, count(j.id) AS n
+            // One statement, so one snapshot: the counts by state and the due figures agree even while a
+            // daemon claims a job between them.
+            let rows = try c.query("""
+                WITH due AS (
+                    SELECT count(*) FILTER (WHERE run_after > now()) AS not_due,
+                           COALESCE(EXTRACT(EPOCH FROM now() - min(run_after) FILTER (WHERE run_after <= now())), 0)::float8 AS oldest
+                    FROM nola.jobs WHERE state = 'queued')
+                SELECT s.state::text AS state, count(j.id) AS n, (SELECT not_due FROM due) AS not_due, (SELECT oldest FROM due) AS oldest
                 FROM unnest(enum_range(NULL::nola.job_state)) AS s(state)
                 LEFT JOIN nola.jobs j ON j.state = s.state
                 GROUP BY s.state
-                """).rows {
-                byState[try row.string("state")] = try row.int("n")
-            }
-            let rows = try c.query("""
-                SELECT count(*) FILTER (WHERE run_after > now()) AS not_due,
-                       COALESCE(EXTRACT(EPOCH FROM now() - min(run_after) FILTER (WHERE run_after <= now())), 0)::float8 AS oldest
-                FROM nola.jobs WHERE state = 'queued'
                 """)
+            var byState: [String: Int] = [:]
+            for row in rows.rows { byState[try row.string("state")] = try row.int("n") }
             return DaemonMetrics.QueueSample(jobsByState: byState, notYetDue: try rows[0].int("not_due"),
                                              oldestDueSeconds: try rows[0].double("oldest"))
         } catch {
