@@ -223,8 +223,8 @@ final class ShardJobTests: DatabaseTestCase {
     func testHelperThatCannotSeeTheCollection_givesTheShardBackWithTheReason_andTheOwnerFinishes() throws {
         let ref = try reference()
         // The encode stage must outlast shard-b's start: a helper that first meets the job in its tune stage
-        // refuses a tuning unit instead (whose reason only its log has) and then leaves the job alone, so no
-        // shard would carry the reason. 1 s per image makes the owner's first shard of 8 take 8 s.
+        // refuses a tuning unit instead (its reason goes to nola.tuning_workers) and then leaves the job
+        // alone, so no shard would carry the reason. 1 s per image makes the owner's first shard of 8 take 8 s.
         _ = try startShardDaemon("shard-a", delay: 1.0)
         let id = try submitJob(try copyCollection())
         try waitUntil("job \(id) runs on shard-a", timeout: 60) { (try job(id).optionalString("worker") ?? "").hasPrefix("shard-a-") }
@@ -232,7 +232,11 @@ final class ShardJobTests: DatabaseTestCase {
         let otherRoot = String(cString: mkdtemp(&other)!)
         defer { try? FileManager.default.removeItem(atPath: otherRoot) }
         let b = try startShardDaemon("shard-b", delay: 0.3, extra: ["collection_roots": otherRoot])
-        try waitUntil("shard-b gave a shard back", timeout: 60) { b.log.contains("helping: unit given back") }
+        // The helper logs before it writes the shard back: wait for the row, not for the log line.
+        try waitUntil("shard-b gave a shard back with its reason", timeout: 60) {
+            try !db.query("SELECT 1 FROM nola.shards WHERE job_id = $1 AND error IS NOT NULL", [id]).rows.isEmpty
+        }
+        XCTAssertTrue(b.log.contains("helping: unit given back"), b.log)
         let reason = try db.query("SELECT error FROM nola.shards WHERE job_id = $1 AND error IS NOT NULL", [id])
         XCTAssertEqual(reason.count, 1, "one refusal: the job is then left alone")
         let error = try XCTUnwrap(reason.rows.first, "the refused shard's reason").string("error")
@@ -251,10 +255,12 @@ final class ShardJobTests: DatabaseTestCase {
         _ = try waitForHelperHoldingAShard(id, among: ["shard-b"])
         try db.query("SELECT nola.cancel($1)", [id])
         _ = try waitState(id, ["cancelled"], timeout: 30)
-        try waitUntil("the helper gave its shard back", timeout: 30) { b.log.contains("helping: unit given back") }
+        // The helper logs before it writes the shard back: wait for both.
+        try waitUntil("the helper gave its shard back", timeout: 30) {
+            let held = try db.query("SELECT count(*)::int AS n FROM nola.shards WHERE job_id = $1 AND state = 'running' AND worker LIKE 'shard-b-%'", [id])[0]
+            return try b.log.contains("helping: unit given back") && held.int("n") == 0
+        }
         XCTAssertTrue(b.log.contains("cancelled or no longer needs it"), b.log)
-        let held = try db.query("SELECT count(*)::int AS n FROM nola.shards WHERE job_id = $1 AND state = 'running' AND worker LIKE 'shard-b-%'", [id])[0]
-        XCTAssertEqual(try held.int("n"), 0)
     }
 
     func testSigtermOnAHelper_givesItsShardBackAtOnce_andTheJobFinishes() throws {
