@@ -12,8 +12,19 @@ public final class Buffer: @unchecked Sendable {
         precondition(count >= 0)
         self.count = count
         data = .allocate(capacity: max(count, 1))
-        let data = data
-        profiled(.copy) { data.initialize(repeating: 0, count: max(count, 1)) }
+        let data = data, n = max(count, 1)
+        // Large buffers are new memory: the zero fill is mostly the kernel's page faults, so it is shared out
+        // over the caller's threads (in fixed pieces of 1 MiB) instead of holding them all behind one.
+        profiled(.copy) {
+            if n >= Self.parallelZeroFloats {
+                parallelFor(n / Self.zeroPieceFloats + 1) { pieces in
+                    let from = pieces.lowerBound * Self.zeroPieceFloats, to = min(n, pieces.upperBound * Self.zeroPieceFloats)
+                    if to > from { (data + from).initialize(repeating: 0, count: to - from) }
+                }
+            } else {
+                data.initialize(repeating: 0, count: n)
+            }
+        }
     }
 
     /// A buffer of `count` floats left uninitialised, for outputs a kernel writes whole before anything reads
@@ -30,6 +41,10 @@ public final class Buffer: @unchecked Sendable {
     }
 
     deinit { data.deallocate() }
+
+    /// Buffers of at least this many floats (4 MiB) are zeroed on the caller's threads, 1 MiB a piece.
+    static let parallelZeroFloats = 1 << 20
+    static let zeroPieceFloats = 1 << 18
 
     public var array: [Float] { Array(UnsafeBufferPointer(start: data, count: count)) }
     public func zero() { profiled(.copy) { data.update(repeating: 0, count: count) } }

@@ -198,6 +198,24 @@ final class ThreadsTests: XCTestCase {
             XCTAssertTrue(after.gemm.allSatisfy { $0 > 0 && $0.isSubnormal })
         }
     }
+
+    /// Large buffers are zeroed on the caller's threads in pieces: every float is 0 whatever the thread
+    /// count, also in memory the allocator hands back dirty (filled with 7 and freed just before), and for
+    /// sizes that are no multiple of the piece.
+    func testLargeBuffer_isZeroedWhole_withOneTwoAndThreeThreads() {
+        let sizes = [Buffer.parallelZeroFloats, 2 * Buffer.parallelZeroFloats + 12_345, Buffer.parallelZeroFloats - 1]
+        for threads in [1, 2, 3] {
+            for n in sizes {
+                for _ in 0..<3 {
+                    let dirty = Buffer(uninitializedCount: n)
+                    dirty.data.update(repeating: 7, count: n)
+                }
+                let b = withThreads(threads) { Buffer(count: n) }
+                let nonzero = UnsafeBufferPointer(start: b.data, count: n).firstIndex { $0 != 0 }
+                XCTAssertNil(nonzero, "\(threads) threads, \(n) floats: float \(nonzero ?? -1) is not 0")
+            }
+        }
+    }
 }
 
 /// A value shared by threads, behind a lock.
