@@ -17,9 +17,10 @@ public final class Buffer: @unchecked Sendable {
         // over the caller's threads (in fixed pieces of 1 MiB) instead of holding them all behind one.
         profiled(.copy) {
             if n >= Self.parallelZeroFloats {
-                parallelFor(n / Self.zeroPieceFloats + 1) { pieces in
-                    let from = pieces.lowerBound * Self.zeroPieceFloats, to = min(n, pieces.upperBound * Self.zeroPieceFloats)
-                    if to > from { (data + from).initialize(repeating: 0, count: to - from) }
+                let piece = Self.zeroPieceFloats
+                parallelFor((n + piece - 1) / piece) { pieces in
+                    let from = pieces.lowerBound * piece, to = min(n, pieces.upperBound * piece)
+                    (data + from).initialize(repeating: 0, count: to - from)
                 }
             } else {
                 data.initialize(repeating: 0, count: n)
