@@ -49,7 +49,7 @@ class _PillowGaussianBlur:
         return im.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
 
 
-def _init(strong=False):
+def _init(strong=False, jitter=True):
     global _transform
     import torch
     import torchvision.transforms as T
@@ -60,9 +60,9 @@ def _init(strong=False):
         _transform = T.Compose([
             T.RandomResizedCrop(224, scale=(0.2, 1.0)),
             T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8 if jitter else 0.0),
             T.RandomPerspective(0.2, p=0.5, interpolation=T.InterpolationMode.BICUBIC),
-            T.ColorJitter(0.4, 0.4, 0.4, 0.1),
+            T.ColorJitter(0.4, 0.4, 0.4, 0.1) if jitter else T.Lambda(lambda im: im),
             _PillowGaussianBlur(),
             T.ToTensor(),
             normalize,
@@ -110,10 +110,10 @@ def checksums(folder):
         print(f"{name} {rgb.width}x{rgb.height} {_checksum(rgb.tobytes())} {_checksum(view(rgb).tobytes())}")
 
 
-def bench(folder, processes, repeats, strong):
+def bench(folder, processes, repeats, strong, jitter=True):
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
-    print(f"bench_pillow: {len(files)} files in {folder}, {processes} process(es), {'strong' if strong else 'weak'} view")
-    with mp.get_context("fork").Pool(processes, initializer=_init, initargs=(strong,)) as pool:
+    print(f"bench_pillow: {len(files)} files in {folder}, {processes} process(es), {'strong' if strong else 'weak'} view{'' if jitter or not strong else ' without colour jitter'}")
+    with mp.get_context("fork").Pool(processes, initializer=_init, initargs=(strong, jitter)) as pool:
         pool.map(_work, files[: processes], chunksize=1)  # start the workers
         for r in range(repeats):
             start = time.perf_counter()
@@ -131,10 +131,12 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--checksums", action="store_true", help="print per-file hashes instead of timing")
     ap.add_argument("--strong", action="store_true", help="NoLA's strong view instead of the weak view")
+    ap.add_argument("--no-colour-jitter", action="store_true",
+                    help="with --strong: no ColorJitter (the job parameter colour_jitter: false, as the demo runs)")
     a = ap.parse_args()
     if a.generate:
         generate(a.generate)
     if a.folder and a.checksums:
         checksums(a.folder)
     elif a.folder:
-        bench(a.folder, a.processes, a.repeats, a.strong)
+        bench(a.folder, a.processes, a.repeats, a.strong, not a.no_colour_jitter)

@@ -32,6 +32,9 @@ public struct ImageBenchCommand: ParsableCommand {
     @Flag(help: "Time decode + NoLA's strong view (random resized crop, flip, jitter, perspective, jitter, blur) instead of the weak view.")
     var strong = false
 
+    @Flag(help: "With --strong: no ColorJitter (the job parameter colour_jitter: false, as the demo runs).")
+    var noColourJitter = false
+
     @Flag(help: "Instead of timing, print per file a checksum of the decoded RGB and of the uint8 weak view (compare with bench_pillow.py --checksums).")
     var checksums = false
 
@@ -82,13 +85,18 @@ public struct ImageBenchCommand: ParsableCommand {
                          reduced, files.count, bytes > 0 ? total / Double(bytes) : 0, worst))
             return
         }
-        print("bench-images: \(files.count) files in \(folder), \(threads) thread(s), \(strong ? "strong view 224" : "resize \(resize) crop \(crop)")\(reducedDCT ? ", reduced DCT scale" : "")")
+        var strongConfig = StrongViewConfig()
+        if noColourJitter {
+            strongConfig.jitterProbability = 0
+            strongConfig.secondJitter = nil
+        }
+        print("bench-images: \(files.count) files in \(folder), \(threads) thread(s), \(strong ? "strong view 224\(noColourJitter ? " without colour jitter" : "")" : "resize \(resize) crop \(crop)")\(reducedDCT ? ", reduced DCT scale" : "")")
         for pass in 1...repeats {
             let next = ManagedAtomicCounter()
             let failures = ManagedAtomicCounter()
             let start = DispatchTime.now().uptimeNanoseconds
             let cpuStart = processCPUSeconds()
-            let strongView = strong
+            let strongView = strong, strongConfig = strongConfig
             @Sendable func work() {
                 var rng = AugmentRNG(seed: UInt64(pass) &* 1_000_003 &+ UInt64(UInt(bitPattern: Thread.current.hash)))
                 var output = [Float](repeating: 0, count: 3 * max(config.crop, 224) * max(config.crop, 224))
@@ -99,7 +107,7 @@ public struct ImageBenchCommand: ParsableCommand {
                         let image = try decodeImage(at: files[i], options: options)
                         let view: RGBImage
                         if strongView {
-                            let p = sampleStrongView(width: image.width, height: image.height, rng: &rng)
+                            let p = sampleStrongView(width: image.width, height: image.height, config: strongConfig, rng: &rng)
                             view = applyStrongView(image, p)
                         } else {
                             view = weakViewCrop(image, resize: config.resize, crop: config.crop)

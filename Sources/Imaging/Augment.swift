@@ -160,7 +160,69 @@ public func perspectiveCoefficients(start: [(Int, Int)], end: [(Int, Int)]) -> [
 /// Pillow's Image.transform(size, PERSPECTIVE, coeffs, BICUBIC, fillcolor=0) as torchvision's
 /// F.perspective calls it on a PIL image: output pixel centre (x+0.5, y+0.5) maps to
 /// ((a·x + b·y + c) / (g·x + h·y + 1), (d·x + e·y + f) / (g·x + h·y + 1)); outside the input stays black.
+/// The three channels of a pixel are sampled together in SIMD lanes, each lane with the operations of
+/// `perspectiveReference` in the same order, so the bytes are the same.
 public func perspective(_ image: RGBImage, coefficients: [Float]) -> RGBImage {
+    precondition(coefficients.count == 8, "perspective: 8 coefficients")
+    let c = coefficients.map(Double.init)
+    let w = image.width, h = image.height
+    var out = [UInt8](repeating: 0, count: w * h * 3)
+    // One byte more than the pixels: a pixel is read as 4 bytes (R, G, B and the next one's R, unused).
+    let padded = image.pixels + [0]
+    padded.withUnsafeBufferPointer { src in
+        out.withUnsafeMutableBufferPointer { dst in
+            for y in 0..<h {
+                let yo = Double(y) + 0.5
+                for x in 0..<w {
+                    let xo = Double(x) + 0.5
+                    let den = c[6] * xo + c[7] * yo + 1
+                    let xin = (c[0] * xo + c[1] * yo + c[2]) / den
+                    let yin = (c[3] * xo + c[4] * yo + c[5]) / den
+                    bicubicSampleRGB(src.baseAddress!, w, h, xin, yin, dst.baseAddress! + (y * w + x) * 3)
+                }
+            }
+        }
+    }
+    return RGBImage(width: w, height: h, pixels: out)
+}
+
+/// `bicubicSample` with R, G, B in three lanes of one vector.
+@inline(__always)
+private func bicubicSampleRGB(_ src: UnsafePointer<UInt8>, _ w: Int, _ h: Int, _ xinIn: Double, _ yinIn: Double,
+                              _ out: UnsafeMutablePointer<UInt8>) {
+    if xinIn < 0.0 || xinIn >= Double(w) || yinIn < 0.0 || yinIn >= Double(h) { return }
+    let xin = xinIn - 0.5, yin = yinIn - 0.5
+    var x = Int(floor(xin)), y = Int(floor(yin))
+    let dx = xin - Double(x), dy = yin - Double(y)
+    x -= 1
+    y -= 1
+    typealias V = SIMD4<Double>
+    @inline(__always) func cubic(_ v1: V, _ v2: V, _ v3: V, _ v4: V, _ d: Double) -> V {
+        let p1 = v2
+        let p2 = -v1 + v3
+        let p3 = 2 * (v1 - v2) + v3 - v4
+        let p4 = -v1 + v2 - v3 + v4
+        return p1 + d * (p2 + d * (p3 + d * p4))
+    }
+    @inline(__always) func clampX(_ v: Int) -> Int { v < 0 ? 0 : v < w ? v : w - 1 }
+    let x0 = clampX(x) * 3, x1 = clampX(x + 1) * 3, x2 = clampX(x + 2) * 3, x3 = clampX(x + 3) * 3
+    @inline(__always) func pixel(_ p: UnsafePointer<UInt8>) -> V {
+        V(SIMD4<Int32>(truncatingIfNeeded: UnsafeRawPointer(p).loadUnaligned(as: SIMD4<UInt8>.self)))
+    }
+    @inline(__always) func row(_ r: Int) -> V {
+        let line = src + r * w * 3
+        return cubic(pixel(line + x0), pixel(line + x1), pixel(line + x2), pixel(line + x3), dx)
+    }
+    let v1 = row(y < 0 ? 0 : y < h ? y : h - 1)
+    let v2 = y + 1 >= 0 && y + 1 < h ? row(y + 1) : v1
+    let v3 = y + 2 >= 0 && y + 2 < h ? row(y + 2) : v2
+    let v4 = y + 3 >= 0 && y + 3 < h ? row(y + 3) : v3
+    let v = cubic(v1, v2, v3, v4, dy)
+    for b in 0..<3 { out[b] = v[b] <= 0.0 ? 0 : v[b] >= 255.0 ? 255 : UInt8(v[b]) }
+}
+
+/// `perspective` one channel at a time, as Pillow's C code: the reference the fast one is tested against.
+public func perspectiveReference(_ image: RGBImage, coefficients: [Float]) -> RGBImage {
     precondition(coefficients.count == 8, "perspective: 8 coefficients")
     let c = coefficients.map(Double.init)
     let w = image.width, h = image.height

@@ -99,6 +99,27 @@ final class AugmentTests: XCTestCase {
         try check("perspective", perspective(source, coefficients: coeffs), maxDiff: 1, maxFraction: 0.005)
     }
 
+    /// The fast perspective (R, G, B in SIMD lanes) against the one-channel-at-a-time reference: the same
+    /// bytes on random images of many sizes (2 × 2 to wider than tall) with corners sampled as RandomPerspective does (distortion 0.2, the strong view's, and 0.45).
+    func testPerspective_sameBytesAsTheOneChannelReference() {
+        var rng = AugmentRNG(seed: 7)
+        var images = 0, moved = 0
+        for (w, h) in [(2, 2), (2, 3), (5, 2), (17, 9), (64, 64), (224, 224), (301, 117)] {
+            let pixels = (0..<(w * h * 3)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            let image = RGBImage(width: w, height: h, pixels: pixels)
+            for distortion in [0.2, 0.45] {
+                let c = samplePerspective(width: w, height: h, distortion: distortion, rng: &rng)
+                let fast = perspective(image, coefficients: c).pixels
+                XCTAssertEqual(fast, perspectiveReference(image, coefficients: c).pixels, "\(w)×\(h), distortion \(distortion)")
+                images += 1
+                if fast != pixels { moved += 1 }
+                // Corners move by up to distortion · half the size, drawn from 0: on small images maybe not at all.
+                if min(w, h) >= 64 { XCTAssertTrue(fast != pixels, "\(w)×\(h): the transform moved nothing") }
+            }
+        }
+        print("perspective: \(images) images the same bytes as the reference (\(moved) changed by the transform)")
+    }
+
     /// Pillow's GaussianBlur (three fractional box blurs in fixed point).
     func testGaussianBlur_matchesPillowExactly() throws {
         for r in ["0.1", "0.7", "1.93"] {
