@@ -67,9 +67,10 @@ struct BenchScale: ParsableCommand {
                          f.number("unit_seconds"), f.number("unit_view_seconds"), f.number("coordination_seconds"), f.number("wait_seconds"),
                          f.number("step_seconds")))
             let here = max(1, f.number("units_here"))
-            print(String(format: "    per unit on the owner: %.1f ms, of which strong views (decode + augment) %.1f ms and gradient %.1f ms",
+            print(String(format: "    per unit on the owner: %.1f ms, of which strong views (decode + augment) %.1f ms and gradient %.1f ms; %d of %d views computed ahead",
                          1000 * f.number("unit_seconds") / here, 1000 * f.number("unit_view_seconds") / here,
-                         1000 * (f.number("unit_seconds") - f.number("unit_view_seconds")) / here))
+                         1000 * (f.number("unit_seconds") - f.number("unit_view_seconds")) / here,
+                         Int(f.number("views_computed_ahead")), Int(f.number("views"))))
         }
         guard let one = all.first(where: { $0.workers == 1 }) ?? all.first else { return }
         // The serial part S: what no helper shares — discover, describe, pseudo-labels, and the owner's

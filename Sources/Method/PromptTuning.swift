@@ -444,6 +444,21 @@ public func promptStepPlan(state: PromptTuningState, imageCount n: Int, epochs: 
     return PromptStepPlan(step: state.step + 1, epoch: state.epoch, batch: batch, units: promptUnits(batch: batch, microBatchSize: microBatchSize))
 }
 
+/// The plan of the step after the one `state` is at, as the schedule goes on (the epoch's last batch is
+/// followed by the next epoch's first; nil past the last epoch): what to compute strong views for ahead.
+/// The stopping rule or the step budget may still end tuning before it.
+public func promptStepPlanAfter(state: PromptTuningState, imageCount n: Int, epochs: Int, batchSize: Int,
+                                microBatchSize: Int, seed: UInt64) -> PromptStepPlan? {
+    var next = state
+    next.step += 1
+    next.batchInEpoch += 1
+    if next.batchInEpoch >= promptBatches(order: Array(0..<n), batchSize: batchSize).count {
+        next.epoch += 1
+        next.batchInEpoch = 0
+    }
+    return promptStepPlan(state: next, imageCount: n, epochs: epochs, batchSize: batchSize, microBatchSize: microBatchSize, seed: seed)
+}
+
 /// `runPromptTuning` with the job's parameters (epochs, batch, micro-batch, learning rate, weight decay,
 /// label smoothing, seed).
 public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTuningState, teacherLabels: [Int],

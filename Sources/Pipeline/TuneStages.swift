@@ -32,7 +32,7 @@ func withSafeTensors<T>(_ bytes: [UInt8], what: String, remedy: String? = nil, _
     }
 }
 
-/// Decoded images of a job for the strong views, decoded in parallel and kept while they fit a budget.
+/// Decoded images of a job for the strong views (`StrongViewSource`), kept while they fit a budget.
 /// Images are named by their index among the job's readable images (the strong view's seed).
 final class DecodedImages: @unchecked Sendable {
     private var files: [Int: ImageFile]
@@ -47,40 +47,10 @@ final class DecodedImages: @unchecked Sendable {
         self.threads = threads
     }
 
-    /// `strongViews` of images whose files are given with the call (a helper learns them unit by unit).
-    func strongViews(_ indices: [Int], epoch: Int, seed: UInt64, config: StrongViewConfig, mean: [Float], std: [Float],
-                     files given: [ImageFile]) throws -> [Float] {
+    /// Files of images a helper learns unit by unit (the claim names them).
+    func learn(_ indices: [Int], files given: [ImageFile]) {
         precondition(given.count == indices.count)
         lock.withLock { for (i, f) in zip(indices, given) { files[i] = f } }
-        return try strongViews(indices, epoch: epoch, seed: seed, config: config, mean: mean, std: std)
-    }
-
-    /// One strong view (3, S, S) per index, computed in parallel; the views' randomness comes only from
-    /// (job seed, epoch, image), so a resumed epoch sees the same views.
-    func strongViews(_ indices: [Int], epoch: Int, seed: UInt64, config: StrongViewConfig, mean: [Float], std: [Float]) throws -> [Float] {
-        let slot = 3 * config.size * config.size
-        var out = [Float](repeating: 0, count: indices.count * slot)
-        var failure: String?
-        out.withUnsafeMutableBufferPointer { buffer in
-            let base = buffer.baseAddress!
-            // The job's threads (`self.threads`), not every core: a view depends only on its image's seed.
-            let parts = min(threads, indices.count)
-            DispatchQueue.concurrentPerform(iterations: parts) { part in
-                for j in (indices.count * part / parts)..<(indices.count * (part + 1) / parts) {
-                    let i = indices[j]
-                    do {
-                        let image = try self.image(i)
-                        var rng = AugmentRNG(seed: strongViewSeed(jobSeed: seed, epoch: epoch, image: i))
-                        let view = strongView(image, config: config, rng: &rng, mean: mean, std: std)
-                        view.withUnsafeBufferPointer { (base + j * slot).update(from: $0.baseAddress!, count: slot) }
-                    } catch {
-                        self.lock.withLock { failure = "\(error)" }
-                    }
-                }
-            }
-        }
-        if let failure { throw JobError.transient("an image became unreadable during prompt tuning: \(failure)") }
-        return out
     }
 
     func image(_ i: Int) throws -> RGBImage {
@@ -199,16 +169,23 @@ struct TuneStage: NolaStage {
             return JobError.stopped(reason)
         }
         try context.reportProgress(stage: name, done: (state.epoch * batchesPerEpoch + state.batchInEpoch) * perBatch, total: total)
+        let source = StrongViewSource(decoded: decoded, seed: p.seed, config: strong, mean: clip.imageMean, std: clip.imageStd)
+        defer { source.close() }
         let views: ([Int], Int) throws -> [Float] = { indices, epoch in
             // Progress within the logical batch too (a full-size batch of 512 takes minutes).
             try context.reportProgress(stage: name, done: min(total, (latest.epoch * batchesPerEpoch + latest.batchInEpoch) * perBatch + withinBatch), total: total)
             withinBatch += indices.count
-            return try decoded.strongViews(indices, epoch: epoch, seed: p.seed, config: strong, mean: clip.imageMean, std: clip.imageStd)
+            return try source.views(indices, epoch: epoch)
         }
         // Every step's units go through nola.tuning_units, so idle workers can compute some of them.
         let owner = TuningOwner(context: context, encoder: encoder, teacher: teacher,
                                 files: (0..<n).map { encoded.file(context, readableIndex: $0).pathBytes },
                                 labelSmoothing: p.labelSmoothing, strongViews: views)
+        owner.viewsAhead = { indices, epoch in source.ahead(indices, epoch: epoch) }
+        owner.nextPlan = { _, s in
+            promptStepPlanAfter(state: s, imageCount: n, epochs: p.promptEpochs, batchSize: p.promptBatchSize,
+                                microBatchSize: p.promptMicroBatchSize, seed: p.seed)
+        }
         try owner.begin()
         do {
             try runPromptTuning(encoder: encoder, state: &state, teacherLabels: teacher, parameters: p,
@@ -286,6 +263,7 @@ struct TuneStage: NolaStage {
             "helpers": .array(owner.helpers.sorted().map(JSONValue.string)),
             "coordination_seconds": number(owner.coordinationSeconds), "wait_seconds": number(owner.waitSeconds),
             "unit_seconds": number(owner.computeSeconds), "unit_view_seconds": number(owner.viewSeconds),
+            "views_computed_ahead": number(source.viewsAhead), "views": number(source.viewsAsked),
             "step_seconds": number(owner.stepSeconds),
             "steps_this_attempt": number(owner.steps),
         ])

@@ -35,6 +35,10 @@ final class TuningOwner {
     private(set) var stepSeconds = 0.0
     private var returned: Date?
     private(set) var helpers: Set<String> = []
+    /// Told the unit this owner will most likely compute next, so its strong views are computed meanwhile
+    /// (`StrongViewSource.ahead`); `nextPlan` gives the next step's plan for a step's last unit.
+    var viewsAhead: (([Int], Int) -> Void)?
+    var nextPlan: ((PromptStepPlan, PromptTuningState) -> PromptStepPlan?)?
 
     init(context: JobContext, encoder: PromptTunableEncoder, teacher: [Int], files: [[UInt8]], labelSmoothing: Double,
          strongViews: @escaping ([Int], Int) throws -> [Float]) {
@@ -81,6 +85,15 @@ final class TuningOwner {
                 let started = Date()
                 let pixels = try strongViews(claim.images, claim.epoch)
                 viewSeconds += Date().timeIntervalSince(started)
+                // Units are claimed in unit order: alone, this owner's next unit is the next one (with
+                // helpers it may be another, and the views computed ahead are not used).
+                if let viewsAhead {
+                    if claim.unit + 1 < plan.units.count {
+                        viewsAhead(plan.units[claim.unit + 1], plan.epoch)
+                    } else if let next = nextPlan?(plan, state), let first = next.units.first {
+                        viewsAhead(first, next.epoch)
+                    }
+                }
                 let result = try promptUnitGradient(encoder: encoder, state: state, targets: claim.targets, pixels: pixels,
                                                     logicalBatch: claim.logicalBatch, labelSmoothing: labelSmoothing)
                 lap(&computeSeconds)
@@ -141,9 +154,9 @@ public final class TuningHelpWork: HelpWork, @unchecked Sendable {
     final class JobEntry: @unchecked Sendable {
         let attempt: Int
         let encoder: PromptTunableEncoder
-        let decoded: DecodedImages
-        let strong: StrongViewConfig
-        let mean: [Float], std: [Float]
+        /// The job's images decoded here so far and its strong views (none computed ahead: a helper's
+        /// next unit is whichever is free then).
+        let views: StrongViewSource
         let parameters: NolaParameters
         let threads: Int
         /// The parameters of the step last read (only the one unit of the job in hand here touches it).
@@ -155,10 +168,7 @@ public final class TuningHelpWork: HelpWork, @unchecked Sendable {
              parameters: NolaParameters, threads: Int) {
             self.attempt = attempt
             self.encoder = encoder
-            self.decoded = decoded
-            self.strong = strong
-            self.mean = mean
-            self.std = std
+            views = StrongViewSource(decoded: decoded, seed: parameters.seed, config: strong, mean: mean, std: std)
             self.parameters = parameters
             self.threads = threads
         }
@@ -262,8 +272,8 @@ struct TuningUnit: HelpUnit {
         let state = try work.state(for: claim, job, context)
         // A job's first unit here loads its CLIP: renew the lease if that took a heartbeat or more.
         try context.keepAlive()
-        let pixels = try job.decoded.strongViews(claim.images, epoch: claim.epoch, seed: job.parameters.seed, config: job.strong,
-                                                 mean: job.mean, std: job.std, files: claim.files.map { ImageFile(pathBytes: $0) })
+        job.views.decoded.learn(claim.images, files: claim.files.map { ImageFile(pathBytes: $0) })
+        let pixels = try job.views.views(claim.images, epoch: claim.epoch)
         // The job's threads, as its owner computes with (the kernels' sums depend on the count).
         let result = try withThreads(job.threads) {
             try promptUnitGradient(encoder: job.encoder, state: state, targets: claim.targets, pixels: pixels,
