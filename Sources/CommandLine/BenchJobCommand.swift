@@ -5,6 +5,7 @@ import Imaging
 import Kernels
 import Method
 import Models
+import Pipeline
 
 /// A whole NoLA job without the database: full-size CLIP ViT-B/32 and DINO ViT-B/16 with random
 /// weights, N synthetic images, C classes, E prompt-tuning epochs. Compare with
@@ -76,23 +77,14 @@ struct BenchJob: ParsableCommand {
         }
         let encoder = CLIPPromptEncoder(model: clip, promptCount: parameters.promptCount)
         var state = PromptTuningState(encoder: encoder, classifier: classifier, promptCount: parameters.promptCount, seed: parameters.seed)
+        // The strong views as a job's owner computes them: the next unit's ahead on an idle-priority thread.
+        let views = StrongViewSource(decoded: DecodedImages(images: rgb, threads: threads), seed: parameters.seed,
+                                     config: StrongViewConfig(), mean: WeakViewConfig.clipMean, std: WeakViewConfig.clipStd)
+        defer { views.close() }
         try timed("3 prompt tuning (strong views + fwd/bwd)") {
             try runPromptTuning(encoder: encoder, state: &state, teacherLabels: stage2.teacherLabels, parameters: parameters,
-                                strongViews: { indices, epoch in
-                var out = [Float](repeating: 0, count: indices.count * 3 * 224 * 224)
-                let slot = 3 * 224 * 224
-                out.withUnsafeMutableBufferPointer { buffer in
-                    let base = buffer.baseAddress!
-                    parallelFor(indices.count) { part in
-                        for j in part {
-                            var r = AugmentRNG(seed: strongViewSeed(jobSeed: parameters.seed, epoch: epoch, image: indices[j]))
-                            let view = strongView(rgb[indices[j]], rng: &r)
-                            view.withUnsafeBufferPointer { (base + j * slot).update(from: $0.baseAddress!, count: slot) }
-                        }
-                    }
-                }
-                return out
-            })
+                                strongViews: { try views.views($0, epoch: $1) },
+                                viewsAhead: { views.ahead($0, epoch: $1) })
         }
         let labels = try timed("4 labels (prompted CLIP on weak views)") { () throws -> [Int] in
             var features: [Float] = []
@@ -107,5 +99,6 @@ struct BenchJob: ParsableCommand {
         for (name, s) in timings { print(name.padding(toLength: 46, withPad: " ", startingAt: 0) + String(format: "%8.1f s", s)) }
         print(String(format: "total %.1f s (%d labels, %d prompt-tuning steps); CPU time %.1f s; peak memory %.0f MB",
                      seconds, labels.count, state.step, processCPUSeconds(), peakResidentMegabytes()))
+        print("strong views computed ahead (idle-priority thread): \(views.viewsAhead) of \(views.viewsAsked)")
     }
 }

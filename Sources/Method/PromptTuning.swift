@@ -444,11 +444,13 @@ public func promptStepPlan(state: PromptTuningState, imageCount n: Int, epochs: 
     return PromptStepPlan(step: state.step + 1, epoch: state.epoch, batch: batch, units: promptUnits(batch: batch, microBatchSize: microBatchSize))
 }
 
-/// The plan of the step after the one `state` is at, as the schedule goes on (the epoch's last batch is
-/// followed by the next epoch's first; nil past the last epoch): what to compute strong views for ahead.
-/// The stopping rule or the step budget may still end tuning before it.
-public func promptStepPlanAfter(state: PromptTuningState, imageCount n: Int, epochs: Int, batchSize: Int,
-                                microBatchSize: Int, seed: UInt64) -> PromptStepPlan? {
+/// The unit computed after unit `unit` of `plan` when one worker computes them in order: the next unit of
+/// the step, or the first of the next step's (the epoch's last batch is followed by the next epoch's
+/// first; nil past the last epoch). What to compute strong views for ahead; the stopping rule or the step
+/// budget may still end tuning before it.
+public func promptUnitAfter(_ unit: Int, of plan: PromptStepPlan, state: PromptTuningState, imageCount n: Int, epochs: Int,
+                            batchSize: Int, microBatchSize: Int, seed: UInt64) -> (images: [Int], epoch: Int)? {
+    if unit + 1 < plan.units.count { return (plan.units[unit + 1], plan.epoch) }
     var next = state
     next.step += 1
     next.batchInEpoch += 1
@@ -456,7 +458,9 @@ public func promptStepPlanAfter(state: PromptTuningState, imageCount n: Int, epo
         next.epoch += 1
         next.batchInEpoch = 0
     }
-    return promptStepPlan(state: next, imageCount: n, epochs: epochs, batchSize: batchSize, microBatchSize: microBatchSize, seed: seed)
+    guard let after = promptStepPlan(state: next, imageCount: n, epochs: epochs, batchSize: batchSize,
+                                     microBatchSize: microBatchSize, seed: seed), let first = after.units.first else { return nil }
+    return (first, after.epoch)
 }
 
 /// `runPromptTuning` with the job's parameters (epochs, batch, micro-batch, learning rate, weight decay,
@@ -464,6 +468,7 @@ public func promptStepPlanAfter(state: PromptTuningState, imageCount n: Int, epo
 public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTuningState, teacherLabels: [Int],
                             parameters: NolaParameters,
                             strongViews: ([Int], Int) throws -> [Float],
+                            viewsAhead: (([Int], Int) -> Void)? = nil,
                             computeUnits: ((PromptStepPlan, PromptTuningState) throws -> [PromptUnitResult])? = nil,
                             shouldStop: () -> Bool = { false },
                             onStep: (PromptTuningProgress, PromptTuningState) throws -> Void = { _, _ in },
@@ -474,7 +479,7 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
                         labelSmoothing: parameters.labelSmoothing, seed: parameters.seed,
                         stopRule: PromptStopRule(patience: parameters.stopPatience, tolerance: parameters.stopTolerance),
                         stepBudget: parameters.promptStepBudget(imageCount: teacherLabels.count),
-                        strongViews: strongViews, computeUnits: computeUnits,
+                        strongViews: strongViews, viewsAhead: viewsAhead, computeUnits: computeUnits,
                         shouldStop: shouldStop, onStep: onStep, onEpoch: onEpoch)
 }
 
@@ -484,6 +489,8 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
 /// - teacherLabels: the alignment module's label of every image (computed once; weak view is deterministic).
 /// - strongViews(indices, epoch): pixels (B, 3, H, W) of one fresh strong view of each image; the sampler
 ///   should seed from (job seed, epoch, image index) so a resumed epoch sees the same views.
+/// - viewsAhead(indices, epoch): told, once a unit's views are in hand, which unit the default
+///   `computeUnits` computes next (`promptUnitAfter`), so its views can be computed meanwhile.
 /// - computeUnits(plan, state): the results of every unit of the plan, in unit order, each computed by
 ///   `promptUnitGradient` at `state`'s parameters (data-parallel tuning hands units to other workers
 ///   here). Default: computed here, one after the other, with `shouldStop` polled before each.
@@ -500,6 +507,7 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
                             stopRule: PromptStopRule = .off,
                             stepBudget: Int? = nil,
                             strongViews: ([Int], Int) throws -> [Float],
+                            viewsAhead: (([Int], Int) -> Void)? = nil,
                             computeUnits: ((PromptStepPlan, PromptTuningState) throws -> [PromptUnitResult])? = nil,
                             order: ((Int) -> [Int])? = nil,
                             shouldStop: () -> Bool = { false },
@@ -513,10 +521,15 @@ public func runPromptTuning(encoder: PromptTunableEncoder, state: inout PromptTu
     guard n > 0 else { throw MethodError(.badInput, "prompt tuning", "no images") }
     var imagesThisRun = 0
     func local(_ plan: PromptStepPlan, _ s: PromptTuningState) throws -> [PromptUnitResult] {
-        try plan.units.map { unit in
+        try plan.units.enumerated().map { u, unit in
             if shouldStop() { throw MethodError(.cancelled, "prompt tuning", "stopped") }
-            return try promptUnitGradient(encoder: encoder, state: s, targets: unit.map { teacherLabels[$0] },
-                                          pixels: try strongViews(unit, plan.epoch),
+            let pixels = try strongViews(unit, plan.epoch)
+            if let viewsAhead, order == nil,
+               let next = promptUnitAfter(u, of: plan, state: s, imageCount: n, epochs: epochs, batchSize: batchSize,
+                                          microBatchSize: microBatchSize, seed: seed) {
+                viewsAhead(next.images, next.epoch)
+            }
+            return try promptUnitGradient(encoder: encoder, state: s, targets: unit.map { teacherLabels[$0] }, pixels: pixels,
                                           logicalBatch: plan.batch.count, labelSmoothing: labelSmoothing)
         }
     }

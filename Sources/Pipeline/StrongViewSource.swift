@@ -17,7 +17,7 @@ import Glibc
 /// finished when the unit is computed, the job's threads compute as before. With ViT-B the kernels keep
 /// every core busy and the views are about 2 % of a unit; with the demo's tiny models they were 44 %
 /// (docs/benchmarks.md).
-final class StrongViewSource: @unchecked Sendable {
+public final class StrongViewSource: @unchecked Sendable {
     let decoded: DecodedImages
     let seed: UInt64
     let config: StrongViewConfig
@@ -40,15 +40,15 @@ final class StrongViewSource: @unchecked Sendable {
     private var closed = false
     private var started = false
     /// Views of the units asked for that were computed ahead (figures for the stage's metrics event).
-    private(set) var viewsAhead = 0
-    private(set) var viewsAsked = 0
+    public private(set) var viewsAhead = 0
+    public private(set) var viewsAsked = 0
 
     /// Whether the thread lowers itself to SCHED_IDLE (tests turn it off to see the thread's work on a
     /// busy machine); the policy it then runs under, once started.
     let idlePriority: Bool
     private(set) var aheadPolicy: Int32?
 
-    init(decoded: DecodedImages, seed: UInt64, config: StrongViewConfig, mean: [Float], std: [Float], idlePriority: Bool = true) {
+    public init(decoded: DecodedImages, seed: UInt64, config: StrongViewConfig, mean: [Float], std: [Float], idlePriority: Bool = true) {
         self.idlePriority = idlePriority
         self.decoded = decoded
         self.seed = seed
@@ -65,7 +65,7 @@ final class StrongViewSource: @unchecked Sendable {
 
     /// Starts computing the views of `indices` in `epoch` ahead (replacing any unit asked for before
     /// that has not been taken); the thread starts with the first call.
-    func ahead(_ indices: [Int], epoch: Int) {
+    public func ahead(_ indices: [Int], epoch: Int) {
         condition.lock()
         defer { condition.unlock() }
         if closed { return }
@@ -83,7 +83,7 @@ final class StrongViewSource: @unchecked Sendable {
 
     /// The views of `indices` in `epoch`, (B, 3, size, size): those computed ahead, the rest on the job's
     /// threads (`decoded.threads`) now.
-    func views(_ indices: [Int], epoch: Int) throws -> [Float] {
+    public func views(_ indices: [Int], epoch: Int) throws -> [Float] {
         let slot = self.slot
         var out = [Float](repeating: 0, count: indices.count * slot)
         // Positions this call computes; the others were taken by the thread (done or running).
@@ -144,7 +144,7 @@ final class StrongViewSource: @unchecked Sendable {
     }
 
     /// Ends the thread (after the view it is computing); later `ahead` calls do nothing.
-    func close() {
+    public func close() {
         condition.lock()
         closed = true
         ahead = nil

@@ -34,9 +34,9 @@ func withSafeTensors<T>(_ bytes: [UInt8], what: String, remedy: String? = nil, _
 
 /// Decoded images of a job for the strong views (`StrongViewSource`), kept while they fit a budget.
 /// Images are named by their index among the job's readable images (the strong view's seed).
-final class DecodedImages: @unchecked Sendable {
+public final class DecodedImages: @unchecked Sendable {
     private var files: [Int: ImageFile]
-    let threads: Int
+    public let threads: Int
     private let lock = NSLock()
     private var images: [Int: RGBImage] = [:]
     private var bytes = 0
@@ -45,6 +45,13 @@ final class DecodedImages: @unchecked Sendable {
     init(files: [ImageFile], threads: Int) {
         self.files = Dictionary(uniqueKeysWithValues: files.enumerated().map { ($0, $1) })
         self.threads = threads
+    }
+
+    /// Images already decoded (`nolad bench-job`'s synthetic ones), all kept whatever their size.
+    public init(images: [RGBImage], threads: Int) {
+        files = [:]
+        self.threads = threads
+        self.images = Dictionary(uniqueKeysWithValues: images.enumerated().map { ($0, $1) })
     }
 
     /// Files of images a helper learns unit by unit (the claim names them).
@@ -182,9 +189,9 @@ struct TuneStage: NolaStage {
                                 files: (0..<n).map { encoded.file(context, readableIndex: $0).pathBytes },
                                 labelSmoothing: p.labelSmoothing, strongViews: views)
         owner.viewsAhead = { indices, epoch in source.ahead(indices, epoch: epoch) }
-        owner.nextPlan = { _, s in
-            promptStepPlanAfter(state: s, imageCount: n, epochs: p.promptEpochs, batchSize: p.promptBatchSize,
-                                microBatchSize: p.promptMicroBatchSize, seed: p.seed)
+        owner.unitAfter = { unit, plan, s in
+            promptUnitAfter(unit, of: plan, state: s, imageCount: n, epochs: p.promptEpochs, batchSize: p.promptBatchSize,
+                            microBatchSize: p.promptMicroBatchSize, seed: p.seed)
         }
         try owner.begin()
         do {

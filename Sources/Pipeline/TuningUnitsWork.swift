@@ -36,9 +36,9 @@ final class TuningOwner {
     private var returned: Date?
     private(set) var helpers: Set<String> = []
     /// Told the unit this owner will most likely compute next, so its strong views are computed meanwhile
-    /// (`StrongViewSource.ahead`); `nextPlan` gives the next step's plan for a step's last unit.
+    /// (`StrongViewSource.ahead`); `unitAfter(unit, plan, state)` is `promptUnitAfter` with the job's schedule.
     var viewsAhead: (([Int], Int) -> Void)?
-    var nextPlan: ((PromptStepPlan, PromptTuningState) -> PromptStepPlan?)?
+    var unitAfter: ((Int, PromptStepPlan, PromptTuningState) -> (images: [Int], epoch: Int)?)?
 
     init(context: JobContext, encoder: PromptTunableEncoder, teacher: [Int], files: [[UInt8]], labelSmoothing: Double,
          strongViews: @escaping ([Int], Int) throws -> [Float]) {
@@ -87,13 +87,7 @@ final class TuningOwner {
                 viewSeconds += Date().timeIntervalSince(started)
                 // Units are claimed in unit order: alone, this owner's next unit is the next one (with
                 // helpers it may be another, and the views computed ahead are not used).
-                if let viewsAhead {
-                    if claim.unit + 1 < plan.units.count {
-                        viewsAhead(plan.units[claim.unit + 1], plan.epoch)
-                    } else if let next = nextPlan?(plan, state), let first = next.units.first {
-                        viewsAhead(first, next.epoch)
-                    }
-                }
+                if let viewsAhead, let next = unitAfter?(claim.unit, plan, state) { viewsAhead(next.images, next.epoch) }
                 let result = try promptUnitGradient(encoder: encoder, state: state, targets: claim.targets, pixels: pixels,
                                                     logicalBatch: claim.logicalBatch, labelSmoothing: labelSmoothing)
                 lap(&computeSeconds)
