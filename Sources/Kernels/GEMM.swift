@@ -38,8 +38,8 @@ func sgemmSplit(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float
     let flushed = Denormals.flushed
     DispatchQueue.concurrentPerform(iterations: grid.rows * grid.columns) { block in Denormals.inMode(flushed) {
         let i = block / grid.columns, j = block % grid.columns
-        let r0 = GEMMGrid.start(i, of: grid.rows, size: m), r1 = GEMMGrid.start(i + 1, of: grid.rows, size: m)
-        let c0 = GEMMGrid.start(j, of: grid.columns, size: n), c1 = GEMMGrid.start(j + 1, of: grid.columns, size: n)
+        let r0 = grid.rowStart(i, m: m), r1 = grid.rowStart(i + 1, m: m)
+        let c0 = grid.columnStart(j, n: n), c1 = grid.columnStart(j + 1, n: n)
         // Rows r0..<r1 of op(A) and columns c0..<c1 of op(B), wherever they lie in memory.
         let aBlock = transA ? a + r0 : a + r0 * lda
         let bBlock = transB ? b + c0 * ldb : b + c0

@@ -126,16 +126,29 @@ enum Denormals {
 public let batchPiece = 8
 
 /// Blocks of C a GEMM of (m,n,k) is split into with `threads` threads: a grid of `rows` × `columns`
-/// blocks, each at least 16 × 16 (boundaries on multiples of 16) and at least `minimumBlockWork`
-/// multiply-adds, the grid chosen to pack the least of A and B per block. (1, 1) when not worth it.
+/// blocks, each at least `minimumBlockWork` multiply-adds, whose boundaries fall where this process's
+/// OpenBLAS kernel gives every element of C the bits of one unsplit call (`GEMMCuts.measured`: on
+/// multiples of 16 rows or columns with the SkylakeX kernels, of 24 rows and no column cut with the
+/// Haswell kernels that OpenBLAS 0.3.21 runs on Zen CPUs), the grid chosen to pack the least of A and B
+/// per block. (1, 1) when not worth it or not possible.
 struct GEMMGrid: Equatable {
     let rows: Int, columns: Int
+    /// Boundaries fall on multiples of these.
+    let rowMultiple: Int, columnMultiple: Int
     static let minimumBlockWork = 1 << 21
 
-    init(rows: Int, columns: Int) { self.rows = rows; self.columns = columns }
+    init(rows: Int, columns: Int, rowMultiple: Int = 16, columnMultiple: Int = 16) {
+        self.rows = rows
+        self.columns = columns
+        self.rowMultiple = rowMultiple
+        self.columnMultiple = columnMultiple
+    }
 
-    init(m: Int, n: Int, k: Int, threads: Int) {
-        let work = m * n * k, mUnits = (m + 15) / 16, nUnits = (n + 15) / 16
+    init(m: Int, n: Int, k: Int, threads: Int, cuts: GEMMCuts = .measured) {
+        let rowMultiple = cuts.rows ?? max(1, m), columnMultiple = cuts.columns ?? max(1, n)
+        let work = m * n * k
+        let mUnits = cuts.rows == nil ? 1 : (m + rowMultiple - 1) / rowMultiple
+        let nUnits = cuts.columns == nil ? 1 : (n + columnMultiple - 1) / columnMultiple
         var blocks = min(threads, work / Self.minimumBlockWork, mUnits * nUnits)
         while blocks > 1 {
             var best: (cost: Double, rows: Int)?
@@ -145,15 +158,83 @@ struct GEMMGrid: Equatable {
                 let cost = Double(m) / Double(pm) + Double(n) / Double(pn)
                 if best == nil || cost < best!.cost { best = (cost, pm) }
             }
-            if let best { self.init(rows: best.rows, columns: blocks / best.rows); return }
+            if let best {
+                self.init(rows: best.rows, columns: blocks / best.rows, rowMultiple: rowMultiple, columnMultiple: columnMultiple)
+                return
+            }
             blocks -= 1
         }
-        self.init(rows: 1, columns: 1)
+        self.init(rows: 1, columns: 1, rowMultiple: rowMultiple, columnMultiple: columnMultiple)
     }
 
-    /// Start of part `i` of `p` over `size` (on a multiple of 16; part p is `size`).
+    /// Start of row block `i` (of `rows`) of a C with `m` rows; `rowStart(rows)` is `m`.
+    @inline(__always) func rowStart(_ i: Int, m: Int) -> Int { Self.start(i, of: rows, size: m, multiple: rowMultiple) }
+    @inline(__always) func columnStart(_ j: Int, n: Int) -> Int { Self.start(j, of: columns, size: n, multiple: columnMultiple) }
+
+    /// Start of part `i` of `p` over `size` (on a multiple of `multiple`; part p is `size`).
     @inline(__always)
-    static func start(_ i: Int, of p: Int, size: Int) -> Int {
-        i == p ? size : min(size, ((size + 15) / 16) * i / p * 16)
+    static func start(_ i: Int, of p: Int, size: Int, multiple: Int) -> Int {
+        i == p ? size : min(size, ((size + multiple - 1) / multiple) * i / p * multiple)
+    }
+}
+
+/// Where this process's OpenBLAS kernel can cut a GEMM into blocks without changing a bit of C, measured
+/// once per process. OpenBLAS's kernels compute C in panels of rows and columns, and some compute the
+/// lanes of a panel, or its last partial panel, in another order of operations: the Haswell kernels of
+/// OpenBLAS 0.3.21 (chosen on Zen CPUs) give a row other bits unless a cut falls on a multiple of 24 rows,
+/// and any column cut changes some; the SkylakeX ones take any multiple of 16 in both. The measurement
+/// tries each candidate multiple on products of four transposes and two betas, two cuts each, and keeps
+/// the smallest one whose blocks all equal the unsplit call (nil: that dimension is never cut).
+struct GEMMCuts: Equatable, Sendable {
+    let rows: Int?, columns: Int?
+
+    static let candidates = [16, 24, 32, 48, 64, 96, 128]
+    static let measured: GEMMCuts = measure()
+
+    static func measure() -> GEMMCuts {
+        _ = blasSingleThreaded
+        var state: UInt64 = 0x5eed
+        func floats(_ count: Int) -> [Float] {
+            (0..<count).map { _ in
+                state &+= 0x9E37_79B9_7F4A_7C15
+                var z = state
+                z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+                z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+                return Float((z ^ (z >> 31)) >> 40) / Float(1 << 24) * 2 - 1
+            }
+        }
+        // (m, n, k, transA, transB, beta): blocks of these stay above minimumBlockWork.
+        let shapes = [(480, 416, 200, false, true, Float(0)), (432, 400, 304, true, false, 1),
+                      (400, 464, 136, false, false, 1), (464, 432, 152, true, true, 0)]
+        let cases = shapes.map { s in (shape: s, a: floats(s.0 * s.2), b: floats(s.2 * s.1), c: floats(s.0 * s.1)) }
+        func exact(_ multiple: Int, rows: Bool) -> Bool {
+            for x in cases {
+                let (m, n, k, ta, tb, beta) = x.shape
+                let lda = ta ? m : k, ldb = tb ? k : n
+                var whole = x.c
+                sgemmOneThread(transA: ta, transB: tb, m: m, n: n, k: k, alpha: 0.5, a: x.a, lda: lda, b: x.b, ldb: ldb,
+                               beta: beta, c: &whole, ldc: n)
+                let size = rows ? m : n
+                for cut in Set([multiple * max(1, size / multiple / 2), multiple * max(1, size / multiple / 3)]) where cut < size {
+                    var split = x.c
+                    x.a.withUnsafeBufferPointer { a in x.b.withUnsafeBufferPointer { b in split.withUnsafeMutableBufferPointer { c in
+                        for (from, to) in [(0, cut), (cut, size)] {
+                            if rows {
+                                sgemmOneThread(transA: ta, transB: tb, m: to - from, n: n, k: k, alpha: 0.5,
+                                               a: ta ? a.baseAddress! + from : a.baseAddress! + from * lda, lda: lda,
+                                               b: b.baseAddress!, ldb: ldb, beta: beta, c: c.baseAddress! + from * n, ldc: n)
+                            } else {
+                                sgemmOneThread(transA: ta, transB: tb, m: m, n: to - from, k: k, alpha: 0.5, a: a.baseAddress!, lda: lda,
+                                               b: tb ? b.baseAddress! + from * ldb : b.baseAddress! + from, ldb: ldb,
+                                               beta: beta, c: c.baseAddress! + from, ldc: n)
+                            }
+                        }
+                    } } }
+                    if !whole.withUnsafeBytes({ w in split.withUnsafeBytes { w.elementsEqual($0) } }) { return false }
+                }
+            }
+            return true
+        }
+        return GEMMCuts(rows: candidates.first { exact($0, rows: true) }, columns: candidates.first { exact($0, rows: false) })
     }
 }

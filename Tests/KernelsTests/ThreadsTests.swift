@@ -144,20 +144,61 @@ final class ThreadsTests: XCTestCase {
             let grid = GEMMGrid(m: m, n: n, k: k, threads: threads)
             XCTAssertLessThanOrEqual(grid.rows * grid.columns, threads)
             if grid.rows * grid.columns > 1 {
-                for (p, size) in [(grid.rows, m), (grid.columns, n)] {
-                    let starts = (0...p).map { GEMMGrid.start($0, of: p, size: size) }
+                for (p, size, multiple, cut) in [(grid.rows, m, grid.rowMultiple, GEMMCuts.measured.rows),
+                                                 (grid.columns, n, grid.columnMultiple, GEMMCuts.measured.columns)] {
+                    if cut == nil { XCTAssertEqual(p, 1, "a dimension the kernel cannot cut is not cut") }
+                    let starts = (0...p).map { GEMMGrid.start($0, of: p, size: size, multiple: multiple) }
                     XCTAssertEqual(starts.first, 0)
                     XCTAssertEqual(starts.last, size)
                     for i in 0..<p {
                         XCTAssertGreaterThanOrEqual(starts[i + 1] - starts[i], 1, "\(m)×\(n)×\(k) / \(threads)")
-                        if i + 1 < p { XCTAssertEqual(starts[i + 1] % 16, 0) }
+                        if i + 1 < p, let cut { XCTAssertEqual(starts[i + 1] % cut, 0) }
                     }
                 }
                 XCTAssertGreaterThanOrEqual(m * n * k / (grid.rows * grid.columns), GEMMGrid.minimumBlockWork)
             }
         }
-        XCTAssertEqual(GEMMGrid(m: 50, n: 50, k: 64, threads: 4), GEMMGrid(rows: 1, columns: 1), "too small to split")
-        XCTAssertEqual(GEMMGrid(m: 1056, n: 768, k: 768, threads: 2), GEMMGrid(rows: 2, columns: 1))
+        let small = GEMMGrid(m: 50, n: 50, k: 64, threads: 4)
+        XCTAssertEqual(small.rows * small.columns, 1, "too small to split")
+        let vit = GEMMGrid(m: 1056, n: 768, k: 768, threads: 2)
+        XCTAssertEqual([vit.rows, vit.columns], [2, 1])
+        // With given cuts: the SkylakeX kernels' (16 both ways) and the Haswell kernels' (24 rows, no columns).
+        let cls = GEMMGrid(m: 16, n: 3072, k: 768, threads: 2, cuts: GEMMCuts(rows: 16, columns: 16))
+        XCTAssertEqual([cls.rows, cls.columns], [1, 2])
+        let clsHaswell = GEMMGrid(m: 16, n: 3072, k: 768, threads: 2, cuts: GEMMCuts(rows: 24, columns: nil))
+        XCTAssertEqual([clsHaswell.rows, clsHaswell.columns], [1, 1], "16 rows cannot be cut at 24, columns not at all")
+        let rows24 = GEMMGrid(m: 1056, n: 768, k: 768, threads: 16, cuts: GEMMCuts(rows: 24, columns: nil))
+        XCTAssertEqual([rows24.rows, rows24.columns], [16, 1])
+        XCTAssertEqual((1...16).map { rows24.rowStart($0, m: 1056) % 24 }.dropLast(), Array(repeating: 0, count: 15))
+    }
+
+    /// The cuts measured on this machine's OpenBLAS kernel: some row cut exists on every kernel seen so far
+    /// (16 with SkylakeX, 24 with Haswell), and at the measured multiple random shapes split exactly.
+    func testGEMMCuts_measuredOnThisKernel_splitExactly() throws {
+        let cuts = GEMMCuts.measured
+        print("GEMM cuts measured on this OpenBLAS kernel: rows \(cuts.rows.map(String.init) ?? "none"), columns \(cuts.columns.map(String.init) ?? "none")")
+        let rowCut = try XCTUnwrap(cuts.rows, "no row cut keeps the bits: every GEMM would run on one thread")
+        var rng = Rng(state: 11)
+        var checked = 0
+        for _ in 0..<24 {
+            let m = 2 * rowCut + Int(rng.next() * 600), n = 64 + Int(rng.next() * 500), k = 32 + Int(rng.next() * 700)
+            let transA = rng.next() < 0.5, transB = rng.next() < 0.5
+            let a = rng.floats(m * k), b = rng.floats(k * n)
+            var whole = [Float](repeating: 0, count: m * n), split = whole
+            sgemmOneThread(transA: transA, transB: transB, m: m, n: n, k: k, alpha: 1, a: a, lda: transA ? m : k,
+                           b: b, ldb: transB ? k : n, beta: 0, c: &whole, ldc: n)
+            let cut = rowCut * (1 + Int(rng.next() * Double(m / rowCut - 1)))
+            a.withUnsafeBufferPointer { a in b.withUnsafeBufferPointer { b in split.withUnsafeMutableBufferPointer { c in
+                for (from, to) in [(0, cut), (cut, m)] {
+                    sgemmOneThread(transA: transA, transB: transB, m: to - from, n: n, k: k, alpha: 1,
+                                   a: transA ? a.baseAddress! + from : a.baseAddress! + from * k, lda: transA ? m : k,
+                                   b: b.baseAddress!, ldb: transB ? k : n, beta: 0, c: c.baseAddress! + from * n, ldc: n)
+                }
+            } } }
+            XCTAssertTrue(whole.withUnsafeBytes { w in split.withUnsafeBytes { w.elementsEqual($0) } }, "\(m)×\(n)×\(k) cut at row \(cut)")
+            checked += 1
+        }
+        XCTAssertEqual(checked, 24)
     }
 
     /// withDenormalsFlushed: a subnormal result is 0 and a subnormal input reads as 0 on the caller, in
