@@ -129,7 +129,7 @@ public let batchPiece = 8
 /// blocks, each at least `minimumBlockWork` multiply-adds, whose boundaries fall where this process's
 /// OpenBLAS kernel gives every element of C the bits of one unsplit call (`GEMMCuts.measured`: on
 /// multiples of 16 rows or columns with the SkylakeX kernels, of 24 rows and no column cut with the
-/// Haswell kernels that OpenBLAS 0.3.21 runs on Zen CPUs), the grid chosen to pack the least of A and B
+/// Haswell kernels and the Zen ones OpenBLAS 0.3.21 picks on Zen 2 and 3), the grid chosen to pack the least of A and B
 /// per block. (1, 1) when not worth it or not possible.
 struct GEMMGrid: Equatable {
     let rows: Int, columns: Int
@@ -180,8 +180,8 @@ struct GEMMGrid: Equatable {
 
 /// Where this process's OpenBLAS kernel can cut a GEMM into blocks without changing a bit of C, measured
 /// once per process. OpenBLAS's kernels compute C in panels of rows and columns, and some compute the
-/// lanes of a panel, or its last partial panel, in another order of operations: the Haswell kernels of
-/// OpenBLAS 0.3.21 (chosen on Zen CPUs) give a row other bits unless a cut falls on a multiple of 24 rows,
+/// lanes of a panel, or its last partial panel, in another order of operations: the Haswell and Zen kernels
+/// of OpenBLAS 0.3.21 give a row other bits unless a cut falls on a multiple of 24 rows,
 /// and any column cut changes some; the SkylakeX ones take any multiple of 16 in both. The measurement
 /// tries each candidate multiple on products of four transposes and two betas, two cuts each, and keeps
 /// the smallest one whose blocks all equal the unsplit call (nil: that dimension is never cut).
