@@ -163,13 +163,20 @@ public func perspectiveCoefficients(start: [(Int, Int)], end: [(Int, Int)]) -> [
 /// The three channels of a pixel are sampled together in SIMD lanes, each lane with the operations of
 /// `perspectiveReference` in the same order, so the bytes are the same.
 public func perspective(_ image: RGBImage, coefficients: [Float]) -> RGBImage {
+    // One byte more than the pixels: a pixel is read as 4 bytes (R, G, B and the next one's R, unused).
+    perspectiveMap(image, coefficients, source: image.pixels + [0], bicubicSampleRGB)
+}
+
+/// Each output pixel centre mapped through the coefficients (in Pillow's order of operations) and sampled
+/// from `source` (the image's pixels, maybe padded) by `sample`.
+@inline(__always)
+private func perspectiveMap(_ image: RGBImage, _ coefficients: [Float], source: [UInt8],
+                            _ sample: (UnsafePointer<UInt8>, Int, Int, Double, Double, UnsafeMutablePointer<UInt8>) -> Void) -> RGBImage {
     precondition(coefficients.count == 8, "perspective: 8 coefficients")
     let c = coefficients.map(Double.init)
     let w = image.width, h = image.height
     var out = [UInt8](repeating: 0, count: w * h * 3)
-    // One byte more than the pixels: a pixel is read as 4 bytes (R, G, B and the next one's R, unused).
-    let padded = image.pixels + [0]
-    padded.withUnsafeBufferPointer { src in
+    source.withUnsafeBufferPointer { src in
         out.withUnsafeMutableBufferPointer { dst in
             for y in 0..<h {
                 let yo = Double(y) + 0.5
@@ -178,7 +185,7 @@ public func perspective(_ image: RGBImage, coefficients: [Float]) -> RGBImage {
                     let den = c[6] * xo + c[7] * yo + 1
                     let xin = (c[0] * xo + c[1] * yo + c[2]) / den
                     let yin = (c[3] * xo + c[4] * yo + c[5]) / den
-                    bicubicSampleRGB(src.baseAddress!, w, h, xin, yin, dst.baseAddress! + (y * w + x) * 3)
+                    sample(src.baseAddress!, w, h, xin, yin, dst.baseAddress! + (y * w + x) * 3)
                 }
             }
         }
@@ -223,24 +230,7 @@ private func bicubicSampleRGB(_ src: UnsafePointer<UInt8>, _ w: Int, _ h: Int, _
 
 /// `perspective` one channel at a time, as Pillow's C code: the reference the fast one is tested against.
 public func perspectiveReference(_ image: RGBImage, coefficients: [Float]) -> RGBImage {
-    precondition(coefficients.count == 8, "perspective: 8 coefficients")
-    let c = coefficients.map(Double.init)
-    let w = image.width, h = image.height
-    var out = [UInt8](repeating: 0, count: w * h * 3)
-    image.pixels.withUnsafeBufferPointer { src in
-        out.withUnsafeMutableBufferPointer { dst in
-            for y in 0..<h {
-                for x in 0..<w {
-                    let xo = Double(x) + 0.5, yo = Double(y) + 0.5
-                    let den = c[6] * xo + c[7] * yo + 1
-                    let xin = (c[0] * xo + c[1] * yo + c[2]) / den
-                    let yin = (c[3] * xo + c[4] * yo + c[5]) / den
-                    bicubicSample(src.baseAddress!, w, h, xin, yin, dst.baseAddress! + (y * w + x) * 3)
-                }
-            }
-        }
-    }
-    return RGBImage(width: w, height: h, pixels: out)
+    perspectiveMap(image, coefficients, source: image.pixels, bicubicSample)
 }
 
 /// Pillow's bicubic_filter32RGB (Geometry.c): a = -0.5 cubic on the 4×4 neighbourhood of the pixel
