@@ -136,7 +136,7 @@ public final class StrongViewSource: @unchecked Sendable {
                 }
             }
             compute(missing[...])
-            lock.withLock { viewsAhead += indices.count - mine.count - missing.count }
+            viewsAhead += indices.count - mine.count - missing.count
         }
         viewsAsked += indices.count
         if let failure { throw JobError.transient("an image became unreadable during prompt tuning: \(failure)") }

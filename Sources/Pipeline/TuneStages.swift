@@ -188,10 +188,11 @@ struct TuneStage: NolaStage {
         let owner = TuningOwner(context: context, encoder: encoder, teacher: teacher,
                                 files: (0..<n).map { encoded.file(context, readableIndex: $0).pathBytes },
                                 labelSmoothing: p.labelSmoothing, strongViews: views)
-        owner.viewsAhead = { indices, epoch in source.ahead(indices, epoch: epoch) }
-        owner.unitAfter = { unit, plan, s in
-            promptUnitAfter(unit, of: plan, state: s, imageCount: n, epochs: p.promptEpochs, batchSize: p.promptBatchSize,
-                            microBatchSize: p.promptMicroBatchSize, seed: p.seed)
+        owner.viewsAhead = { unit, plan, s in
+            if let next = promptUnitAfter(unit, of: plan, state: s, imageCount: n, epochs: p.promptEpochs, batchSize: p.promptBatchSize,
+                                          microBatchSize: p.promptMicroBatchSize, seed: p.seed) {
+                source.ahead(next.images, epoch: next.epoch)
+            }
         }
         try owner.begin()
         do {

@@ -35,10 +35,9 @@ final class TuningOwner {
     private(set) var stepSeconds = 0.0
     private var returned: Date?
     private(set) var helpers: Set<String> = []
-    /// Told the unit this owner will most likely compute next, so its strong views are computed meanwhile
-    /// (`StrongViewSource.ahead`); `unitAfter(unit, plan, state)` is `promptUnitAfter` with the job's schedule.
-    var viewsAhead: (([Int], Int) -> Void)?
-    var unitAfter: ((Int, PromptStepPlan, PromptTuningState) -> (images: [Int], epoch: Int)?)?
+    /// Called with each unit this owner claims (unit, plan, state) once its views are in hand, so the
+    /// views of the unit it will most likely compute next are computed meanwhile (`StrongViewSource.ahead`).
+    var viewsAhead: ((Int, PromptStepPlan, PromptTuningState) -> Void)?
 
     init(context: JobContext, encoder: PromptTunableEncoder, teacher: [Int], files: [[UInt8]], labelSmoothing: Double,
          strongViews: @escaping ([Int], Int) throws -> [Float]) {
@@ -87,7 +86,7 @@ final class TuningOwner {
                 viewSeconds += Date().timeIntervalSince(started)
                 // Units are claimed in unit order: alone, this owner's next unit is the next one (with
                 // helpers it may be another, and the views computed ahead are not used).
-                if let viewsAhead, let next = unitAfter?(claim.unit, plan, state) { viewsAhead(next.images, next.epoch) }
+                viewsAhead?(claim.unit, plan, state)
                 let result = try promptUnitGradient(encoder: encoder, state: state, targets: claim.targets, pixels: pixels,
                                                     logicalBatch: claim.logicalBatch, labelSmoothing: labelSmoothing)
                 lap(&computeSeconds)
